@@ -1,0 +1,53 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
+use hive_api::{router, AppState};
+use hive_jobs::config::{process_env, ApiConfig};
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("hive-api: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    hive_jobs::telemetry::init();
+    let config = match ApiConfig::from_env(&process_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hive-api: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Postgres may still be starting: retry the first connection for a while.
+    let pool = (|| hive_jobs::store::connect_and_migrate(&config.database_url, 16))
+        .retry(
+            ExponentialBuilder::default()
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(10),
+        )
+        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
+        .await
+        .context("connecting to the database")?;
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", config.listen_addr))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // The first line on stdout says where we listen (tests and scripts read it).
+    println!("hive-api listening on {addr}");
+    tracing::info!(%addr, "hive-api started");
+    let state = AppState {
+        pool,
+        config: Arc::new(config),
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(hive_jobs::telemetry::shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("hive-api stopped");
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! EC2: the node's instance.
+
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceType, ResourceType, Tag, TagSpecification,
+    VolumeType,
+};
+use base64::Engine;
+use uuid::Uuid;
+
+use super::{classify_aws, CloudError, CloudResult};
+use crate::model::tags;
+
+#[derive(Clone)]
+pub struct Compute {
+    ec2: aws_sdk_ec2::Client,
+    region: String,
+}
+
+/// What we need to know of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub id: String,
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
+    pub state: String,
+    pub arn: String,
+}
+
+/// Everything a launch needs, beyond the node's identity.
+pub struct LaunchSpec<'a> {
+    pub node_id: Uuid,
+    pub subscription_id: Uuid,
+    pub user_id: &'a str,
+    pub instance_type: &'a str,
+    pub ami_id: &'a str,
+    pub subnet_id: &'a str,
+    pub security_group_id: &'a str,
+    pub instance_profile: &'a str,
+    pub user_data: &'a str,
+    /// Idempotency token for RunInstances: the same for every try of one generation.
+    pub client_token: String,
+}
+
+/// States in which an instance still exists for us (not terminated or on its way there).
+const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+impl Compute {
+    pub fn new(ec2: aws_sdk_ec2::Client, region: String) -> Self {
+        Self { ec2, region }
+    }
+
+    /// The live instance tagged with this node, if any.
+    pub async fn find_by_node(&self, node_id: Uuid) -> CloudResult<Option<InstanceInfo>> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{}", tags::NODE_ID))
+                    .values(node_id.to_string())
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
+        Ok(self.instances(&out).into_iter().next())
+    }
+
+    /// The instance by id; `None` when EC2 does not know it (or it is terminated).
+    pub async fn describe(&self, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
+        let result = self
+            .ec2
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(self
+                .instances(&out)
+                .into_iter()
+                .find(|i| i.state != "terminated")),
+            Err(e) if super::aws_code(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
+            Err(e) => Err(classify_aws("ec2:DescribeInstances", e)),
+        }
+    }
+
+    fn instances(
+        &self,
+        out: &aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput,
+    ) -> Vec<InstanceInfo> {
+        let mut found = Vec::new();
+        for reservation in out.reservations() {
+            let account = reservation.owner_id().unwrap_or("000000000000");
+            for instance in reservation.instances() {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default();
+                found.push(InstanceInfo {
+                    id: id.to_string(),
+                    state,
+                    arn: format!("arn:aws:ec2:{}:{account}:instance/{id}", self.region),
+                });
+            }
+        }
+        found
+    }
+
+    /// Launches the node's instance: IMDSv2 only, no public IP, encrypted root volume, tagged.
+    pub async fn launch(&self, spec: &LaunchSpec<'_>) -> CloudResult<InstanceInfo> {
+        let root_device = self.root_device_name(spec.ami_id).await?;
+        let node_tags = [
+            (tags::NODE_ID, spec.node_id.to_string()),
+            (tags::SUBSCRIPTION, spec.subscription_id.to_string()),
+            (tags::USER, spec.user_id.to_string()),
+            ("Name", format!("hive-{}", spec.node_id)),
+        ];
+        let tag_spec = |resource: ResourceType| {
+            let mut b = TagSpecification::builder().resource_type(resource);
+            for (k, v) in &node_tags {
+                b = b.tags(Tag::builder().key(*k).value(v).build());
+            }
+            b.build()
+        };
+        let out = self
+            .ec2
+            .run_instances()
+            .client_token(&spec.client_token)
+            .image_id(spec.ami_id)
+            .instance_type(InstanceType::from(spec.instance_type))
+            .min_count(1)
+            .max_count(1)
+            .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
+            .iam_instance_profile(
+                IamInstanceProfileSpecification::builder()
+                    .name(spec.instance_profile)
+                    .build(),
+            )
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .http_put_response_hop_limit(1)
+                    .build(),
+            )
+            .network_interfaces(
+                InstanceNetworkInterfaceSpecification::builder()
+                    .device_index(0)
+                    .subnet_id(spec.subnet_id)
+                    .groups(spec.security_group_id)
+                    .associate_public_ip_address(false)
+                    .delete_on_termination(true)
+                    .build(),
+            )
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(root_device)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .encrypted(true)
+                            .volume_type(VolumeType::Gp3)
+                            .volume_size(16)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance))
+            .tag_specifications(tag_spec(ResourceType::Volume))
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:RunInstances", e))?;
+        let instance = out.instances().first().ok_or_else(|| {
+            CloudError::permanent("ec2:RunInstances", "no instance in the answer")
+        })?;
+        let id = instance
+            .instance_id()
+            .ok_or_else(|| CloudError::permanent("ec2:RunInstances", "instance without id"))?;
+        let account = out.owner_id().unwrap_or("000000000000");
+        Ok(InstanceInfo {
+            id: id.to_string(),
+            state: instance
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_else(|| "pending".into()),
+            arn: format!("arn:aws:ec2:{}:{account}:instance/{id}", self.region),
+        })
+    }
+
+    async fn root_device_name(&self, ami_id: &str) -> CloudResult<String> {
+        let out = self
+            .ec2
+            .describe_images()
+            .image_ids(ami_id)
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:DescribeImages", e))?;
+        let image = out.images().first().ok_or_else(|| {
+            CloudError::permanent("ec2:DescribeImages", format!("AMI {ami_id} not found"))
+        })?;
+        Ok(image.root_device_name().unwrap_or("/dev/xvda").to_string())
+    }
+
+    /// Terminates the instance; one that is gone already counts as done.
+    pub async fn terminate(&self, instance_id: &str) -> CloudResult<()> {
+        match self
+            .ec2
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if super::aws_code(&e) == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(classify_aws("ec2:TerminateInstances", e)),
+        }
+    }
+}

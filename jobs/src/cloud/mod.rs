@@ -1,0 +1,98 @@
+//! Clients of the clouds the worker drives: one file per resource client.
+
+pub mod cloudflare;
+pub mod compute;
+pub mod route53;
+pub mod secrets;
+
+use aws_sdk_ec2::config::http::HttpResponse;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+/// A failed cloud call, sorted by what the state machine should do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudError {
+    /// Worth retrying: throttling, 5xx, timeouts, refused connections, no capacity right now.
+    #[error("{op}: {message} (transient)")]
+    Transient { op: &'static str, message: String },
+    /// Retrying will not help: bad request, auth, quota.
+    #[error("{op}: {message}")]
+    Permanent { op: &'static str, message: String },
+}
+
+impl CloudError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CloudError::Transient { .. })
+    }
+
+    pub fn transient(op: &'static str, message: impl Into<String>) -> Self {
+        CloudError::Transient {
+            op,
+            message: message.into(),
+        }
+    }
+
+    pub fn permanent(op: &'static str, message: impl Into<String>) -> Self {
+        CloudError::Permanent {
+            op,
+            message: message.into(),
+        }
+    }
+}
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// AWS error codes that say "try again later".
+const TRANSIENT_AWS_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "PriorRequestNotComplete",
+    "InsufficientInstanceCapacity",
+    "InternalError",
+    "InternalFailure",
+    "InternalServiceError",
+    "ServiceUnavailable",
+    "Unavailable",
+    "RequestTimeout",
+];
+
+/// The AWS error code of a service error, if the call got that far.
+pub fn aws_code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<&str> {
+    match err {
+        SdkError::ServiceError(e) => e.err().code(),
+        _ => None,
+    }
+}
+
+/// Sorts an AWS SDK error. The message is AWS's own, which names resources, never secrets.
+pub fn classify_aws<E>(op: &'static str, err: SdkError<E, HttpResponse>) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            CloudError::transient(
+                op,
+                format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&err)),
+            )
+        }
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or("Unknown");
+            let message = format!(
+                "{code} (HTTP {status}): {}",
+                service.err().message().unwrap_or("no message")
+            );
+            if status >= 500 || status == 429 || TRANSIENT_AWS_CODES.contains(&code) {
+                CloudError::transient(op, message)
+            } else {
+                CloudError::permanent(op, message)
+            }
+        }
+        _ => CloudError::permanent(
+            op,
+            format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&err)),
+        ),
+    }
+}

@@ -1,0 +1,133 @@
+//! Secrets Manager: the node's tunnel token, readable only by the node's own instance.
+
+use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType, Tag};
+use uuid::Uuid;
+
+use super::{aws_code, classify_aws, CloudResult};
+use crate::model::{secret_name, tags};
+
+#[derive(Clone)]
+pub struct Secrets {
+    sm: aws_sdk_secretsmanager::Client,
+}
+
+/// A secret value that never shows in `Debug` or logs.
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretString(<redacted>)")
+    }
+}
+
+impl Secrets {
+    pub fn new(sm: aws_sdk_secretsmanager::Client) -> Self {
+        Self { sm }
+    }
+
+    /// Stores the node's token, or adopts the secret if it exists already (a retry, or a crash
+    /// after creating it). `request_token` makes a repeated create or put the same version.
+    /// Returns the secret's ARN.
+    pub async fn store_tunnel_token(
+        &self,
+        node_id: Uuid,
+        token: &SecretString,
+        request_token: &str,
+    ) -> CloudResult<String> {
+        let name = secret_name(node_id);
+        let created = self
+            .sm
+            .create_secret()
+            .name(&name)
+            .description("Cloudflare tunnel token of a Hive node")
+            .secret_string(token.expose())
+            .client_request_token(request_token)
+            .tags(
+                Tag::builder()
+                    .key(tags::NODE_ID)
+                    .value(node_id.to_string())
+                    .build(),
+            )
+            .send()
+            .await;
+        match created {
+            Ok(out) => Ok(out.arn().unwrap_or(&name).to_string()),
+            Err(e) if aws_code(&e) == Some("ResourceExistsException") => {
+                let out = self
+                    .sm
+                    .put_secret_value()
+                    .secret_id(&name)
+                    .secret_string(token.expose())
+                    .client_request_token(request_token)
+                    .send()
+                    .await
+                    .map_err(|e| classify_aws("secretsmanager:PutSecretValue", e))?;
+                Ok(out.arn().unwrap_or(&name).to_string())
+            }
+            Err(e) => Err(classify_aws("secretsmanager:CreateSecret", e)),
+        }
+    }
+
+    /// Tags the secret with the instance allowed to read it (tagging is idempotent).
+    pub async fn bind_to_instance(&self, secret_id: &str, instance_arn: &str) -> CloudResult<()> {
+        self.sm
+            .tag_resource()
+            .secret_id(secret_id)
+            .tags(
+                Tag::builder()
+                    .key(tags::INSTANCE_ARN)
+                    .value(instance_arn)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify_aws("secretsmanager:TagResource", e))?;
+        Ok(())
+    }
+
+    /// The ARN of the node's secret, if it exists.
+    pub async fn find_by_node(&self, node_id: Uuid) -> CloudResult<Option<String>> {
+        let out = self
+            .sm
+            .list_secrets()
+            .filters(
+                Filter::builder()
+                    .key(FilterNameStringType::Name)
+                    .values(secret_name(node_id))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify_aws("secretsmanager:ListSecrets", e))?;
+        Ok(out
+            .secret_list()
+            .iter()
+            .find(|s| s.name() == Some(secret_name(node_id).as_str()))
+            .and_then(|s| s.arn().map(str::to_string)))
+    }
+
+    /// Deletes the secret at once (no recovery window: the tunnel it opens is gone too).
+    pub async fn delete(&self, secret_id: &str) -> CloudResult<()> {
+        match self
+            .sm
+            .delete_secret()
+            .secret_id(secret_id)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if aws_code(&e) == Some("ResourceNotFoundException") => Ok(()),
+            Err(e) => Err(classify_aws("secretsmanager:DeleteSecret", e)),
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! All configuration, read from the environment in one place.
+//!
+//! A missing or malformed setting is a [`ConfigError`] that names the variable, so that a binary
+//! can stop at start with one clear line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0} is not set")]
+    Missing(&'static str),
+    #[error("configuration: {name} is malformed: {reason}")]
+    Malformed { name: &'static str, reason: String },
+}
+
+/// Reads settings through a lookup function, so tests can feed a map instead of the process
+/// environment.
+pub struct Env<F: Fn(&str) -> Option<String>>(pub F);
+
+pub fn process_env() -> Env<impl Fn(&str) -> Option<String>> {
+    Env(|name: &str| std::env::var(name).ok().filter(|v| !v.is_empty()))
+}
+
+impl<F: Fn(&str) -> Option<String>> Env<F> {
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        (self.0)(name).ok_or(ConfigError::Missing(name))
+    }
+
+    pub fn optional(&self, name: &'static str) -> Option<String> {
+        (self.0)(name)
+    }
+
+    pub fn parsed_or<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match (self.0)(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| ConfigError::Malformed {
+                    name,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// A duration in milliseconds.
+    pub fn millis_or(&self, name: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
+        self.parsed_or(name, default_ms).map(Duration::from_millis)
+    }
+
+    /// A duration in seconds.
+    pub fn secs_or(&self, name: &'static str, default_s: u64) -> Result<Duration, ConfigError> {
+        self.parsed_or(name, default_s).map(Duration::from_secs)
+    }
+}
+
+/// What a plan gives: how many nodes, of which instance type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub instance_type: String,
+    pub nodes: u32,
+}
+
+/// Plans by name, from `HIVE_PLANS`: `name=instance_type:count,...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plans(pub BTreeMap<String, Plan>);
+
+pub const DEFAULT_PLANS: &str = "pro=t4g.small:1,team=t4g.medium:5";
+
+impl FromStr for Plans {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut plans = BTreeMap::new();
+        for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, rest) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("`{entry}` is not name=instance_type:count"))?;
+            let (instance_type, count) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("`{entry}` is not name=instance_type:count"))?;
+            if !instance_type.starts_with("t4g.") {
+                return Err(format!(
+                    "plan {name}: {instance_type} is not a t4g instance type"
+                ));
+            }
+            let nodes: u32 = count
+                .parse()
+                .map_err(|_| format!("plan {name}: node count `{count}` is not a number"))?;
+            if nodes == 0 || nodes > 100 {
+                return Err(format!("plan {name}: node count must be 1 to 100"));
+            }
+            plans.insert(
+                name.to_string(),
+                Plan {
+                    instance_type: instance_type.to_string(),
+                    nodes,
+                },
+            );
+        }
+        if plans.is_empty() {
+            return Err("no plan defined".into());
+        }
+        Ok(Plans(plans))
+    }
+}
+
+/// An AWS region name as the SDK expects it (`eu-west-1`).
+pub fn valid_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= 32
+        && region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Settings of `hive-api`.
+#[derive(Clone)]
+pub struct ApiConfig {
+    pub database_url: String,
+    pub listen_addr: SocketAddr,
+    /// Every secret that may have signed a webhook (more than one while rotating).
+    pub stripe_webhook_secrets: Vec<String>,
+    pub stripe_tolerance: Duration,
+    pub jwt_secret: String,
+    pub plans: Plans,
+    pub default_region: String,
+    /// Regions a checkout may ask for (`HIVE_REGIONS`; the default region alone when unset).
+    pub regions: Vec<String>,
+    pub node_domain: String,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets are left out on purpose.
+        f.debug_struct("ApiConfig")
+            .field("listen_addr", &self.listen_addr)
+            .field("plans", &self.plans)
+            .field("default_region", &self.default_region)
+            .field("node_domain", &self.node_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiConfig {
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let stripe_webhook_secrets: Vec<String> = env
+            .required("STRIPE_WEBHOOK_SECRET")?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if stripe_webhook_secrets.is_empty() {
+            return Err(ConfigError::Malformed {
+                name: "STRIPE_WEBHOOK_SECRET",
+                reason: "no secret in the list".into(),
+            });
+        }
+        let jwt_secret = env.required("HIVE_JWT_SECRET")?;
+        if jwt_secret.len() < 16 {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_JWT_SECRET",
+                reason: "shorter than 16 bytes".into(),
+            });
+        }
+        let default_region = region_setting(env)?;
+        let mut regions: Vec<String> = env
+            .optional("HIVE_REGIONS")
+            .map(|list| {
+                list.split(',')
+                    .map(|r| r.trim().to_string())
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(bad) = regions.iter().find(|r| !valid_region(r)) {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_REGIONS",
+                reason: format!("`{bad}` is not a region name"),
+            });
+        }
+        if !regions.contains(&default_region) {
+            regions.push(default_region.clone());
+        }
+        Ok(Self {
+            database_url: env.required("DATABASE_URL")?,
+            listen_addr: env
+                .parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            stripe_webhook_secrets,
+            stripe_tolerance: env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
+            jwt_secret,
+            plans: env.parsed_or("HIVE_PLANS", Plans::from_str(DEFAULT_PLANS).expect("valid"))?,
+            default_region,
+            regions,
+            node_domain: domain_setting(env)?,
+        })
+    }
+}
+
+fn region_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<String, ConfigError> {
+    let (name, region) = match env.optional("HIVE_DEFAULT_REGION") {
+        Some(r) => ("HIVE_DEFAULT_REGION", r),
+        None => ("AWS_REGION", env.required("AWS_REGION")?),
+    };
+    if !valid_region(&region) {
+        return Err(ConfigError::Malformed {
+            name,
+            reason: format!("`{region}` is not a region name"),
+        });
+    }
+    Ok(region)
+}
+
+fn domain_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<String, ConfigError> {
+    let domain = env
+        .required("HIVE_NODE_DOMAIN")?
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if !domain.contains('.') || !domain.split('.').all(label_ok) {
+        return Err(ConfigError::Malformed {
+            name: "HIVE_NODE_DOMAIN",
+            reason: format!("`{domain}` is not a domain name"),
+        });
+    }
+    Ok(domain)
+}
+
+/// How the provisioning state machine paces itself.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// First retry delay after a transient failure; doubles per attempt, with full jitter.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Transient failures a step may have before the node is failed.
+    pub retry_budget: u32,
+    /// How often a waiting step looks again.
+    pub poll_interval: Duration,
+    /// How long a waiting step may wait in all before the node is failed.
+    pub wait_budget: Duration,
+    /// How long a worker may hold a node before another may take it over.
+    pub lease: Duration,
+}
+
+/// Settings of `hive-worker`.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub database_url: String,
+    pub node_domain: String,
+    pub cloudflare_api_token: String,
+    pub cloudflare_account_id: String,
+    pub cloudflare_zone_id: String,
+    pub cloudflare_api_base: String,
+    pub route53_zone_id: String,
+    pub ami_id: String,
+    pub subnet_id: String,
+    pub security_group_id: String,
+    pub instance_profile: String,
+    /// Port of the edge node's own service on the node, which the tunnel routes to.
+    pub edge_service_port: u16,
+    /// Package (URL of a .deb) of the edge node service, installed at boot when set.
+    pub edge_package_url: Option<String>,
+    /// Jobs one worker runs at once.
+    pub concurrency: usize,
+    /// Timeout of one call to a cloud API.
+    pub http_timeout: Duration,
+    pub pacing: Pacing,
+    /// How often idle workers look for due jobs; a job of a dead worker is taken up again
+    /// after `heartbeat * 3`.
+    pub poll: Duration,
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The Cloudflare token is left out on purpose.
+        f.debug_struct("WorkerConfig")
+            .field("node_domain", &self.node_domain)
+            .field("cloudflare_account_id", &self.cloudflare_account_id)
+            .field("cloudflare_zone_id", &self.cloudflare_zone_id)
+            .field("cloudflare_api_base", &self.cloudflare_api_base)
+            .field("route53_zone_id", &self.route53_zone_id)
+            .field("ami_id", &self.ami_id)
+            .field("subnet_id", &self.subnet_id)
+            .field("security_group_id", &self.security_group_id)
+            .field("instance_profile", &self.instance_profile)
+            .field("concurrency", &self.concurrency)
+            .field("pacing", &self.pacing)
+            .finish_non_exhaustive()
+    }
+}
+
+pub const CLOUDFLARE_PRODUCTION_API: &str = "https://api.cloudflare.com/client/v4/";
+
+impl WorkerConfig {
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let mut cloudflare_api_base = env
+            .optional("CLOUDFLARE_API_BASE")
+            .unwrap_or_else(|| CLOUDFLARE_PRODUCTION_API.to_string());
+        if !(cloudflare_api_base.starts_with("http://")
+            || cloudflare_api_base.starts_with("https://"))
+        {
+            return Err(ConfigError::Malformed {
+                name: "CLOUDFLARE_API_BASE",
+                reason: "not an http(s) URL".into(),
+            });
+        }
+        if !cloudflare_api_base.ends_with('/') {
+            cloudflare_api_base.push('/');
+        }
+        // AWS_REGION is read by the SDK; we insist on it so a worker never guesses its region.
+        region_setting(env)?;
+        let concurrency: usize = env.parsed_or("HIVE_WORKER_CONCURRENCY", 16)?;
+        if concurrency == 0 {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_WORKER_CONCURRENCY",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            database_url: env.required("DATABASE_URL")?,
+            node_domain: domain_setting(env)?,
+            cloudflare_api_token: env.required("CLOUDFLARE_API_TOKEN")?,
+            cloudflare_account_id: env.required("CLOUDFLARE_ACCOUNT_ID")?,
+            cloudflare_zone_id: env.required("CLOUDFLARE_ZONE_ID")?,
+            cloudflare_api_base,
+            route53_zone_id: env.required("HIVE_ROUTE53_ZONE_ID")?,
+            ami_id: prefixed(env, "HIVE_AMI_ID", "ami-")?,
+            subnet_id: prefixed(env, "HIVE_SUBNET_ID", "subnet-")?,
+            security_group_id: prefixed(env, "HIVE_SECURITY_GROUP_ID", "sg-")?,
+            instance_profile: env.required("HIVE_INSTANCE_PROFILE")?,
+            edge_service_port: env.parsed_or("HIVE_EDGE_SERVICE_PORT", 8080)?,
+            edge_package_url: env.optional("HIVE_EDGE_PACKAGE_URL"),
+            concurrency,
+            http_timeout: env.millis_or("HIVE_HTTP_TIMEOUT_MS", 20_000)?,
+            pacing: Pacing {
+                retry_base: env.millis_or("HIVE_RETRY_BASE_MS", 1_000)?,
+                retry_max: env.millis_or("HIVE_RETRY_MAX_MS", 60_000)?,
+                retry_budget: env.parsed_or("HIVE_RETRY_BUDGET", 8)?,
+                poll_interval: env.millis_or("HIVE_POLL_INTERVAL_MS", 5_000)?,
+                wait_budget: env.secs_or("HIVE_WAIT_BUDGET_SECS", 900)?,
+                lease: env.millis_or("HIVE_LEASE_MS", 60_000)?,
+            },
+            poll: env.millis_or("HIVE_QUEUE_POLL_MS", 1_000)?,
+            heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
+        })
+    }
+}
+
+fn prefixed<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    name: &'static str,
+    prefix: &str,
+) -> Result<String, ConfigError> {
+    let value = env.required(name)?;
+    if !value.starts_with(prefix) {
+        return Err(ConfigError::Malformed {
+            name,
+            reason: format!("does not start with `{prefix}`"),
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Env<impl Fn(&str) -> Option<String>> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Env(move |k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn plans_parse_and_reject_nonsense() {
+        let plans: Plans = DEFAULT_PLANS.parse().unwrap();
+        assert_eq!(plans.0["team"].nodes, 5);
+        assert_eq!(plans.0["pro"].instance_type, "t4g.small");
+        assert!("team=m5.large:5".parse::<Plans>().is_err());
+        assert!("team=t4g.small:zero".parse::<Plans>().is_err());
+        assert!("".parse::<Plans>().is_err());
+    }
+
+    #[test]
+    fn missing_and_malformed_settings_are_named() {
+        let e = ApiConfig::from_env(&env(&[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration: STRIPE_WEBHOOK_SECRET is not set"
+        );
+        let e = ApiConfig::from_env(&env(&[
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a,whsec_b"),
+            ("HIVE_JWT_SECRET", "0123456789abcdef0123"),
+            ("DATABASE_URL", "postgres://x"),
+            ("HIVE_API_ADDR", "not-an-addr"),
+            ("AWS_REGION", "eu-west-1"),
+            ("HIVE_NODE_DOMAIN", "nodes.example.com"),
+        ]))
+        .unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("configuration: HIVE_API_ADDR is malformed"));
+        let ok = ApiConfig::from_env(&env(&[
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a, whsec_b"),
+            ("HIVE_JWT_SECRET", "0123456789abcdef0123"),
+            ("DATABASE_URL", "postgres://x"),
+            ("AWS_REGION", "eu-west-1"),
+            ("HIVE_NODE_DOMAIN", "Nodes.Example.com."),
+        ]))
+        .unwrap();
+        assert_eq!(ok.stripe_webhook_secrets, vec!["whsec_a", "whsec_b"]);
+        assert_eq!(ok.node_domain, "nodes.example.com");
+        assert!(!format!("{ok:?}").contains("whsec_a"));
+    }
+}

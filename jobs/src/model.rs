@@ -1,0 +1,227 @@
+//! The node and its state machine's states.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Where a node is in its life. Stored as its snake_case name in `nodes.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Pending,
+    CreatingTunnel,
+    StoringSecret,
+    LaunchingInstance,
+    BindingSecret,
+    WaitingForInstance,
+    ConfiguringIngress,
+    RoutingCloudflare,
+    RoutingRoute53,
+    WaitingForTunnel,
+    Ready,
+    Failed,
+    Suspended,
+    Terminating,
+    Terminated,
+}
+
+/// The provisioning steps, in order. Each state runs one side effect and then moves to the next.
+pub const PROVISIONING: [NodeState; 10] = [
+    NodeState::Pending,
+    NodeState::CreatingTunnel,
+    NodeState::StoringSecret,
+    NodeState::LaunchingInstance,
+    NodeState::BindingSecret,
+    NodeState::WaitingForInstance,
+    NodeState::ConfiguringIngress,
+    NodeState::RoutingCloudflare,
+    NodeState::RoutingRoute53,
+    NodeState::WaitingForTunnel,
+];
+
+impl NodeState {
+    pub const ALL: [NodeState; 15] = [
+        NodeState::Pending,
+        NodeState::CreatingTunnel,
+        NodeState::StoringSecret,
+        NodeState::LaunchingInstance,
+        NodeState::BindingSecret,
+        NodeState::WaitingForInstance,
+        NodeState::ConfiguringIngress,
+        NodeState::RoutingCloudflare,
+        NodeState::RoutingRoute53,
+        NodeState::WaitingForTunnel,
+        NodeState::Ready,
+        NodeState::Failed,
+        NodeState::Suspended,
+        NodeState::Terminating,
+        NodeState::Terminated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Pending => "pending",
+            NodeState::CreatingTunnel => "creating_tunnel",
+            NodeState::StoringSecret => "storing_secret",
+            NodeState::LaunchingInstance => "launching_instance",
+            NodeState::BindingSecret => "binding_secret",
+            NodeState::WaitingForInstance => "waiting_for_instance",
+            NodeState::ConfiguringIngress => "configuring_ingress",
+            NodeState::RoutingCloudflare => "routing_cloudflare",
+            NodeState::RoutingRoute53 => "routing_route53",
+            NodeState::WaitingForTunnel => "waiting_for_tunnel",
+            NodeState::Ready => "ready",
+            NodeState::Failed => "failed",
+            NodeState::Suspended => "suspended",
+            NodeState::Terminating => "terminating",
+            NodeState::Terminated => "terminated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NodeState> {
+        NodeState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The provisioning step after this one (`Ready` after the last).
+    pub fn next_provisioning(self) -> Option<NodeState> {
+        let i = PROVISIONING.iter().position(|s| *s == self)?;
+        Some(PROVISIONING.get(i + 1).copied().unwrap_or(NodeState::Ready))
+    }
+
+    /// A state whose step the worker runs; the others wait for an outside event.
+    pub fn is_provisioning(self) -> bool {
+        PROVISIONING.contains(&self)
+    }
+
+    /// What the customer's app sees.
+    pub fn status(self) -> NodeStatus {
+        match self {
+            NodeState::Pending => NodeStatus::Pending,
+            NodeState::Ready => NodeStatus::Ready,
+            NodeState::Failed => NodeStatus::Failed,
+            NodeState::Suspended => NodeStatus::Suspended,
+            NodeState::Terminating => NodeStatus::Terminating,
+            NodeState::Terminated => NodeStatus::Terminated,
+            _ => NodeStatus::Provisioning,
+        }
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Pending,
+    Provisioning,
+    Ready,
+    Failed,
+    Suspended,
+    Terminating,
+    Terminated,
+}
+
+/// A row of `nodes`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Node {
+    pub id: Uuid,
+    pub subscription_id: Uuid,
+    pub ordinal: i32,
+    pub user_id: String,
+    pub region: String,
+    pub instance_type: String,
+    pub hostname: String,
+    #[sqlx(try_from = "String")]
+    pub state: StateColumn,
+    pub generation: i32,
+    pub tunnel_id: Option<String>,
+    pub secret_arn: Option<String>,
+    pub instance_id: Option<String>,
+    pub dns_record_id: Option<String>,
+    pub error: Option<String>,
+    pub failed_step: Option<String>,
+    pub attempt: i32,
+    pub step_started_at: DateTime<Utc>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `nodes.state` as read from the database; a value we do not know is an error, not a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateColumn(pub NodeState);
+
+impl TryFrom<String> for StateColumn {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        NodeState::parse(&s)
+            .map(StateColumn)
+            .ok_or_else(|| format!("unknown node state `{s}`"))
+    }
+}
+
+impl Node {
+    pub fn state(&self) -> NodeState {
+        self.state.0
+    }
+
+    /// The DNS label of the node: its id, which is unique and valid as a label.
+    pub fn label(&self) -> String {
+        self.id.to_string()
+    }
+
+    pub fn tunnel_name(&self) -> String {
+        tunnel_name(self.id)
+    }
+
+    pub fn secret_name(&self) -> String {
+        secret_name(self.id)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.hostname)
+    }
+}
+
+pub fn tunnel_name(node_id: Uuid) -> String {
+    format!("hive-{node_id}")
+}
+
+pub fn secret_name(node_id: Uuid) -> String {
+    format!("hive/nodes/{node_id}/tunnel-token")
+}
+
+/// Tags every AWS resource of a node carries.
+pub mod tags {
+    pub const NODE_ID: &str = "hive:node-id";
+    pub const SUBSCRIPTION: &str = "hive:subscription";
+    pub const USER: &str = "hive:user";
+    /// On the secret: the ARN of the one instance whose role may read it.
+    pub const INSTANCE_ARN: &str = "hive:instance-arn";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_provisioning_is_ordered() {
+        for s in NodeState::ALL {
+            assert_eq!(NodeState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(
+            NodeState::Pending.next_provisioning(),
+            Some(NodeState::CreatingTunnel)
+        );
+        assert_eq!(
+            NodeState::WaitingForTunnel.next_provisioning(),
+            Some(NodeState::Ready)
+        );
+        assert_eq!(NodeState::Ready.next_provisioning(), None);
+        assert_eq!(NodeState::BindingSecret.status(), NodeStatus::Provisioning);
+    }
+}

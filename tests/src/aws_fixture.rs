@@ -1,0 +1,111 @@
+//! The static AWS footprint that terraform creates in production (a private subnet, a security
+//! group without inbound rules, an arm64 image, the node zone), created in moto.
+
+use anyhow::Context;
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+
+/// SDK configuration that points at moto with dummy credentials.
+pub async fn sdk_config(endpoint: &str, region: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsFixture {
+    pub region: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub security_group_id: String,
+    pub ami_id: String,
+    pub zone_id: String,
+}
+
+impl AwsFixture {
+    pub async fn create(config: &aws_config::SdkConfig, domain: &str) -> anyhow::Result<Self> {
+        let ec2 = aws_sdk_ec2::Client::new(config);
+        let region = config.region().map(|r| r.to_string()).unwrap_or_default();
+        let tag = |resource: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(resource)
+                .tags(Tag::builder().key("hive:stack").value("local").build())
+                .build()
+        };
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block("10.42.0.0/16")
+            .tag_specifications(tag(ResourceType::Vpc))
+            .send()
+            .await
+            .context("creating the VPC")?;
+        let vpc_id = vpc
+            .vpc()
+            .and_then(|v| v.vpc_id())
+            .context("VPC without id")?
+            .to_string();
+        let subnet = ec2
+            .create_subnet()
+            .vpc_id(&vpc_id)
+            .cidr_block("10.42.1.0/24")
+            .tag_specifications(tag(ResourceType::Subnet))
+            .send()
+            .await
+            .context("creating the subnet")?;
+        let subnet_id = subnet
+            .subnet()
+            .and_then(|s| s.subnet_id())
+            .context("subnet without id")?
+            .to_string();
+        let sg = ec2
+            .create_security_group()
+            .group_name("hive-nodes")
+            .description("Hive nodes: no inbound")
+            .vpc_id(&vpc_id)
+            .send()
+            .await
+            .context("creating the security group")?;
+        let security_group_id = sg.group_id().context("group without id")?.to_string();
+        let images = ec2
+            .describe_images()
+            .filters(
+                Filter::builder()
+                    .name("architecture")
+                    .values("arm64")
+                    .build(),
+            )
+            .send()
+            .await
+            .context("looking up an arm64 image")?;
+        let ami_id = images
+            .images()
+            .iter()
+            .find_map(|i| i.image_id())
+            .context("moto has no arm64 image")?
+            .to_string();
+        let r53 = aws_sdk_route53::Client::new(config);
+        let zone = r53
+            .create_hosted_zone()
+            .name(domain)
+            .caller_reference(uuid::Uuid::new_v4().to_string())
+            .send()
+            .await
+            .context("creating the hosted zone")?;
+        let zone_id = zone
+            .hosted_zone()
+            .map(|z| z.id().trim_start_matches("/hostedzone/").to_string())
+            .context("zone without id")?;
+        Ok(AwsFixture {
+            region,
+            vpc_id,
+            subnet_id,
+            security_group_id,
+            ami_id,
+            zone_id,
+        })
+    }
+}

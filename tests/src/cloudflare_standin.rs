@@ -1,0 +1,507 @@
+//! A stateful stand-in for the part of Cloudflare's API we use, speaking its wire shapes
+//! (`/client/v4/...`, the `{success, errors, messages, result}` envelope), so that a lookup
+//! before a create really finds what was created.
+//!
+//! A real tunnel turns `healthy` when cloudflared on the node connects. Nothing runs on a moto
+//! instance, so the stand-in plays the node: a tunnel whose ingress has been configured reports
+//! one connection and `healthy` after `connect_delay`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub id: Uuid,
+    pub account: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub config_src: String,
+    pub token: String,
+    pub config: Option<Value>,
+    pub configured_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsRecord {
+    pub id: String,
+    pub zone: String,
+    pub record_type: String,
+    pub name: String,
+    pub content: String,
+    pub proxied: bool,
+    pub ttl: u32,
+    pub created_on: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    pub tunnels: BTreeMap<Uuid, Tunnel>,
+    pub dns: BTreeMap<String, DnsRecord>,
+}
+
+#[derive(Clone)]
+pub struct StandIn {
+    pub store: Arc<Mutex<Store>>,
+    api_token: Arc<String>,
+    connect_delay: Duration,
+}
+
+type Answer = (StatusCode, Json<Value>);
+
+fn ok(result: Value) -> Answer {
+    (
+        StatusCode::OK,
+        Json(json!({ "success": true, "errors": [], "messages": [], "result": result })),
+    )
+}
+
+fn fail(status: StatusCode, code: u32, message: &str) -> Answer {
+    (
+        status,
+        Json(json!({
+            "success": false,
+            "errors": [{ "code": code, "message": message }],
+            "messages": [],
+            "result": null
+        })),
+    )
+}
+
+impl StandIn {
+    pub fn new(api_token: &str, connect_delay: Duration) -> Self {
+        Self {
+            store: Arc::default(),
+            api_token: Arc::new(api_token.to_string()),
+            connect_delay,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        // A poisoned lock only means a handler panicked; the data is still usable for a stand-in.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn router(self) -> Router {
+        let api = Router::new()
+            .route(
+                "/accounts/{account}/cfd_tunnel",
+                get(list_tunnels).post(create_tunnel),
+            )
+            .route(
+                "/accounts/{account}/cfd_tunnel/{id}",
+                get(get_tunnel).delete(delete_tunnel),
+            )
+            .route(
+                "/accounts/{account}/cfd_tunnel/{id}/token",
+                get(tunnel_token),
+            )
+            .route(
+                "/accounts/{account}/cfd_tunnel/{id}/configurations",
+                get(get_configuration).put(put_configuration),
+            )
+            .route("/zones/{zone}/dns_records", get(list_dns).post(create_dns))
+            .route(
+                "/zones/{zone}/dns_records/{id}",
+                axum::routing::delete(delete_dns),
+            )
+            .layer(middleware::from_fn_with_state(self.clone(), authenticate));
+        Router::new()
+            .nest("/client/v4", api)
+            .route("/__standin/state", get(dump_state))
+            .with_state(self)
+    }
+
+    /// Serves on `addr` (port 0 picks one); returns the bound address and the server task.
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let app = self.router();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "stand-in stopped");
+            }
+        });
+        Ok((bound, handle))
+    }
+
+    fn tunnel_json(&self, t: &Tunnel) -> Value {
+        let healthy = self.is_connected(t);
+        let connections = if healthy {
+            json!([{
+                "colo_name": "ams01",
+                "uuid": t.id,
+                "id": t.id,
+                "is_pending_reconnect": false,
+                "origin_ip": "10.0.0.10",
+                "opened_at": t.configured_at,
+                "client_id": t.id,
+                "client_version": "2025.4.0"
+            }])
+        } else {
+            json!([])
+        };
+        json!({
+            "id": t.id,
+            "account_tag": t.account,
+            "created_at": t.created_at,
+            "deleted_at": t.deleted_at,
+            "name": t.name,
+            "connections": connections,
+            "conns_active_at": if healthy { json!(t.configured_at) } else { Value::Null },
+            "conns_inactive_at": Value::Null,
+            "tun_type": "cfd_tunnel",
+            "metadata": {},
+            "status": if t.deleted_at.is_some() { "deleted" } else if healthy { "healthy" } else { "inactive" },
+            "remote_config": t.config_src == "cloudflare"
+        })
+    }
+
+    fn is_connected(&self, t: &Tunnel) -> bool {
+        match (t.deleted_at, t.configured_at) {
+            (None, Some(at)) => {
+                Utc::now() - at
+                    >= chrono::TimeDelta::from_std(self.connect_delay).unwrap_or_default()
+            }
+            _ => false,
+        }
+    }
+}
+
+fn dns_json(r: &DnsRecord) -> Value {
+    json!({
+        "id": r.id,
+        "zone_id": r.zone,
+        "zone_name": "example.com",
+        "name": r.name,
+        "type": r.record_type,
+        "content": r.content,
+        "proxiable": true,
+        "proxied": r.proxied,
+        "ttl": r.ttl,
+        "locked": false,
+        "meta": { "auto_added": false, "source": "primary" },
+        "comment": null,
+        "tags": [],
+        "created_on": r.created_on,
+        "modified_on": r.created_on
+    })
+}
+
+async fn authenticate(State(s): State<StandIn>, request: Request, next: Next) -> Response {
+    let expected = format!("Bearer {}", s.api_token);
+    let given = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if given != Some(expected.as_str()) {
+        return fail(StatusCode::FORBIDDEN, 10000, "Authentication error").into_response();
+    }
+    next.run(request).await
+}
+
+#[derive(Debug, Deserialize)]
+struct TunnelQuery {
+    name: Option<String>,
+    is_deleted: Option<bool>,
+}
+
+async fn list_tunnels(
+    State(s): State<StandIn>,
+    Path(account): Path<String>,
+    Query(q): Query<TunnelQuery>,
+) -> Answer {
+    let store = s.lock();
+    let found: Vec<Value> = store
+        .tunnels
+        .values()
+        .filter(|t| t.account == account)
+        .filter(|t| q.name.as_ref().is_none_or(|n| &t.name == n))
+        .filter(|t| q.is_deleted.is_none_or(|d| d == t.deleted_at.is_some()))
+        .map(|t| s.tunnel_json(t))
+        .collect();
+    ok(Value::Array(found))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateTunnel {
+    name: String,
+    #[serde(default)]
+    config_src: Option<String>,
+    #[serde(default)]
+    tunnel_secret: Option<String>,
+}
+
+async fn create_tunnel(
+    State(s): State<StandIn>,
+    Path(account): Path<String>,
+    body: Option<Json<CreateTunnel>>,
+) -> Answer {
+    let Some(Json(body)) = body else {
+        return fail(StatusCode::BAD_REQUEST, 1001, "Invalid request body");
+    };
+    if body.name.is_empty() || body.name.len() > 255 {
+        return fail(StatusCode::BAD_REQUEST, 1001, "Invalid tunnel name");
+    }
+    let secret_ok = body.tunnel_secret.as_deref().is_none_or(|s| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .is_ok_and(|b| b.len() >= 32)
+    });
+    if !secret_ok {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            1001,
+            "tunnel_secret must be at least 32 bytes, base64",
+        );
+    }
+    let mut store = s.lock();
+    if store
+        .tunnels
+        .values()
+        .any(|t| t.account == account && t.name == body.name && t.deleted_at.is_none())
+    {
+        return fail(
+            StatusCode::CONFLICT,
+            1013,
+            "You already have a tunnel with this name.",
+        );
+    }
+    let id = Uuid::new_v4();
+    let token_json = json!({ "a": account, "t": id, "s": base64::engine::general_purpose::STANDARD.encode(Uuid::new_v4().as_bytes()) });
+    let tunnel = Tunnel {
+        id,
+        account,
+        name: body.name,
+        created_at: Utc::now(),
+        deleted_at: None,
+        config_src: body.config_src.unwrap_or_else(|| "local".into()),
+        token: base64::engine::general_purpose::STANDARD.encode(token_json.to_string()),
+        config: None,
+        configured_at: None,
+    };
+    let answer = s.tunnel_json(&tunnel);
+    store.tunnels.insert(id, tunnel);
+    ok(answer)
+}
+
+fn find_tunnel<'a>(store: &'a mut Store, account: &str, id: &str) -> Option<&'a mut Tunnel> {
+    let id = Uuid::parse_str(id).ok()?;
+    store.tunnels.get_mut(&id).filter(|t| t.account == account)
+}
+
+fn tunnel_not_found() -> Answer {
+    fail(StatusCode::NOT_FOUND, 1002, "Tunnel not found")
+}
+
+async fn get_tunnel(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+) -> Answer {
+    let mut store = s.lock();
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) => {
+            let t = t.clone();
+            ok(s.tunnel_json(&t))
+        }
+        None => tunnel_not_found(),
+    }
+}
+
+async fn delete_tunnel(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+) -> Answer {
+    let mut store = s.lock();
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) if t.deleted_at.is_none() => {
+            t.deleted_at = Some(Utc::now());
+            let t = t.clone();
+            ok(s.tunnel_json(&t))
+        }
+        _ => tunnel_not_found(),
+    }
+}
+
+async fn tunnel_token(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+) -> Answer {
+    let mut store = s.lock();
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) if t.deleted_at.is_none() => ok(Value::String(t.token.clone())),
+        _ => tunnel_not_found(),
+    }
+}
+
+fn configuration_json(t: &Tunnel) -> Value {
+    json!({
+        "tunnel_id": t.id,
+        "version": if t.config.is_some() { 1 } else { 0 },
+        "config": t.config,
+        "source": t.config_src,
+        "created_at": t.configured_at
+    })
+}
+
+async fn get_configuration(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+) -> Answer {
+    let mut store = s.lock();
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) => ok(configuration_json(t)),
+        None => tunnel_not_found(),
+    }
+}
+
+async fn put_configuration(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> Answer {
+    let Some(Json(body)) = body else {
+        return fail(StatusCode::BAD_REQUEST, 1001, "Invalid request body");
+    };
+    let Some(config) = body.get("config").cloned() else {
+        return fail(StatusCode::BAD_REQUEST, 1001, "config is required");
+    };
+    // Cloudflare insists that the last ingress rule is a catch-all without a hostname.
+    let catch_all_last = config
+        .get("ingress")
+        .and_then(Value::as_array)
+        .and_then(|rules| rules.last())
+        .is_some_and(|last| last.get("hostname").is_none() && last.get("service").is_some());
+    if !catch_all_last {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            1056,
+            "The last ingress rule must match all URLs",
+        );
+    }
+    let mut store = s.lock();
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) if t.deleted_at.is_none() => {
+            t.config = Some(config);
+            t.configured_at.get_or_insert_with(Utc::now);
+            ok(configuration_json(t))
+        }
+        _ => tunnel_not_found(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DnsQuery {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    record_type: Option<String>,
+}
+
+async fn list_dns(
+    State(s): State<StandIn>,
+    Path(zone): Path<String>,
+    Query(q): Query<DnsQuery>,
+) -> Answer {
+    let store = s.lock();
+    let found: Vec<Value> = store
+        .dns
+        .values()
+        .filter(|r| r.zone == zone)
+        .filter(|r| q.name.as_ref().is_none_or(|n| &r.name == n))
+        .filter(|r| q.record_type.as_ref().is_none_or(|t| &r.record_type == t))
+        .map(dns_json)
+        .collect();
+    ok(Value::Array(found))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateDns {
+    #[serde(rename = "type")]
+    record_type: String,
+    name: String,
+    content: String,
+    #[serde(default)]
+    proxied: bool,
+    #[serde(default)]
+    ttl: Option<u32>,
+}
+
+async fn create_dns(
+    State(s): State<StandIn>,
+    Path(zone): Path<String>,
+    body: Option<Json<CreateDns>>,
+) -> Answer {
+    let Some(Json(body)) = body else {
+        return fail(StatusCode::BAD_REQUEST, 1004, "DNS Validation Error");
+    };
+    let mut store = s.lock();
+    if store
+        .dns
+        .values()
+        .any(|r| r.zone == zone && r.name == body.name && r.record_type == "CNAME")
+    {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            81053,
+            "An A, AAAA, or CNAME record with that host already exists.",
+        );
+    }
+    let record = DnsRecord {
+        id: Uuid::new_v4().simple().to_string(),
+        zone,
+        record_type: body.record_type,
+        name: body.name,
+        content: body.content,
+        proxied: body.proxied,
+        ttl: body.ttl.unwrap_or(1),
+        created_on: Utc::now(),
+    };
+    let answer = dns_json(&record);
+    store.dns.insert(record.id.clone(), record);
+    ok(answer)
+}
+
+async fn delete_dns(State(s): State<StandIn>, Path((zone, id)): Path<(String, String)>) -> Answer {
+    let mut store = s.lock();
+    match store.dns.get(&id) {
+        Some(r) if r.zone == zone => {
+            store.dns.remove(&id);
+            ok(json!({ "id": id }))
+        }
+        _ => fail(StatusCode::NOT_FOUND, 81044, "Record does not exist."),
+    }
+}
+
+/// Everything the stand-in holds, for tests and the local stack (not part of Cloudflare's API).
+async fn dump_state(State(s): State<StandIn>) -> Json<Value> {
+    let store = s.lock();
+    let tunnels: Vec<Value> = store
+        .tunnels
+        .values()
+        .map(|t| {
+            let mut v = s.tunnel_json(t);
+            v["config"] = t.config.clone().unwrap_or(Value::Null);
+            v["token"] = Value::String(t.token.clone());
+            v
+        })
+        .collect();
+    let dns: Vec<Value> = store.dns.values().map(dns_json).collect();
+    Json(json!({ "tunnels": tunnels, "dns_records": dns }))
+}

@@ -1,0 +1,243 @@
+//! The whole local stack on this machine: no cloud account, no internet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::aws_fixture::{sdk_config, AwsFixture};
+use crate::cloudflare_standin::StandIn;
+use crate::process::{spawn_ours, Managed, Moto, Postgres};
+
+pub const WEBHOOK_SECRET: &str = "whsec_local_stack_0123456789";
+/// A second, older secret that is still accepted (rotation).
+pub const OLD_WEBHOOK_SECRET: &str = "whsec_local_stack_old_987654";
+pub const JWT_SECRET: &str = "local-stack-jwt-secret-0123456789";
+pub const CLOUDFLARE_TOKEN: &str = "local-stack-cloudflare-token";
+pub const CLOUDFLARE_ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
+pub const CLOUDFLARE_ZONE: &str = "fedcba9876543210fedcba9876543210";
+pub const NODE_DOMAIN: &str = "nodes.hive.test";
+pub const REGION: &str = "eu-west-1";
+pub const INSTANCE_PROFILE: &str = "hive-node";
+
+pub struct StackOptions {
+    /// How long after its ingress is configured a tunnel reports `healthy`.
+    pub connect_delay: Duration,
+    /// Extra settings for the binaries (pacing, concurrency...).
+    pub extra_env: Vec<(String, String)>,
+    /// Where the binaries' logs go; stderr when unset.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            connect_delay: Duration::from_millis(300),
+            extra_env: vec![
+                ("HIVE_POLL_INTERVAL_MS".into(), "250".into()),
+                ("HIVE_QUEUE_POLL_MS".into(), "200".into()),
+                ("HIVE_RETRY_BASE_MS".into(), "100".into()),
+                ("HIVE_RETRY_MAX_MS".into(), "2000".into()),
+                ("HIVE_HTTP_TIMEOUT_MS".into(), "5000".into()),
+            ],
+            log_dir: None,
+        }
+    }
+}
+
+pub struct Stack {
+    pub pg: Postgres,
+    pub moto: Moto,
+    pub standin: StandIn,
+    pub standin_addr: SocketAddr,
+    pub aws: AwsFixture,
+    pub sdk: aws_config::SdkConfig,
+    pub database_url: String,
+    pub apis: Vec<(Managed, SocketAddr)>,
+    pub workers: Vec<Managed>,
+    options: StackOptions,
+    http: reqwest::Client,
+    standin_task: tokio::task::JoinHandle<()>,
+}
+
+impl Stack {
+    /// Postgres, moto and the stand-in, with the AWS footprint in moto. No api or worker yet.
+    pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
+        let (pg, moto) = tokio::task::spawn_blocking(|| -> anyhow::Result<(Postgres, Moto)> {
+            Ok((Postgres::start()?, Moto::start()?))
+        })
+        .await??;
+        let admin = PgPool::connect(&pg.url("postgres")).await?;
+        sqlx::query("CREATE DATABASE hive").execute(&admin).await?;
+        admin.close().await;
+        let database_url = pg.url("hive");
+        let standin = StandIn::new(CLOUDFLARE_TOKEN, options.connect_delay);
+        let (standin_addr, standin_task) = standin
+            .clone()
+            .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await?;
+        let sdk = sdk_config(&moto.endpoint(), REGION).await;
+        let aws = AwsFixture::create(&sdk, NODE_DOMAIN).await?;
+        Ok(Stack {
+            pg,
+            moto,
+            standin,
+            standin_addr,
+            aws,
+            sdk,
+            database_url,
+            apis: Vec::new(),
+            workers: Vec::new(),
+            options,
+            http: reqwest::Client::new(),
+            standin_task,
+        })
+    }
+
+    /// The settings both binaries get, exactly as an operator would set them.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("DATABASE_URL", self.database_url.clone()),
+            ("HIVE_API_ADDR", "127.0.0.1:0".into()),
+            (
+                "STRIPE_WEBHOOK_SECRET",
+                format!("{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}"),
+            ),
+            ("HIVE_JWT_SECRET", JWT_SECRET.into()),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_ENDPOINT_URL", self.moto.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("CLOUDFLARE_API_TOKEN", CLOUDFLARE_TOKEN.into()),
+            ("CLOUDFLARE_ACCOUNT_ID", CLOUDFLARE_ACCOUNT.into()),
+            ("CLOUDFLARE_ZONE_ID", CLOUDFLARE_ZONE.into()),
+            ("CLOUDFLARE_API_BASE", self.cloudflare_api_base()),
+            ("HIVE_NODE_DOMAIN", NODE_DOMAIN.into()),
+            ("HIVE_ROUTE53_ZONE_ID", self.aws.zone_id.clone()),
+            ("HIVE_AMI_ID", self.aws.ami_id.clone()),
+            ("HIVE_SUBNET_ID", self.aws.subnet_id.clone()),
+            ("HIVE_SECURITY_GROUP_ID", self.aws.security_group_id.clone()),
+            ("HIVE_INSTANCE_PROFILE", INSTANCE_PROFILE.into()),
+            (
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        env.extend(self.options.extra_env.iter().cloned());
+        env
+    }
+
+    pub fn cloudflare_api_base(&self) -> String {
+        format!("http://{}/client/v4/", self.standin_addr)
+    }
+
+    fn log_file(&self, name: &str) -> Option<PathBuf> {
+        self.options
+            .log_dir
+            .as_ref()
+            .map(|d| d.join(format!("{name}.log")))
+    }
+
+    /// Starts a hive-api; returns where it listens.
+    pub fn start_api(&mut self) -> anyhow::Result<SocketAddr> {
+        let log = self.log_file("hive-api");
+        let (process, addr) = spawn_ours("hive-api", &self.env(), log.as_deref())?;
+        let addr = addr.context("hive-api without an address")?;
+        self.apis.push((process, addr));
+        Ok(addr)
+    }
+
+    /// Starts one more hive-worker; returns its index in `workers`.
+    pub fn start_worker(&mut self) -> anyhow::Result<usize> {
+        let log = self.log_file(&format!("hive-worker-{}", self.workers.len()));
+        let (process, _) = spawn_ours("hive-worker", &self.env(), log.as_deref())?;
+        self.workers.push(process);
+        Ok(self.workers.len() - 1)
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        let addr = self
+            .apis
+            .first()
+            .map(|(_, a)| *a)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        format!("http://{addr}{path}")
+    }
+
+    pub async fn pool(&self) -> anyhow::Result<PgPool> {
+        Ok(PgPool::connect(&self.database_url).await?)
+    }
+
+    /// A JWT for `user`, valid for `ttl` (negative: already expired).
+    pub fn jwt(user: &str, ttl_secs: i64) -> String {
+        let claims = serde_json::json!({
+            "sub": user,
+            "exp": chrono::Utc::now().timestamp() + ttl_secs,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        )
+        .expect("HS256 encoding of plain claims")
+    }
+
+    /// POSTs a webhook body with the given signature header.
+    pub async fn post_webhook(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .post(self.api_url("/webhooks/stripe"))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(sig) = signature {
+            req = req.header("stripe-signature", sig);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// GETs an api path as `user` (no token when `None`).
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.get(self.api_url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Everything the Cloudflare stand-in holds.
+    pub async fn cloudflare_state(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("http://{}/__standin/state", self.standin_addr))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Ours first (they hold connections), then the servers; each by its pid.
+        self.workers.clear();
+        self.apis.clear();
+        self.standin_task.abort();
+    }
+}
