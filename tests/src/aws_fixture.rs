@@ -24,10 +24,15 @@ pub struct AwsFixture {
     pub security_group_id: String,
     pub ami_id: String,
     pub zone_id: String,
+    pub instance_profile: String,
 }
 
 impl AwsFixture {
-    pub async fn create(config: &aws_config::SdkConfig, domain: &str) -> anyhow::Result<Self> {
+    pub async fn create(
+        config: &aws_config::SdkConfig,
+        domain: &str,
+        instance_profile: &str,
+    ) -> anyhow::Result<Self> {
         let ec2 = aws_sdk_ec2::Client::new(config);
         let region = config.region().map(|r| r.to_string()).unwrap_or_default();
         let tag = |resource: ResourceType| {
@@ -99,7 +104,27 @@ impl AwsFixture {
             .hosted_zone()
             .map(|z| z.id().trim_start_matches("/hostedzone/").to_string())
             .context("zone without id")?;
+        let iam = aws_sdk_iam::Client::new(config);
+        let assume_ec2 = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+        iam.create_role()
+            .role_name(instance_profile)
+            .assume_role_policy_document(assume_ec2)
+            .send()
+            .await
+            .context("creating the node role")?;
+        iam.create_instance_profile()
+            .instance_profile_name(instance_profile)
+            .send()
+            .await
+            .context("creating the node instance profile")?;
+        iam.add_role_to_instance_profile()
+            .instance_profile_name(instance_profile)
+            .role_name(instance_profile)
+            .send()
+            .await
+            .context("adding the role to the profile")?;
         Ok(AwsFixture {
+            instance_profile: instance_profile.to_string(),
             region,
             vpc_id,
             subnet_id,

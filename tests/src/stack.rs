@@ -80,7 +80,7 @@ impl Stack {
             .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await?;
         let sdk = sdk_config(&moto.endpoint(), REGION).await;
-        let aws = AwsFixture::create(&sdk, NODE_DOMAIN).await?;
+        let aws = AwsFixture::create(&sdk, NODE_DOMAIN, INSTANCE_PROFILE).await?;
         Ok(Stack {
             pg,
             moto,
@@ -121,7 +121,7 @@ impl Stack {
             ("HIVE_AMI_ID", self.aws.ami_id.clone()),
             ("HIVE_SUBNET_ID", self.aws.subnet_id.clone()),
             ("HIVE_SECURITY_GROUP_ID", self.aws.security_group_id.clone()),
-            ("HIVE_INSTANCE_PROFILE", INSTANCE_PROFILE.into()),
+            ("HIVE_INSTANCE_PROFILE", self.aws.instance_profile.clone()),
             (
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
