@@ -115,7 +115,7 @@ impl Provisioner {
         loop {
             let node =
                 match store::acquire(&self.pool, node_id, owner, self.config.pacing.lease).await? {
-                    Lease::Held(node) => node,
+                    Lease::Held(node) => *node,
                     Lease::HeldElsewhere { until } => {
                         // Someone is on it; look again when their lease runs out, in case they died.
                         store::enqueue_later(&self.pool, node_id, until + Duration::from_secs(1))

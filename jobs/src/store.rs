@@ -192,7 +192,7 @@ pub async fn node(pool: &PgPool, id: Uuid) -> StoreResult<Option<Node>> {
 /// What taking a node's lease found.
 pub enum Lease {
     /// This run holds the node until it commits, schedules, fails or releases it.
-    Held(Node),
+    Held(Box<Node>),
     /// Another run holds it until the given time.
     HeldElsewhere { until: Duration },
     /// No such node.
@@ -213,7 +213,7 @@ pub async fn acquire(pool: &PgPool, id: Uuid, owner: Uuid, lease: Duration) -> S
         .fetch_optional(pool)
         .await?
     {
-        return Ok(Lease::Held(node));
+        return Ok(Lease::Held(Box::new(node)));
     }
     let remaining: Option<(Option<f64>,)> = sqlx::query_as(
         "SELECT EXTRACT(EPOCH FROM (lease_expires_at - now()))::float8 FROM nodes WHERE id = $1",

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what the tests and the local stack need and this machine lacks:
+# moto (PyPI), cloud-init and shellcheck (Debian). PostgreSQL's binaries come with the machine.
+set -euo pipefail
+
+MOTO_VERSION="5.2.1"
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing from Debian: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1; then
+  echo "installing moto ${MOTO_VERSION} from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+fi
