@@ -4,6 +4,7 @@
 pub mod cloud;
 pub mod config;
 pub mod model;
+pub mod operator;
 pub mod provision;
 pub mod queue;
 pub mod store;

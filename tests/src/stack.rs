@@ -156,10 +156,31 @@ impl Stack {
 
     /// Starts one more hive-worker; returns its index in `workers`.
     pub fn start_worker(&mut self) -> anyhow::Result<usize> {
+        self.start_worker_with(&[])
+    }
+
+    /// Starts a hive-worker with some settings changed.
+    pub fn start_worker_with(&mut self, overrides: &[(&str, &str)]) -> anyhow::Result<usize> {
         let log = self.log_file(&format!("hive-worker-{}", self.workers.len()));
-        let (process, _) = spawn_ours("hive-worker", &self.env(), log.as_deref())?;
+        let mut env = self.env();
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let (process, _) = spawn_ours("hive-worker", &env, log.as_deref())?;
         self.workers.push(process);
         Ok(self.workers.len() - 1)
+    }
+
+    /// Runs hivectl against the stack's database.
+    pub fn hivectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(
+            std::process::Command::new(crate::process::bin_path("hivectl")?)
+                .args(args)
+                .env("DATABASE_URL", &self.database_url)
+                .output()?,
+        )
     }
 
     pub fn api_url(&self, path: &str) -> String {

@@ -1,0 +1,161 @@
+//! hivectl: the operator's view of the nodes, over the same database as api and worker.
+//!
+//!   hivectl nodes [--state STATE] [--user USER]   list nodes
+//!   hivectl node ID                               one node and its event log
+//!   hivectl replay ID                             resume a failed node from its failed step
+
+use anyhow::{bail, Context};
+use hive_jobs::model::{Node, NodeState};
+use hive_jobs::operator::replay_failed_node;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const USAGE: &str = "usage: hivectl nodes [--state STATE] [--user USER] | node ID | replay ID";
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args).await {
+        Ok(()) => {}
+        Err(e) => {
+            // One line, no backtrace: the chain of contexts joined.
+            eprintln!("hivectl: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> anyhow::Result<Option<&'a str>> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => match args.get(i + 1) {
+            Some(v) => Ok(Some(v.as_str())),
+            None => bail!("{name} needs a value"),
+        },
+    }
+}
+
+fn node_id(args: &[String]) -> anyhow::Result<Uuid> {
+    let raw = args.get(1).with_context(|| USAGE.to_string())?;
+    Uuid::parse_str(raw).with_context(|| format!("`{raw}` is not a node id"))
+}
+
+async fn pool() -> anyhow::Result<PgPool> {
+    let url = std::env::var("DATABASE_URL").context("DATABASE_URL is not set")?;
+    PgPool::connect(&url)
+        .await
+        .context("connecting to the database")
+}
+
+async fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("nodes") => {
+            let state = flag(args, "--state")?;
+            if let Some(s) = state {
+                NodeState::parse(s).with_context(|| format!("`{s}` is not a node state"))?;
+            }
+            let user = flag(args, "--user")?;
+            list(&pool().await?, state, user).await
+        }
+        Some("node") => {
+            let id = node_id(args)?;
+            show(&pool().await?, id).await
+        }
+        Some("replay") => {
+            let id = node_id(args)?;
+            let replayed = replay_failed_node(&pool().await?, id).await?;
+            println!(
+                "node {} resumes at {} (generation {})",
+                replayed.node_id, replayed.step, replayed.generation
+            );
+            Ok(())
+        }
+        _ => bail!(USAGE),
+    }
+}
+
+async fn list(pool: &PgPool, state: Option<&str>, user: Option<&str>) -> anyhow::Result<()> {
+    let rows: Vec<(
+        Uuid,
+        String,
+        String,
+        String,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+        Option<String>,
+    )> = sqlx::query_as(
+        "SELECT id, user_id, state, instance_type, instance_id, updated_at, error FROM nodes \
+             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR user_id = $2) \
+             ORDER BY created_at, ordinal",
+    )
+    .bind(state)
+    .bind(user)
+    .fetch_all(pool)
+    .await
+    .context("listing nodes")?;
+    println!(
+        "{:<36}  {:<20}  {:<20}  {:<20}  {:<20}  error",
+        "node", "user", "state", "instance", "updated"
+    );
+    for (id, user, state, _ty, instance, updated, error) in &rows {
+        println!(
+            "{id}  {user:<20}  {state:<20}  {:<20}  {:<20}  {}",
+            instance.as_deref().unwrap_or("-"),
+            updated.format("%Y-%m-%d %H:%M:%S"),
+            error.as_deref().unwrap_or("")
+        );
+    }
+    println!("{} node(s)", rows.len());
+    Ok(())
+}
+
+async fn show(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    let node = hive_jobs::store::node(pool, id)
+        .await
+        .context("reading the node")?
+        .with_context(|| format!("no node {id}"))?;
+    print_node(&node);
+    let events: Vec<(
+        chrono::DateTime<chrono::Utc>,
+        i32,
+        String,
+        String,
+        Option<String>,
+    )> = sqlx::query_as(
+        "SELECT at, generation, step, kind, detail FROM node_events WHERE node_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .context("reading the node's events")?;
+    println!("events:");
+    for (at, generation, step, kind, detail) in events {
+        println!(
+            "  {}  g{generation}  {step:<22} {kind:<16} {}",
+            at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            detail.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn print_node(node: &Node) {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("node           {}", node.id);
+    println!("user           {}", node.user_id);
+    println!("subscription   {}", node.subscription_id);
+    println!(
+        "state          {} ({:?})",
+        node.state(),
+        node.state().status()
+    );
+    println!("generation     {}", node.generation);
+    println!("hostname       {}", node.hostname);
+    println!("region         {} {}", node.region, node.instance_type);
+    println!("tunnel         {}", opt(&node.tunnel_id));
+    println!("secret         {}", opt(&node.secret_arn));
+    println!("instance       {}", opt(&node.instance_id));
+    println!("dns record     {}", opt(&node.dns_record_id));
+    println!("failed step    {}", opt(&node.failed_step));
+    println!("error          {}", opt(&node.error));
+}

@@ -1,0 +1,133 @@
+//! A permanent failure is visible to the app and the operator, starts nothing further, and an
+//! operator's replay resumes the node from that step without creating anything twice.
+
+use std::time::{Duration, Instant};
+
+use hive_jobs::operator::{replay_failed_node, OperatorError};
+use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
+use hive_tests::stripe_events::{signature, Fixtures};
+use serde_json::Value;
+
+const USER: &str = "user-replay";
+
+async fn wait_for_status(stack: &Stack, node_id: &str, status: &str) -> Value {
+    let token = Stack::jwt(USER, 600);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, node) = stack
+            .get_as(&format!("/api/v1/nodes/{node_id}"), Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(code, 200, "{node}");
+        if node["status"] == status {
+            return node;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node never became {status}: {node}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_node_is_visible_and_replay_resumes_it_without_duplicates() {
+    let mut stack = Stack::start(StackOptions::default()).await.expect("stack");
+    stack.start_api().unwrap();
+    // A worker configured with an image that does not exist: launching fails permanently.
+    stack
+        .start_worker_with(&[("HIVE_AMI_ID", "ami-0000000000000dead")])
+        .unwrap();
+
+    let event = Fixtures::load()
+        .unwrap()
+        .subscription_checkout(USER, "pro", None)
+        .unwrap();
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, answer) = stack
+        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let node_id = answer["nodes"][0].as_str().unwrap().to_string();
+
+    let failed = wait_for_status(&stack, &node_id, "failed").await;
+    assert_eq!(failed["step"], "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("ami-0000000000000dead"),
+        "{failed}"
+    );
+    assert!(failed["instance_id"].is_null());
+    assert!(failed["tunnel_id"].is_string());
+    let pool = stack.pool().await.unwrap();
+    let (failed_step, generation): (Option<String>, i32) =
+        sqlx::query_as("SELECT failed_step, generation FROM nodes WHERE id = $1::uuid")
+            .bind(&node_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(failed_step.as_deref(), Some("launching_instance"));
+    assert_eq!(generation, 0);
+
+    // The operator fixes the configuration and replays the node.
+    stack.workers.clear();
+    stack.start_worker().unwrap();
+    let id = uuid::Uuid::parse_str(&node_id).unwrap();
+    let shown = stack.hivectl(&["node", &node_id]).unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        shown.contains("failed step    launching_instance"),
+        "{shown}"
+    );
+    let listed = stack.hivectl(&["nodes", "--state", "failed"]).unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&node_id));
+    let bad = stack.hivectl(&["replay", "not-a-node"]).unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("not a node id"), "{stderr}");
+    let out = stack.hivectl(&["replay", &node_id]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("node {node_id} resumes at launching_instance (generation 1)")
+    );
+    assert!(matches!(
+        replay_failed_node(&pool, id).await,
+        Err(OperatorError::NotFailed { .. })
+    ));
+    assert!(matches!(
+        replay_failed_node(&pool, uuid::Uuid::new_v4()).await,
+        Err(OperatorError::NotFound(_))
+    ));
+
+    let ready = wait_for_status(&stack, &node_id, "ready").await;
+    assert_eq!(
+        ready["tunnel_id"], failed["tunnel_id"],
+        "the tunnel was adopted, not re-created"
+    );
+    let cf = stack.cloudflare_state().await.unwrap();
+    assert_eq!(cf["tunnels"].as_array().unwrap().len(), 1);
+    assert_eq!(cf["dns_records"].as_array().unwrap().len(), 1);
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    let secrets = sm.list_secrets().send().await.unwrap();
+    assert_eq!(secrets.secret_list().len(), 1);
+
+    let kinds: Vec<(String, String)> =
+        sqlx::query_as("SELECT step, kind FROM node_events WHERE node_id = $1::uuid ORDER BY id")
+            .bind(&node_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let has = |step: &str, kind: &str| kinds.iter().any(|(s, k)| s == step && k == kind);
+    assert!(has("launching_instance", "failed"), "{kinds:?}");
+    assert!(has("launching_instance", "replayed"), "{kinds:?}");
+    assert!(has("waiting_for_tunnel", "succeeded"), "{kinds:?}");
+}
