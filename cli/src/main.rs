@@ -75,37 +75,26 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 async fn list(pool: &PgPool, state: Option<&str>, user: Option<&str>) -> anyhow::Result<()> {
-    let rows: Vec<(
-        Uuid,
-        String,
-        String,
-        String,
-        Option<String>,
-        chrono::DateTime<chrono::Utc>,
-        Option<String>,
-    )> = sqlx::query_as(
-        "SELECT id, user_id, state, instance_type, instance_id, updated_at, error FROM nodes \
-             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR user_id = $2) \
-             ORDER BY created_at, ordinal",
-    )
-    .bind(state)
-    .bind(user)
-    .fetch_all(pool)
-    .await
-    .context("listing nodes")?;
+    let state = state.and_then(NodeState::parse);
+    let nodes = hive_jobs::store::list_nodes(pool, state, user)
+        .await
+        .context("listing nodes")?;
     println!(
-        "{:<36}  {:<20}  {:<20}  {:<20}  {:<20}  error",
+        "{:<36}  {:<20}  {:<20}  {:<20}  {:<19}  error",
         "node", "user", "state", "instance", "updated"
     );
-    for (id, user, state, _ty, instance, updated, error) in &rows {
+    for n in &nodes {
         println!(
-            "{id}  {user:<20}  {state:<20}  {:<20}  {:<20}  {}",
-            instance.as_deref().unwrap_or("-"),
-            updated.format("%Y-%m-%d %H:%M:%S"),
-            error.as_deref().unwrap_or("")
+            "{}  {:<20}  {:<20}  {:<20}  {:<19}  {}",
+            n.id,
+            n.user_id,
+            n.state(),
+            n.instance_id.as_deref().unwrap_or("-"),
+            n.updated_at.format("%Y-%m-%d %H:%M:%S"),
+            n.error.as_deref().unwrap_or("")
         );
     }
-    println!("{} node(s)", rows.len());
+    println!("{} node(s)", nodes.len());
     Ok(())
 }
 
@@ -115,25 +104,18 @@ async fn show(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
         .context("reading the node")?
         .with_context(|| format!("no node {id}"))?;
     print_node(&node);
-    let events: Vec<(
-        chrono::DateTime<chrono::Utc>,
-        i32,
-        String,
-        String,
-        Option<String>,
-    )> = sqlx::query_as(
-        "SELECT at, generation, step, kind, detail FROM node_events WHERE node_id = $1 ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await
-    .context("reading the node's events")?;
+    let events = hive_jobs::store::node_events(pool, id)
+        .await
+        .context("reading the node's events")?;
     println!("events:");
-    for (at, generation, step, kind, detail) in events {
+    for e in events {
         println!(
-            "  {}  g{generation}  {step:<22} {kind:<16} {}",
-            at.format("%Y-%m-%d %H:%M:%S%.3f"),
-            detail.unwrap_or_default()
+            "  {}  g{}  {:<22} {:<16} {}",
+            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            e.generation,
+            e.step,
+            e.kind,
+            e.detail.unwrap_or_default()
         );
     }
     Ok(())

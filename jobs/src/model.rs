@@ -187,6 +187,16 @@ impl Node {
     }
 }
 
+/// A row of `node_events`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct NodeEvent {
+    pub at: DateTime<Utc>,
+    pub generation: i32,
+    pub step: String,
+    pub kind: String,
+    pub detail: Option<String>,
+}
+
 pub fn tunnel_name(node_id: Uuid) -> String {
     format!("hive-{node_id}")
 }

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::model::{Node, NodeState};
+use crate::model::{Node, NodeEvent, NodeState};
 use crate::queue;
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,33 @@ pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResul
         .bind(user_id)
         .fetch_optional(pool)
         .await?)
+}
+
+/// Nodes for the operator, optionally of one state and one user.
+pub async fn list_nodes(
+    pool: &PgPool,
+    state: Option<NodeState>,
+    user_id: Option<&str>,
+) -> StoreResult<Vec<Node>> {
+    let sql = format!(
+        "SELECT {NODE_COLUMNS} FROM nodes WHERE ($1::text IS NULL OR state = $1) \
+         AND ($2::text IS NULL OR user_id = $2) ORDER BY created_at, subscription_id, ordinal"
+    );
+    Ok(sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
+        .bind(state.map(NodeState::as_str))
+        .bind(user_id)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// A node's history, oldest first.
+pub async fn node_events(pool: &PgPool, id: Uuid) -> StoreResult<Vec<NodeEvent>> {
+    Ok(sqlx::query_as::<_, NodeEvent>(
+        "SELECT at, generation, step, kind, detail FROM node_events WHERE node_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?)
 }
 
 pub async fn node(pool: &PgPool, id: Uuid) -> StoreResult<Option<Node>> {
