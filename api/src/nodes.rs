@@ -34,11 +34,12 @@ pub struct NodeView {
 impl From<Node> for NodeView {
     fn from(node: Node) -> Self {
         let state = node.state();
+        let status = node.status();
         NodeView {
             url: (state == NodeState::Ready).then(|| node.url()),
             id: node.id,
             subscription_id: node.subscription_id,
-            status: state.status(),
+            status,
             step: state,
             region: node.region,
             instance_type: node.instance_type,

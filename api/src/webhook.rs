@@ -109,6 +109,23 @@ pub async fn stripe_webhook(
         return Err(ApiError::BadRequest("body is not a Stripe event".into()));
     }
 
+    // The subscription is over: its nodes are torn down.
+    let ended_subscription = if event.event_type == "customer.subscription.deleted" {
+        let id = event
+            .data
+            .object
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        if !id.starts_with("sub_") {
+            return Err(ApiError::BadRequest(
+                "data.object is not a subscription".into(),
+            ));
+        }
+        Some(id.to_string())
+    } else {
+        None
+    };
     let order = if event.event_type == "checkout.session.completed" {
         let session: CheckoutSession = serde_json::from_value(event.data.object).map_err(|e| {
             ApiError::BadRequest(format!("data.object is not a checkout session: {e}"))
@@ -159,6 +176,10 @@ pub async fn stripe_webhook(
         ));
     }
     let mut node_ids = Vec::new();
+    if let Some(ended) = &ended_subscription {
+        let torn_down = store::end_subscription(&mut tx, ended, &event.id).await?;
+        tracing::info!(event_id = %event.id, subscription = %ended, nodes = torn_down.len(), "subscription ended");
+    }
     if let (Some(order), Some((plan, region))) = (&order, &provision) {
         node_ids = store::create_subscription_with_nodes(
             &mut tx,

@@ -271,6 +271,9 @@ pub struct WorkerConfig {
     pub edge_package_url: Option<String>,
     /// Jobs one worker runs at once.
     pub concurrency: usize,
+    /// Undo what a failed provisioning created (`HIVE_UNDO_FAILED`, default true), or keep it
+    /// for the operator to inspect and replay.
+    pub undo_failed: bool,
     /// Timeout of one call to a cloud API.
     pub http_timeout: Duration,
     pub pacing: Pacing,
@@ -341,6 +344,7 @@ impl WorkerConfig {
             edge_service_port: env.parsed_or("HIVE_EDGE_SERVICE_PORT", 8080)?,
             edge_package_url: env.optional("HIVE_EDGE_PACKAGE_URL"),
             concurrency,
+            undo_failed: env.parsed_or("HIVE_UNDO_FAILED", true)?,
             http_timeout: env.millis_or("HIVE_HTTP_TIMEOUT_MS", 20_000)?,
             pacing: Pacing {
                 retry_base: env.millis_or("HIVE_RETRY_BASE_MS", 1_000)?,

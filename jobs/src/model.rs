@@ -22,6 +22,11 @@ pub enum NodeState {
     Failed,
     Suspended,
     Terminating,
+    DeletingRoute53Record,
+    DeletingCloudflareRecord,
+    TerminatingInstance,
+    DeletingSecret,
+    DeletingTunnel,
     Terminated,
 }
 
@@ -39,8 +44,28 @@ pub const PROVISIONING: [NodeState; 10] = [
     NodeState::WaitingForTunnel,
 ];
 
+/// The teardown steps, in order: the provisioning side effects undone in reverse. Each finds
+/// what to delete by the node's identity (tags, names), not only by the ids on the row, so it
+/// also removes what a crash left unrecorded; "not found" counts as done.
+pub const TEARDOWN: [NodeState; 6] = [
+    NodeState::Terminating,
+    NodeState::DeletingRoute53Record,
+    NodeState::DeletingCloudflareRecord,
+    NodeState::TerminatingInstance,
+    NodeState::DeletingSecret,
+    NodeState::DeletingTunnel,
+];
+
+/// Why a node is torn down, stored in `nodes.teardown_reason`.
+pub mod teardown_reason {
+    /// The subscription ended: the node ends `terminated`.
+    pub const SUBSCRIPTION_ENDED: &str = "subscription_ended";
+    /// Provisioning failed and is undone: the node ends `failed`, with nothing left behind.
+    pub const PROVISIONING_FAILED: &str = "provisioning_failed";
+}
+
 impl NodeState {
-    pub const ALL: [NodeState; 15] = [
+    pub const ALL: [NodeState; 20] = [
         NodeState::Pending,
         NodeState::CreatingTunnel,
         NodeState::StoringSecret,
@@ -55,6 +80,11 @@ impl NodeState {
         NodeState::Failed,
         NodeState::Suspended,
         NodeState::Terminating,
+        NodeState::DeletingRoute53Record,
+        NodeState::DeletingCloudflareRecord,
+        NodeState::TerminatingInstance,
+        NodeState::DeletingSecret,
+        NodeState::DeletingTunnel,
         NodeState::Terminated,
     ];
 
@@ -74,6 +104,11 @@ impl NodeState {
             NodeState::Failed => "failed",
             NodeState::Suspended => "suspended",
             NodeState::Terminating => "terminating",
+            NodeState::DeletingRoute53Record => "deleting_route53_record",
+            NodeState::DeletingCloudflareRecord => "deleting_cloudflare_record",
+            NodeState::TerminatingInstance => "terminating_instance",
+            NodeState::DeletingSecret => "deleting_secret",
+            NodeState::DeletingTunnel => "deleting_tunnel",
             NodeState::Terminated => "terminated",
         }
     }
@@ -88,9 +123,25 @@ impl NodeState {
         Some(PROVISIONING.get(i + 1).copied().unwrap_or(NodeState::Ready))
     }
 
+    /// The teardown step after this one (`None` after the last: the node is then
+    /// `terminated`, or `failed` when its provisioning was undone).
+    pub fn next_teardown(self) -> Option<NodeState> {
+        let i = TEARDOWN.iter().position(|s| *s == self)?;
+        TEARDOWN.get(i + 1).copied()
+    }
+
     /// A state whose step the worker runs; the others wait for an outside event.
     pub fn is_provisioning(self) -> bool {
         PROVISIONING.contains(&self)
+    }
+
+    pub fn is_teardown(self) -> bool {
+        TEARDOWN.contains(&self)
+    }
+
+    /// A state the worker has a step for.
+    pub fn has_step(self) -> bool {
+        self.is_provisioning() || self.is_teardown()
     }
 
     /// What the customer's app sees.
@@ -100,8 +151,8 @@ impl NodeState {
             NodeState::Ready => NodeStatus::Ready,
             NodeState::Failed => NodeStatus::Failed,
             NodeState::Suspended => NodeStatus::Suspended,
-            NodeState::Terminating => NodeStatus::Terminating,
             NodeState::Terminated => NodeStatus::Terminated,
+            s if s.is_teardown() => NodeStatus::Terminating,
             _ => NodeStatus::Provisioning,
         }
     }
@@ -144,6 +195,7 @@ pub struct Node {
     pub dns_record_id: Option<String>,
     pub error: Option<String>,
     pub failed_step: Option<String>,
+    pub teardown_reason: Option<String>,
     pub attempt: i32,
     pub step_started_at: DateTime<Utc>,
     pub next_run_at: Option<DateTime<Utc>>,
@@ -167,6 +219,23 @@ impl TryFrom<String> for StateColumn {
 impl Node {
     pub fn state(&self) -> NodeState {
         self.state.0
+    }
+
+    /// Provisioning failed and is being (or has been) undone.
+    pub fn is_undoing_failure(&self) -> bool {
+        self.teardown_reason.as_deref() == Some(teardown_reason::PROVISIONING_FAILED)
+    }
+
+    /// What the customer's app sees: a node whose failed provisioning is being undone is
+    /// `failed` all along, not `terminating`.
+    pub fn status(&self) -> NodeStatus {
+        if self.is_undoing_failure()
+            && (self.state().is_teardown() || self.state() == NodeState::Failed)
+        {
+            NodeStatus::Failed
+        } else {
+            self.state().status()
+        }
     }
 
     /// The DNS label of the node: its id, which is unique and valid as a label.
@@ -233,5 +302,12 @@ mod tests {
         );
         assert_eq!(NodeState::Ready.next_provisioning(), None);
         assert_eq!(NodeState::BindingSecret.status(), NodeStatus::Provisioning);
+        assert_eq!(NodeState::DeletingSecret.status(), NodeStatus::Terminating);
+        assert_eq!(
+            NodeState::Terminating.next_teardown(),
+            Some(NodeState::DeletingRoute53Record)
+        );
+        assert_eq!(NodeState::DeletingTunnel.next_teardown(), None);
+        assert!(PROVISIONING.iter().all(|s| !s.is_teardown()));
     }
 }

@@ -3,7 +3,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::model::NodeState;
+use crate::model::{teardown_reason, NodeState};
 use crate::queue;
 use crate::store::StoreError;
 
@@ -33,34 +33,45 @@ pub struct Replayed {
     pub generation: i32,
 }
 
-/// Resumes a failed node from the step where it stopped, with a new generation (so idempotency
+/// Resumes a failed node from the step where it stopped (from the start when its failed
+/// provisioning was undone), with a new generation (so idempotency
 /// tokens of the failed attempt are not reused), and enqueues its job, in one transaction.
 pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed, OperatorError> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, Option<String>)> =
-        sqlx::query_as("SELECT state, failed_step FROM nodes WHERE id = $1 FOR UPDATE")
-            .bind(node_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let (state, failed_step) = row.ok_or(OperatorError::NotFound(node_id))?;
+    let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT state, failed_step, teardown_reason FROM nodes WHERE id = $1 FOR UPDATE",
+    )
+    .bind(node_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (state, failed_step, teardown_reason) = row.ok_or(OperatorError::NotFound(node_id))?;
     if state != NodeState::Failed.as_str() {
         return Err(OperatorError::NotFailed { id: node_id, state });
     }
     let step_name = failed_step.unwrap_or_default();
     let step = NodeState::parse(&step_name)
-        .filter(|s| s.is_provisioning())
+        .filter(|s| s.has_step())
         .ok_or(OperatorError::NotResumable {
             id: node_id,
             step: step_name,
         })?;
+    // A failed provisioning that was undone has nothing left to resume from: start over.
+    let undone = teardown_reason.as_deref() == Some(teardown_reason::PROVISIONING_FAILED);
+    let step = if undone && step.is_provisioning() {
+        NodeState::Pending
+    } else {
+        step
+    };
     let (generation,): (i32,) = sqlx::query_as(
         "UPDATE nodes SET state = $2, failed_step = NULL, error = NULL, attempt = 0, \
+         teardown_reason = CASE WHEN $3 THEN NULL ELSE teardown_reason END, \
          generation = generation + 1, step_started_at = now(), next_run_at = NULL, \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE id = $1 RETURNING generation",
     )
     .bind(node_id)
     .bind(step.as_str())
+    .bind(undone)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(

@@ -128,7 +128,7 @@ impl Provisioner {
                     }
                 };
             let state = node.state();
-            if !state.is_provisioning() {
+            if !state.has_step() {
                 return store::release(&self.pool, node_id, owner).await;
             }
             if let Some(at) = node.next_run_at {
@@ -160,15 +160,16 @@ impl Provisioner {
         let pacing = &self.config.pacing;
         match self.run_step(node).await {
             Ok(Outcome::Done(created)) => {
-                let next = state.next_provisioning().unwrap_or(NodeState::Ready);
+                let next = self.next_state(node);
                 if let Err(fenced) =
                     store::commit_step(&self.pool, node, owner, next, &created).await?
                 {
                     tracing::warn!(%fenced, "step result dropped");
+                    store::release(&self.pool, node.id, owner).await?;
                     return Ok(false);
                 }
                 tracing::info!(next = %next, "step succeeded");
-                if next == NodeState::Ready {
+                if !next.has_step() {
                     store::release(&self.pool, node.id, owner).await?;
                     return Ok(false);
                 }
@@ -180,8 +181,7 @@ impl Provisioner {
                     .unwrap_or_default();
                 if waited > pacing.wait_budget {
                     let error = format!("{state}: gave up after {}s: {why}", waited.as_secs());
-                    tracing::error!(error, "step failed");
-                    store::fail(&self.pool, node, owner, &error).await?.ok();
+                    return self.fail(node, owner, &error).await;
                 } else {
                     tracing::debug!(why, "not yet; looking again later");
                     store::schedule(
@@ -223,11 +223,36 @@ impl Provisioner {
                 } else {
                     error.to_string()
                 };
-                tracing::error!(error = %message, "step failed");
-                store::fail(&self.pool, node, owner, &message).await?.ok();
-                Ok(false)
+                self.fail(node, owner, &message).await
             }
         }
+    }
+
+    /// Where a node goes when its current step is done.
+    fn next_state(&self, node: &Node) -> NodeState {
+        let state = node.state();
+        if state.is_teardown() {
+            match state.next_teardown() {
+                Some(next) => next,
+                None if node.is_undoing_failure() => NodeState::Failed,
+                None => NodeState::Terminated,
+            }
+        } else {
+            state.next_provisioning().unwrap_or(NodeState::Ready)
+        }
+    }
+
+    /// A failed step: a failed provisioning is undone (unless configured to be kept); a failed
+    /// teardown is kept for the operator. True when the node goes on at once (to its undo).
+    async fn fail(&self, node: &Node, owner: Uuid, error: &str) -> StoreResult<bool> {
+        let unwind = self.config.undo_failed && node.state().is_provisioning();
+        tracing::error!(error, unwind, "step failed");
+        let recorded = store::fail(&self.pool, node, owner, error, unwind).await?;
+        if recorded.is_err() {
+            store::release(&self.pool, node.id, owner).await?;
+            return Ok(false);
+        }
+        Ok(unwind)
     }
 
     /// The side effect of the node's current step.
@@ -372,11 +397,57 @@ impl Provisioner {
                     TunnelHealth::NotHealthy => Ok(Outcome::NotYet("tunnel is not connected yet")),
                 }
             }
-            NodeState::Ready
-            | NodeState::Failed
-            | NodeState::Suspended
-            | NodeState::Terminating
-            | NodeState::Terminated => Ok(Outcome::NotYet("not a provisioning state")),
+            // Teardown: each step undoes one provisioning side effect, found by the node's
+            // identity; "not found" counts as done.
+            NodeState::Terminating => done(Created::default()),
+            NodeState::DeletingRoute53Record => {
+                clouds.route53.delete(&node.hostname).await?;
+                done(Created::default())
+            }
+            NodeState::DeletingCloudflareRecord => {
+                if let Some(record) = clouds.cloudflare.find_cname(&node.hostname).await? {
+                    clouds.cloudflare.delete_dns_record(&record.id).await?;
+                }
+                done(Created::default())
+            }
+            NodeState::TerminatingInstance => {
+                // The tagged instance, and the recorded one should it differ; only live ones
+                // (terminating one twice is an error in some EC2 implementations).
+                let mut live = Vec::new();
+                if let Some(instance) = clouds.compute.find_by_node(node.id).await? {
+                    live.push(instance.id);
+                }
+                if let Some(recorded) = node.instance_id.as_ref().filter(|r| !live.contains(r)) {
+                    if clouds
+                        .compute
+                        .describe(recorded)
+                        .await?
+                        .is_some_and(|i| i.state != "shutting-down")
+                    {
+                        live.push(recorded.clone());
+                    }
+                }
+                for instance_id in &live {
+                    clouds.compute.terminate(instance_id).await?;
+                }
+                done(Created::default())
+            }
+            NodeState::DeletingSecret => {
+                clouds.secrets.delete(&node.secret_name()).await?;
+                done(Created::default())
+            }
+            NodeState::DeletingTunnel => {
+                if let Some(tunnel) = clouds.cloudflare.find_tunnel(&node.tunnel_name()).await? {
+                    clouds
+                        .cloudflare
+                        .delete_tunnel(&tunnel.id.to_string())
+                        .await?;
+                }
+                done(Created::default())
+            }
+            NodeState::Ready | NodeState::Failed | NodeState::Suspended | NodeState::Terminated => {
+                Ok(Outcome::NotYet("not a state with a step"))
+            }
         }
     }
 }

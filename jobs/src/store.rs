@@ -46,7 +46,7 @@ pub async fn connect_and_migrate(database_url: &str, max_connections: u32) -> St
 const NODE_COLUMNS: &str =
     "id, subscription_id, ordinal, user_id, region, instance_type, hostname, \
     state, generation, tunnel_id, secret_arn, instance_id, dns_record_id, error, failed_step, \
-    attempt, step_started_at, next_run_at, created_at, updated_at";
+    teardown_reason, attempt, step_started_at, next_run_at, created_at, updated_at";
 
 /// A Stripe event as we record it.
 pub struct StripeEventRecord<'a> {
@@ -115,6 +115,20 @@ pub async fn create_subscription_with_nodes(
     if created == 0 {
         return Ok(Vec::new());
     }
+    let (ended,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM ended_subscriptions WHERE stripe_subscription_id = $1)",
+    )
+    .bind(sub.stripe_subscription_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if ended {
+        // Stripe told us it ended before it told us it began: provision nothing.
+        sqlx::query("UPDATE subscriptions SET status = 'ended' WHERE id = $1")
+            .bind(subscription_id)
+            .execute(&mut **tx)
+            .await?;
+        return Ok(Vec::new());
+    }
     let mut ids = Vec::with_capacity(sub.nodes as usize);
     for ordinal in 0..sub.nodes {
         let id = Uuid::new_v4();
@@ -134,6 +148,52 @@ pub async fn create_subscription_with_nodes(
         insert_event(&mut **tx, id, 0, NodeState::Pending, "created", None).await?;
         ids.push(id);
     }
+    queue::enqueue(tx, &ids, Duration::ZERO).await?;
+    Ok(ids)
+}
+
+/// Ends a subscription: its nodes are torn down (their generation bumped, so a step in flight
+/// cannot commit over it), in the caller's transaction. Returns the nodes to tear down.
+pub async fn end_subscription(
+    tx: &mut Transaction<'_, Postgres>,
+    stripe_subscription_id: &str,
+    stripe_event_id: &str,
+) -> StoreResult<Vec<Uuid>> {
+    sqlx::query(
+        "INSERT INTO ended_subscriptions (stripe_subscription_id, stripe_event_id) VALUES ($1, $2) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(stripe_subscription_id)
+    .bind(stripe_event_id)
+    .execute(&mut **tx)
+    .await?;
+    let ids: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE nodes SET state = 'terminating', teardown_reason = 'subscription_ended', \
+         generation = generation + 1, attempt = 0, step_started_at = now(), next_run_at = NULL, \
+         failed_step = NULL, error = NULL, updated_at = now() \
+         WHERE subscription_id IN (SELECT id FROM subscriptions WHERE stripe_subscription_id = $1) \
+         AND state <> 'terminated' AND teardown_reason IS DISTINCT FROM 'subscription_ended' \
+         RETURNING id, generation",
+    )
+    .bind(stripe_subscription_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE subscriptions SET status = 'ended', updated_at = now() WHERE stripe_subscription_id = $1")
+        .bind(stripe_subscription_id)
+        .execute(&mut **tx)
+        .await?;
+    for (id, generation) in &ids {
+        insert_event(
+            &mut **tx,
+            *id,
+            *generation,
+            NodeState::Terminating,
+            "teardown_requested",
+            Some("subscription ended"),
+        )
+        .await?;
+    }
+    let ids: Vec<Uuid> = ids.into_iter().map(|(id, _)| id).collect();
     queue::enqueue(tx, &ids, Duration::ZERO).await?;
     Ok(ids)
 }
@@ -283,7 +343,8 @@ pub async fn commit_step(
         "UPDATE nodes SET state = $5, tunnel_id = COALESCE($6, tunnel_id), \
          secret_arn = COALESCE($7, secret_arn), instance_id = COALESCE($8, instance_id), \
          dns_record_id = COALESCE($9, dns_record_id), attempt = 0, step_started_at = now(), \
-         next_run_at = NULL, error = NULL, updated_at = now() \
+         next_run_at = NULL, updated_at = now(), \
+         error = CASE WHEN teardown_reason = 'provisioning_failed' THEN error END \
          WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
     )
     .bind(node.id)
@@ -300,6 +361,16 @@ pub async fn commit_step(
     .rows_affected();
     if updated == 0 {
         return Ok(Err(Fenced(node.id)));
+    }
+    if to == NodeState::Terminated || (to == NodeState::Failed && node.state().is_teardown()) {
+        // Torn down: nothing of these ids exists any more.
+        sqlx::query(
+            "UPDATE nodes SET tunnel_id = NULL, secret_arn = NULL, instance_id = NULL, \
+             dns_record_id = NULL WHERE id = $1",
+        )
+        .bind(node.id)
+        .execute(&mut *tx)
+        .await?;
     }
     insert_event(
         &mut *tx,
@@ -358,27 +429,36 @@ pub async fn schedule(
     Ok(Ok(()))
 }
 
-/// Sets the node `failed` at its current step, with the error an operator will see.
+/// Sets the node `failed` at its current step, with the error an operator will see. With
+/// `unwind`, the node goes on to the teardown steps (keeping its lease) and ends `failed` once
+/// everything it created is gone.
 pub async fn fail(
     pool: &PgPool,
     node: &Node,
     owner: Uuid,
     error: &str,
+    unwind: bool,
 ) -> StoreResult<Result<(), Fenced>> {
     let mut tx = pool.begin().await?;
-    let updated = sqlx::query(
+    let sql = if unwind {
+        "UPDATE nodes SET state = 'terminating', teardown_reason = 'provisioning_failed', \
+         failed_step = $2, error = $5, attempt = 0, step_started_at = now(), next_run_at = NULL, \
+         updated_at = now() \
+         WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4"
+    } else {
         "UPDATE nodes SET state = 'failed', failed_step = $2, error = $5, next_run_at = NULL, \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-         WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
-    )
-    .bind(node.id)
-    .bind(node.state().as_str())
-    .bind(node.generation)
-    .bind(owner)
-    .bind(error)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+         WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4"
+    };
+    let updated = sqlx::query(sql)
+        .bind(node.id)
+        .bind(node.state().as_str())
+        .bind(node.generation)
+        .bind(owner)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     if updated == 0 {
         return Ok(Err(Fenced(node.id)));
     }

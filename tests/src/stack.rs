@@ -242,6 +242,63 @@ impl Stack {
         Ok((status, body))
     }
 
+    /// Everything our nodes could have left in moto and the stand-in: live tagged instances,
+    /// node secrets, Route 53 CNAMEs, live tunnels and DNS records. Empty means a clean slate.
+    pub async fn leftovers(&self) -> anyhow::Result<Vec<String>> {
+        let mut left = Vec::new();
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
+        let instances = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag-key")
+                    .values("hive:node-id")
+                    .build(),
+            )
+            .send()
+            .await?;
+        for instance in instances.reservations().iter().flat_map(|r| r.instances()) {
+            let state = instance
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string());
+            if state.as_deref() != Some("terminated") {
+                left.push(format!("instance {:?} ({state:?})", instance.instance_id()));
+            }
+        }
+        let sm = aws_sdk_secretsmanager::Client::new(&self.sdk);
+        for secret in sm
+            .list_secrets()
+            .max_results(100)
+            .send()
+            .await?
+            .secret_list()
+        {
+            left.push(format!("secret {:?}", secret.name()));
+        }
+        let r53 = aws_sdk_route53::Client::new(&self.sdk);
+        let sets = r53
+            .list_resource_record_sets()
+            .hosted_zone_id(&self.aws.zone_id)
+            .send()
+            .await?;
+        for set in sets.resource_record_sets() {
+            if set.r#type().as_str() == "CNAME" {
+                left.push(format!("route53 record {}", set.name()));
+            }
+        }
+        let cf = self.cloudflare_state().await?;
+        for tunnel in cf["tunnels"].as_array().into_iter().flatten() {
+            if tunnel["deleted_at"].is_null() {
+                left.push(format!("tunnel {}", tunnel["name"]));
+            }
+        }
+        for record in cf["dns_records"].as_array().into_iter().flatten() {
+            left.push(format!("cloudflare record {}", record["name"]));
+        }
+        Ok(left)
+    }
+
     /// Everything the Cloudflare stand-in holds.
     pub async fn cloudflare_state(&self) -> anyhow::Result<Value> {
         Ok(self

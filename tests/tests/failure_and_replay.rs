@@ -10,7 +10,7 @@ use serde_json::Value;
 
 const USER: &str = "user-replay";
 
-async fn wait_for_status(stack: &Stack, node_id: &str, status: &str) -> Value {
+pub async fn wait_for_status(stack: &Stack, node_id: &str, status: &str) -> Value {
     let token = Stack::jwt(USER, 600);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -31,12 +31,16 @@ async fn wait_for_status(stack: &Stack, node_id: &str, status: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failed_node_is_visible_and_replay_resumes_it_without_duplicates() {
+async fn a_kept_failed_node_is_visible_and_replay_resumes_it_without_duplicates() {
     let mut stack = Stack::start(StackOptions::default()).await.expect("stack");
     stack.start_api().unwrap();
-    // A worker configured with an image that does not exist: launching fails permanently.
+    // A worker configured with an image that does not exist: launching fails permanently, and
+    // the operator has chosen to keep failed nodes as they are for inspection.
     stack
-        .start_worker_with(&[("HIVE_AMI_ID", "ami-0000000000000dead")])
+        .start_worker_with(&[
+            ("HIVE_AMI_ID", "ami-0000000000000dead"),
+            ("HIVE_UNDO_FAILED", "false"),
+        ])
         .unwrap();
 
     let event = Fixtures::load()
@@ -130,4 +134,74 @@ async fn a_failed_node_is_visible_and_replay_resumes_it_without_duplicates() {
     assert!(has("launching_instance", "failed"), "{kinds:?}");
     assert!(has("launching_instance", "replayed"), "{kinds:?}");
     assert!(has("waiting_for_tunnel", "succeeded"), "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
+    let mut stack = Stack::start(StackOptions::default()).await.expect("stack");
+    stack.start_api().unwrap();
+    stack
+        .start_worker_with(&[("HIVE_AMI_ID", "ami-0000000000000dead")])
+        .unwrap();
+    let event = Fixtures::load()
+        .unwrap()
+        .subscription_checkout(USER, "pro", None)
+        .unwrap();
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, answer) = stack
+        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let node_id = answer["nodes"][0].as_str().unwrap().to_string();
+
+    // Failed, and once the undo has run, nothing of it is left anywhere.
+    let failed = wait_for_status(&stack, &node_id, "failed").await;
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .contains("ami-0000000000000dead"));
+    let pool = stack.pool().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
+            .bind(&node_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if state == "failed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "undo did not finish: {state}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+    let cf = stack.cloudflare_state().await.unwrap();
+    assert_eq!(
+        cf["tunnels"].as_array().unwrap().len(),
+        1,
+        "one tunnel was made, then deleted"
+    );
+    let (status, node) = stack
+        .get_as(
+            &format!("/api/v1/nodes/{node_id}"),
+            Some(&Stack::jwt(USER, 60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!((status, node["status"].as_str()), (200, Some("failed")));
+    assert!(node["error"]
+        .as_str()
+        .unwrap()
+        .contains("ami-0000000000000dead"));
+
+    // After the fix, a replay provisions it from the start.
+    stack.workers.clear();
+    stack.start_worker().unwrap();
+    let replayed = replay_failed_node(&pool, uuid::Uuid::parse_str(&node_id).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(replayed.step.as_str(), "pending");
+    let ready = wait_for_status(&stack, &node_id, "ready").await;
+    assert!(ready["instance_id"].is_string());
 }
