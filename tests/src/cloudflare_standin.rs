@@ -54,9 +54,37 @@ pub struct Store {
     pub dns: BTreeMap<String, DnsRecord>,
 }
 
+/// How an injected fault fails a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultMode {
+    /// Answer 500 with Cloudflare's error envelope; nothing happens.
+    ServerError,
+    /// Answer 429 (rate limited); nothing happens.
+    Throttle,
+    /// Never answer (the client's timeout fires); nothing happens.
+    Hang,
+    /// Do the request, then break the connection before the answer is complete: the change
+    /// happened, the caller does not know.
+    DropAfterSuccess,
+}
+
+/// Fails the next `times` requests whose method and path match.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Fault {
+    /// `GET`, `POST`, ...; any when absent.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// A part of the path after `/client/v4/`, e.g. `cfd_tunnel` or `/token`.
+    pub path_contains: String,
+    pub mode: FaultMode,
+    pub times: u32,
+}
+
 #[derive(Clone)]
 pub struct StandIn {
     pub store: Arc<Mutex<Store>>,
+    faults: Arc<Mutex<Vec<Fault>>>,
     api_token: Arc<String>,
     connect_delay: Duration,
 }
@@ -86,9 +114,36 @@ impl StandIn {
     pub fn new(api_token: &str, connect_delay: Duration) -> Self {
         Self {
             store: Arc::default(),
+            faults: Arc::default(),
             api_token: Arc::new(api_token.to_string()),
             connect_delay,
         }
+    }
+
+    /// Adds a fault for the next matching requests.
+    pub fn inject(&self, fault: Fault) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fault);
+    }
+
+    /// Takes one use of the first fault matching the request, if any.
+    fn take_fault(&self, method: &str, path: &str) -> Option<FaultMode> {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let i = faults.iter().position(|f| {
+            f.times > 0
+                && f.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
+                && path.contains(&f.path_contains)
+        })?;
+        faults[i].times -= 1;
+        let mode = faults[i].mode;
+        if faults[i].times == 0 {
+            faults.remove(i);
+        }
+        Some(mode)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -119,10 +174,12 @@ impl StandIn {
                 "/zones/{zone}/dns_records/{id}",
                 axum::routing::delete(delete_dns),
             )
-            .layer(middleware::from_fn_with_state(self.clone(), authenticate));
+            .layer(middleware::from_fn_with_state(self.clone(), authenticate))
+            .layer(middleware::from_fn_with_state(self.clone(), inject_faults));
         Router::new()
             .nest("/client/v4", api)
             .route("/__standin/state", get(dump_state))
+            .route("/__standin/faults", axum::routing::post(add_fault))
             .with_state(self)
     }
 
@@ -215,6 +272,50 @@ async fn authenticate(State(s): State<StandIn>, request: Request, next: Next) ->
         return fail(StatusCode::FORBIDDEN, 10000, "Authentication error").into_response();
     }
     next.run(request).await
+}
+
+async fn inject_faults(State(s): State<StandIn>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    match s.take_fault(&method, &path) {
+        None => next.run(request).await,
+        Some(FaultMode::ServerError) => fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            10001,
+            "injected: internal error",
+        )
+        .into_response(),
+        Some(FaultMode::Throttle) => {
+            let mut resp = fail(
+                StatusCode::TOO_MANY_REQUESTS,
+                10013,
+                "injected: rate limited",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            resp
+        }
+        Some(FaultMode::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            fail(StatusCode::GATEWAY_TIMEOUT, 10002, "injected: hang").into_response()
+        }
+        Some(FaultMode::DropAfterSuccess) => {
+            let done = next.run(request).await;
+            // The change is made; the answer breaks off before it is complete.
+            let (parts, _) = done.into_parts();
+            let broken = futures_util::stream::iter(vec![
+                Ok(axum::body::Bytes::from_static(b"{\"success\": tr")),
+                Err(std::io::Error::other("injected: connection dropped")),
+            ]);
+            Response::from_parts(parts, axum::body::Body::from_stream(broken))
+        }
+    }
+}
+
+async fn add_fault(State(s): State<StandIn>, Json(fault): Json<Fault>) -> StatusCode {
+    s.inject(fault);
+    StatusCode::NO_CONTENT
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,162 @@
+//! Cloudflare failing under the worker: 500s, throttling, hangs past the client timeout, and
+//! changes that succeed remotely while the answer is lost.
+
+use std::time::{Duration, Instant};
+
+use hive_tests::cloudflare_standin::{Fault, FaultMode};
+use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
+use hive_tests::stripe_events::{signature, Fixtures};
+use serde_json::Value;
+
+const USER: &str = "user-faults";
+
+fn fault(method: &str, path: &str, mode: FaultMode, times: u32) -> Fault {
+    Fault {
+        method: Some(method.into()),
+        path_contains: path.into(),
+        mode,
+        times,
+    }
+}
+
+fn options(extra: &[(&str, &str)]) -> StackOptions {
+    let mut options = StackOptions::default();
+    options
+        .extra_env
+        .push(("HIVE_HTTP_TIMEOUT_MS".into(), "1000".into()));
+    options
+        .extra_env
+        .extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    options
+}
+
+async fn checkout(stack: &Stack) -> String {
+    let event = Fixtures::load()
+        .unwrap()
+        .subscription_checkout(USER, "pro", None)
+        .unwrap();
+    let body = serde_json::to_vec(&event).unwrap();
+    let (status, answer) = stack
+        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    answer["nodes"][0].as_str().unwrap().to_string()
+}
+
+/// Waits until the node's row is in `state` (the api's status hides teardown progress).
+async fn wait_for_state(stack: &Stack, node_id: &str, state: &str) -> Value {
+    let pool = stack.pool().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (now, error): (String, Option<String>) =
+            sqlx::query_as("SELECT state, error FROM nodes WHERE id = $1::uuid")
+                .bind(node_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if now == state {
+            return serde_json::json!({ "state": now, "error": error });
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node is {now}, never {state} ({error:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_cloudflare_failures_are_retried_and_nothing_is_made_twice() {
+    let mut stack = Stack::start(options(&[])).await.expect("stack");
+    // The tunnel and the DNS record are created remotely but the answers are lost; the token
+    // read fails twice; the ingress PUT is throttled; a status read hangs past the timeout.
+    stack
+        .standin
+        .inject(fault("POST", "/cfd_tunnel", FaultMode::DropAfterSuccess, 1));
+    stack
+        .standin
+        .inject(fault("GET", "/token", FaultMode::ServerError, 2));
+    stack
+        .standin
+        .inject(fault("PUT", "/configurations", FaultMode::Throttle, 2));
+    stack.standin.inject(fault(
+        "POST",
+        "/dns_records",
+        FaultMode::DropAfterSuccess,
+        1,
+    ));
+    stack
+        .standin
+        .inject(fault("GET", "/cfd_tunnel/", FaultMode::Hang, 1));
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let node_id = checkout(&stack).await;
+    wait_for_state(&stack, &node_id, "ready").await;
+
+    let cf = stack.cloudflare_state().await.unwrap();
+    assert_eq!(
+        cf["tunnels"].as_array().unwrap().len(),
+        1,
+        "one tunnel: {cf:#}"
+    );
+    assert_eq!(
+        cf["dns_records"].as_array().unwrap().len(),
+        1,
+        "one record: {cf:#}"
+    );
+    let pool = stack.pool().await.unwrap();
+    let retried: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT step FROM node_events WHERE node_id = $1::uuid AND kind = 'retry_scheduled'",
+    )
+    .bind(&node_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let retried: Vec<String> = retried.into_iter().map(|(s,)| s).collect();
+    for step in [
+        "creating_tunnel",
+        "storing_secret",
+        "configuring_ingress",
+        "routing_cloudflare",
+    ] {
+        assert!(
+            retried.iter().any(|s| s == step),
+            "{step} was not retried: {retried:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_that_keeps_failing_spends_its_budget_then_unwinds_to_a_clean_slate() {
+    let mut stack = Stack::start(options(&[("HIVE_RETRY_BUDGET", "3")]))
+        .await
+        .expect("stack");
+    stack.standin.inject(fault(
+        "PUT",
+        "/configurations",
+        FaultMode::ServerError,
+        1000,
+    ));
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let node_id = checkout(&stack).await;
+    let failed = wait_for_state(&stack, &node_id, "failed").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("gave up after 3 attempts"), "{error}");
+    assert!(error.contains("PutTunnelConfiguration"), "{error}");
+    assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+
+    let pool = stack.pool().await.unwrap();
+    let (retries,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM node_events WHERE node_id = $1::uuid AND kind = 'retry_scheduled'",
+    )
+    .bind(&node_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        retries, 2,
+        "two retries, then the third failure spends the budget"
+    );
+}
