@@ -281,6 +281,11 @@ pub struct WorkerConfig {
     /// after `heartbeat * 3`.
     pub poll: Duration,
     pub heartbeat: Duration,
+    /// A node due this long ago that nobody works on has lost its job; the worker's sweep
+    /// enqueues a new one (`HIVE_STALL_AFTER_MS`, default 30 s).
+    pub stall_after: Duration,
+    /// How long a stopping worker lets jobs in flight finish (`HIVE_SHUTDOWN_DEADLINE_MS`).
+    pub shutdown_deadline: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -356,6 +361,8 @@ impl WorkerConfig {
             },
             poll: env.millis_or("HIVE_QUEUE_POLL_MS", 1_000)?,
             heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
+            stall_after: env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
+            shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
         })
     }
 }

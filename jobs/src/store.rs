@@ -501,6 +501,30 @@ pub async fn release(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
     Ok(())
 }
 
+/// Steps with a run that should have started by now but has not: the node is due (or its step
+/// began) longer than `stale_after` ago and nobody holds it. Its job was lost (the database
+/// went away while the queue was recording it, say); this enqueues a new one and marks the node
+/// due now, in one transaction, skipping rows another worker is sweeping. Returns those nodes.
+pub async fn requeue_stalled(pool: &PgPool, stale_after: Duration) -> StoreResult<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<(Uuid,)> = sqlx::query_as(
+        "UPDATE nodes SET next_run_at = now() WHERE id IN ( \
+           SELECT id FROM nodes \
+           WHERE state NOT IN ('ready', 'failed', 'suspended', 'terminated') \
+             AND (lease_expires_at IS NULL OR lease_expires_at < now()) \
+             AND COALESCE(next_run_at, step_started_at) < now() - $1 \
+           ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED) \
+         RETURNING id",
+    )
+    .bind(stale_after)
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+    queue::enqueue(&mut tx, &ids, Duration::ZERO).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
 /// A job to look at the node again after `delay`, outside any step (lease held elsewhere).
 pub async fn enqueue_later(pool: &PgPool, id: Uuid, delay: Duration) -> StoreResult<()> {
     let mut tx = pool.begin().await?;

@@ -239,8 +239,19 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// Starts moto on a free port; tries a second port if the first start fails (the port may
+    /// have been taken between picking and binding it).
     pub fn start() -> anyhow::Result<Self> {
+        match Self::start_once() {
+            Ok(moto) => Ok(moto),
+            Err(first) => Self::start_once().with_context(|| format!("first try: {first:#}")),
+        }
+    }
+
+    fn start_once() -> anyhow::Result<Self> {
         let port = free_port()?;
+        let log_path = std::env::temp_dir().join(format!("hive-moto-{port}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let mut cmd =
             Command::new(std::env::var("HIVE_PYTHON").unwrap_or_else(|_| "python3".into()));
         cmd.args([
@@ -252,14 +263,24 @@ impl Moto {
             &port.to_string(),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let process = spawn("moto", &mut cmd)?;
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(60),
-            "moto",
-        )?;
-        Ok(Moto { port, process })
+        .stderr(log);
+        let mut process = spawn("moto", &mut cmd)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(Moto { port, process });
+            }
+            if let Some(status) = process.try_wait() {
+                let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("moto exited ({status}) before listening on {addr}: {output}");
+            }
+            if Instant::now() > deadline {
+                let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("moto did not listen on {addr} within 90 s: {output}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn endpoint(&self) -> String {

@@ -56,7 +56,46 @@ where
         config.clone(),
         region,
     ));
-    let backend = PostgresStorage::<ProvisionNode>::new(&pool)
+    let sweeper = tokio::spawn(sweep_stalled_nodes(pool.clone(), config.stall_after));
+
+    // Shutdown is a flag every run of the apalis worker watches.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new jobs; finishing those in flight");
+        let _ = stop_tx.send(true);
+    });
+    let mut retry_in = Duration::from_millis(500);
+    for run in 0u64.. {
+        // A new name per run: the queue may still count the previous one as alive.
+        let name = format!("{worker_name}-{run}");
+        let outcome = run_queue(&pool, &config, &name, provisioner.clone(), stop_rx.clone()).await;
+        if *stop_rx.borrow() {
+            break;
+        }
+        // The queue stopped without being asked to: the database went away. Start again.
+        match outcome {
+            Ok(()) => tracing::warn!("job queue stopped; starting it again"),
+            Err(e) => tracing::warn!(error = %e, ?retry_in, "job queue failed; starting it again"),
+        }
+        tokio::time::sleep(retry_in).await;
+        retry_in = (retry_in * 2).min(Duration::from_secs(5));
+    }
+    sweeper.abort();
+    tracing::info!("hive-worker stopped");
+    Ok(())
+}
+
+/// One run of the apalis worker over the node queue, until `stop` turns true (then jobs in
+/// flight get `shutdown_deadline` to finish) or the queue fails.
+async fn run_queue(
+    pool: &sqlx::PgPool,
+    config: &WorkerConfig,
+    worker_name: &str,
+    provisioner: Arc<Provisioner>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let backend = PostgresStorage::<ProvisionNode>::new(pool)
         .with_config(
             Config::default()
                 .queue(NODE_QUEUE)
@@ -71,14 +110,41 @@ where
         .concurrency(config.concurrency)
         .enable_tracing()
         .build(provision_node);
-    worker
-        .run_until(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new jobs; finishing those in flight");
-            Ok::<(), std::io::Error>(())
-        })
-        .await
-        .map_err(|e| WorkerError::Runtime(e.to_string()))?;
-    tracing::info!("hive-worker stopped");
-    Ok(())
+    let mut stopped = stop.clone();
+    let run = worker.run_until(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        Ok::<(), std::io::Error>(())
+    });
+    let deadline = config.shutdown_deadline;
+    tokio::select! {
+        result = run => result.map_err(|e| WorkerError::Runtime(e.to_string())),
+        _ = async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                tokio::time::sleep(deadline).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            // Jobs still in flight are left to their leases and the queue's orphan recovery.
+            tracing::warn!(?deadline, "shutdown deadline passed; leaving jobs in flight to other workers");
+            Ok(())
+        }
+    }
+}
+
+/// Every so often, gives a new job to nodes whose job was lost (see `requeue_stalled`): the
+/// queue is not the source of truth, the node rows are.
+async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration) {
+    let mut every = tokio::time::interval((stall_after / 2).max(Duration::from_millis(200)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match hive_jobs::store::requeue_stalled(&pool, stall_after).await {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::warn!(nodes = ?ids, "re-enqueued nodes whose job was lost");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep for stalled nodes failed"),
+        }
+    }
 }
