@@ -33,4 +33,5 @@ for i, f in enumerate(doc.get("write_files", [])):
 PY
 done
 shellcheck --severity=style "$out"/script-*.sh
-echo "cloud-init: $(ls "$out"/*.yaml | wc -l) rendered user-data files valid, scripts shellcheck-clean"
+rendered=("$out"/*.yaml)
+echo "cloud-init: ${#rendered[@]} rendered user-data files valid, scripts shellcheck-clean"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local stack need and this machine lacks:
-# moto (PyPI), cloud-init and shellcheck (Debian). PostgreSQL's binaries come with the machine.
+# moto and checkov (PyPI), cloud-init and shellcheck (Debian). PostgreSQL's binaries come with the machine.
 set -euo pipefail
 
-MOTO_VERSION="5.2.1"
+# shellcheck source=scripts/tools.env
+. "$(dirname "$0")/tools.env"
 
 as_root() {
   if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
@@ -24,4 +25,10 @@ fi
 if ! python3 -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1; then
   echo "installing moto ${MOTO_VERSION} from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+fi
+
+if [ ! -x "${CHECKOV_VENV}/bin/checkov" ]; then
+  echo "installing checkov ${CHECKOV_VERSION} from PyPI into ${CHECKOV_VENV}"
+  python3 -m venv "${CHECKOV_VENV}"
+  "${CHECKOV_VENV}/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==${CHECKOV_VERSION}"
 fi

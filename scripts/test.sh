@@ -10,6 +10,7 @@ cargo fmt --all -- --check
 cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked -- -D warnings
 scripts/check-cloud-init.sh
+scripts/check-terraform.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

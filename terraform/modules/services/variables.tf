@@ -1,0 +1,123 @@
+variable "name" {
+  description = "Name prefix."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the stack."
+  type        = string
+}
+
+variable "vpc_id" {
+  description = "VPC of the services."
+  type        = string
+}
+
+variable "private_subnet_ids" {
+  description = "Subnets of the tasks."
+  type        = list(string)
+}
+
+variable "public_subnet_ids" {
+  description = "Subnets of the api's load balancer."
+  type        = list(string)
+}
+
+variable "kms_key_arn" {
+  description = "Key that encrypts the log groups."
+  type        = string
+}
+
+variable "api_image" {
+  description = "hive-api image."
+  type        = string
+}
+
+variable "worker_image" {
+  description = "hive-worker image."
+  type        = string
+}
+
+variable "api_count" {
+  description = "hive-api tasks."
+  type        = number
+}
+
+variable "worker_count" {
+  description = "hive-worker tasks."
+  type        = number
+}
+
+variable "api_certificate_arn" {
+  description = "ACM certificate for the load balancer."
+  type        = string
+}
+
+variable "app_secret_arns" {
+  description = "Secrets of the apps: stripe_webhook_secret, jwt_secret, cloudflare_api_token."
+  type = object({
+    stripe_webhook_secret = string
+    jwt_secret            = string
+    cloudflare_api_token  = string
+  })
+}
+
+variable "database_secret_arn" {
+  description = "RDS-managed secret with the database credentials."
+  type        = string
+}
+
+variable "database_endpoint" {
+  description = "host:port of Postgres."
+  type        = string
+}
+
+variable "database_sg_id" {
+  description = "Security group of the database (the tasks get access to it)."
+  type        = string
+}
+
+variable "node_domain" {
+  description = "The node domain."
+  type        = string
+}
+
+variable "node_ami_id" {
+  description = "Node image."
+  type        = string
+}
+
+variable "node_subnet_id" {
+  description = "Node subnet."
+  type        = string
+}
+
+variable "node_security_group" {
+  description = "Node security group."
+  type        = string
+}
+
+variable "node_instance_profile" {
+  description = "Node instance profile."
+  type        = string
+}
+
+variable "node_role_arn" {
+  description = "Node role, which the worker passes to instances."
+  type        = string
+}
+
+variable "route53_zone_id" {
+  description = "Zone of the node names."
+  type        = string
+}
+
+variable "cloudflare_account_id" {
+  description = "Cloudflare account."
+  type        = string
+}
+
+variable "cloudflare_zone_id" {
+  description = "Cloudflare zone."
+  type        = string
+}
