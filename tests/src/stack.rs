@@ -230,6 +230,23 @@ impl Stack {
         Ok((status, body))
     }
 
+    /// Sends a signed `checkout.session.completed` of `plan` for `user`, built from Stripe's
+    /// fixtures; returns the ids of the nodes it created.
+    pub async fn send_checkout(&self, user: &str, plan: &str) -> anyhow::Result<Vec<String>> {
+        let event =
+            crate::stripe_events::Fixtures::load()?.subscription_checkout(user, plan, None)?;
+        let body = serde_json::to_vec(&event)?;
+        let signature = crate::stripe_events::signature(&body, WEBHOOK_SECRET);
+        let (status, answer) = self.post_webhook(&body, Some(&signature)).await?;
+        anyhow::ensure!(status == 200, "checkout answered {status}: {answer}");
+        Ok(answer["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect())
+    }
+
     /// GETs an api path as `user` (no token when `None`).
     pub async fn get_as(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
         let mut req = self.http.get(self.api_url(path));

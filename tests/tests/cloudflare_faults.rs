@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use hive_tests::cloudflare_standin::{Fault, FaultMode};
-use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
-use hive_tests::stripe_events::{signature, Fixtures};
+use hive_tests::stack::{Stack, StackOptions};
 use serde_json::Value;
 
 const USER: &str = "user-faults";
@@ -31,17 +30,7 @@ fn options(extra: &[(&str, &str)]) -> StackOptions {
 }
 
 async fn checkout(stack: &Stack) -> String {
-    let event = Fixtures::load()
-        .unwrap()
-        .subscription_checkout(USER, "pro", None)
-        .unwrap();
-    let body = serde_json::to_vec(&event).unwrap();
-    let (status, answer) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{answer}");
-    answer["nodes"][0].as_str().unwrap().to_string()
+    stack.send_checkout(USER, "pro").await.unwrap().remove(0)
 }
 
 /// Waits until the node's row is in `state` (the api's status hides teardown progress).

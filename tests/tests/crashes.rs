@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::Filter;
-use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
-use hive_tests::stripe_events::{signature, Fixtures};
+use hive_tests::stack::{Stack, StackOptions};
 use nix::sys::signal::Signal;
 
 fn options() -> StackOptions {
@@ -30,22 +29,7 @@ fn options() -> StackOptions {
 }
 
 async fn order(stack: &Stack, user: &str, plan: &str) -> Vec<String> {
-    let event = Fixtures::load()
-        .unwrap()
-        .subscription_checkout(user, plan, None)
-        .unwrap();
-    let body = serde_json::to_vec(&event).unwrap();
-    let (status, answer) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{answer}");
-    answer["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap().to_string())
-        .collect()
+    stack.send_checkout(user, plan).await.unwrap()
 }
 
 async fn states(stack: &Stack) -> Vec<String> {

@@ -4,8 +4,7 @@
 use std::time::{Duration, Instant};
 
 use hive_jobs::operator::{replay_failed_node, OperatorError};
-use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
-use hive_tests::stripe_events::{signature, Fixtures};
+use hive_tests::stack::{Stack, StackOptions};
 use serde_json::Value;
 
 const USER: &str = "user-replay";
@@ -43,17 +42,7 @@ async fn a_kept_failed_node_is_visible_and_replay_resumes_it_without_duplicates(
         ])
         .unwrap();
 
-    let event = Fixtures::load()
-        .unwrap()
-        .subscription_checkout(USER, "pro", None)
-        .unwrap();
-    let body = serde_json::to_vec(&event).unwrap();
-    let (status, answer) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{answer}");
-    let node_id = answer["nodes"][0].as_str().unwrap().to_string();
+    let node_id = stack.send_checkout(USER, "pro").await.unwrap().remove(0);
 
     let failed = wait_for_status(&stack, &node_id, "failed").await;
     assert_eq!(failed["step"], "failed");
@@ -143,17 +132,7 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
     stack
         .start_worker_with(&[("HIVE_AMI_ID", "ami-0000000000000dead")])
         .unwrap();
-    let event = Fixtures::load()
-        .unwrap()
-        .subscription_checkout(USER, "pro", None)
-        .unwrap();
-    let body = serde_json::to_vec(&event).unwrap();
-    let (status, answer) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{answer}");
-    let node_id = answer["nodes"][0].as_str().unwrap().to_string();
+    let node_id = stack.send_checkout(USER, "pro").await.unwrap().remove(0);
 
     // Failed, and once the undo has run, nothing of it is left anywhere.
     let failed = wait_for_status(&stack, &node_id, "failed").await;
