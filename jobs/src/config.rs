@@ -251,6 +251,34 @@ pub struct Pacing {
     pub lease: Duration,
 }
 
+/// Faults the worker injects into its own steps, for tests only (`HIVE_CHAOS`): they let a
+/// test prove what no emulator can show, such as a crash between a side effect and its commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chaos {
+    /// Run every step's side effect twice before committing; the second run must find what the
+    /// first made (`repeat`).
+    RepeatSteps,
+    /// After this step's side effect succeeds, fail it permanently (`fail_after:<step>`).
+    FailAfter(String),
+    /// After this step's side effect succeeds, abort the process before the commit
+    /// (`crash_after:<step>`).
+    CrashAfter(String),
+}
+
+impl FromStr for Chaos {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "repeat" => Ok(Chaos::RepeatSteps),
+            Some(("fail_after", step)) => Ok(Chaos::FailAfter(step.to_string())),
+            Some(("crash_after", step)) => Ok(Chaos::CrashAfter(step.to_string())),
+            _ => Err(format!(
+                "`{s}` is not repeat, fail_after:<step> or crash_after:<step>"
+            )),
+        }
+    }
+}
+
 /// Settings of `hive-worker`.
 #[derive(Clone)]
 pub struct WorkerConfig {
@@ -286,6 +314,8 @@ pub struct WorkerConfig {
     pub stall_after: Duration,
     /// How long a stopping worker lets jobs in flight finish (`HIVE_SHUTDOWN_DEADLINE_MS`).
     pub shutdown_deadline: Duration,
+    /// Test-only fault injection; never set in production.
+    pub chaos: Option<Chaos>,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -363,6 +393,13 @@ impl WorkerConfig {
             heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
             stall_after: env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
             shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
+            chaos: match env.optional("HIVE_CHAOS") {
+                None => None,
+                Some(raw) => Some(raw.parse().map_err(|reason| ConfigError::Malformed {
+                    name: "HIVE_CHAOS",
+                    reason,
+                })?),
+            },
         })
     }
 }

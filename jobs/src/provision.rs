@@ -20,7 +20,7 @@ use crate::cloud::compute::{Compute, LaunchSpec};
 use crate::cloud::route53::{Propagation, Route53};
 use crate::cloud::secrets::Secrets;
 use crate::cloud::{CloudError, CloudResult};
-use crate::config::{Pacing, WorkerConfig};
+use crate::config::{Chaos, Pacing, WorkerConfig};
 use crate::model::{Node, NodeState};
 use crate::store::{self, Created, Lease, StoreResult};
 use crate::user_data::{self, UserDataParams};
@@ -158,7 +158,7 @@ impl Provisioner {
         let state = node.state();
         store::step_started(&self.pool, node).await?;
         let pacing = &self.config.pacing;
-        match self.run_step(node).await {
+        match self.run_step_with_chaos(node).await {
             Ok(Outcome::Done(created)) => {
                 let next = self.next_state(node);
                 if let Err(fenced) =
@@ -225,6 +225,34 @@ impl Provisioner {
                 };
                 self.fail(node, owner, &message).await
             }
+        }
+    }
+
+    /// The step, with the test-only faults of `HIVE_CHAOS` applied around its side effect.
+    async fn run_step_with_chaos(&self, node: &Node) -> CloudResult<Outcome> {
+        let outcome = self.run_step(node).await;
+        let step = node.state().as_str();
+        match (&self.config.chaos, &outcome) {
+            (Some(Chaos::RepeatSteps), Ok(Outcome::Done(first))) => {
+                let again = self.run_step(node).await?;
+                if again != Outcome::Done(first.clone()) {
+                    return Err(CloudError::permanent(
+                        "chaos",
+                        format!("{step} is not idempotent: {first:?} then {again:?}"),
+                    ));
+                }
+                outcome
+            }
+            (Some(Chaos::FailAfter(at)), Ok(Outcome::Done(_))) if at == step => Err(
+                CloudError::permanent("chaos", format!("injected failure after {step}")),
+            ),
+            (Some(Chaos::CrashAfter(at)), Ok(Outcome::Done(_))) if at == step => {
+                tracing::error!(
+                    "chaos: crashing after the side effect of {step}, before its commit"
+                );
+                std::process::abort();
+            }
+            _ => outcome,
         }
     }
 

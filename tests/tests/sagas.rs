@@ -1,0 +1,185 @@
+//! The tests Oxide runs on every saga, for provisioning and teardown: each step and each undo
+//! run twice changes nothing; a failure after any step unwinds to a clean slate; a crash
+//! between any step's side effect and its commit leaves no duplicate once a worker takes over.
+
+use std::time::{Duration, Instant};
+
+use hive_jobs::model::PROVISIONING;
+use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
+use hive_tests::stripe_events::{signature, Fixtures};
+
+fn options() -> StackOptions {
+    let mut options = StackOptions::default();
+    options.extra_env.extend(
+        [
+            ("HIVE_HEARTBEAT_MS", "500"),
+            ("HIVE_LEASE_MS", "1500"),
+            ("HIVE_STALL_AFTER_MS", "3000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    options
+}
+
+async fn wait_for_state(stack: &Stack, node_id: &str, state: &str) {
+    let pool = stack.pool().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (now,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
+            .bind(node_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if now == state {
+            pool.close().await;
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node_id} is {now}, never {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Per node: one live instance, one secret, one tunnel, one Cloudflare record, one Route 53
+/// record; and nothing else of ours.
+async fn assert_exactly_one_of_each(stack: &Stack, nodes: &[String]) {
+    let mut left = stack.leftovers().await.unwrap();
+    left.sort();
+    let mut expected: Vec<String> = Vec::new();
+    for _ in nodes {
+        expected.extend(
+            [
+                "instance",
+                "secret",
+                "route53 record",
+                "tunnel",
+                "cloudflare record",
+            ]
+            .map(String::from),
+        );
+    }
+    let mut kinds: Vec<String> = left
+        .iter()
+        .map(|l| {
+            [
+                "instance",
+                "secret",
+                "route53 record",
+                "tunnel",
+                "cloudflare record",
+            ]
+            .into_iter()
+            .find(|k| l.starts_with(k))
+            .unwrap_or("other")
+            .to_string()
+        })
+        .collect();
+    kinds.sort();
+    expected.sort();
+    assert_eq!(kinds, expected, "{left:#?}");
+    for node in nodes {
+        let mentions = left.iter().filter(|l| l.contains(node.as_str())).count();
+        // The instance and the Cloudflare record name the node only through ids or hostnames.
+        assert!(mentions >= 3, "resources of {node}: {left:#?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_step_and_every_undo_run_twice_changes_nothing() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    stack
+        .start_worker_with(&[("HIVE_CHAOS", "repeat")])
+        .unwrap();
+    let fixtures = Fixtures::load().unwrap();
+    let checkout = fixtures
+        .subscription_checkout("user-twice", "pro", None)
+        .unwrap();
+    let body = serde_json::to_vec(&checkout).unwrap();
+    let (status, answer) = stack
+        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let node = answer["nodes"][0].as_str().unwrap().to_string();
+    wait_for_state(&stack, &node, "ready").await;
+    assert_exactly_one_of_each(&stack, std::slice::from_ref(&node)).await;
+
+    let mut subscription = fixtures.object("subscription").unwrap();
+    subscription["id"] = checkout["data"]["object"]["subscription"].clone();
+    let ended = fixtures
+        .event("customer.subscription.deleted", subscription)
+        .unwrap();
+    let body = serde_json::to_vec(&ended).unwrap();
+    let (status, _) = stack
+        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_for_state(&stack, &node, "terminated").await;
+    assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_after_any_step_unwinds_to_a_clean_slate() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    for step in PROVISIONING {
+        let chaos = format!("fail_after:{step}");
+        stack
+            .start_worker_with(&[("HIVE_CHAOS", chaos.as_str())])
+            .unwrap();
+        let node = stack
+            .send_checkout(&format!("user-fail-{step}"), "pro")
+            .await
+            .unwrap()
+            .remove(0);
+        wait_for_state(&stack, &node, "failed").await;
+        let pool = stack.pool().await.unwrap();
+        let (failed_step,): (Option<String>,) =
+            sqlx::query_as("SELECT failed_step FROM nodes WHERE id = $1::uuid")
+                .bind(&node)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(failed_step.as_deref(), Some(step.as_str()));
+        assert_eq!(
+            stack.leftovers().await.unwrap(),
+            Vec::<String>::new(),
+            "after a failure at {step}"
+        );
+        stack.workers.clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_any_side_effect_and_its_commit_leaves_no_duplicate() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    let mut nodes = Vec::new();
+    for step in PROVISIONING {
+        let chaos = format!("crash_after:{step}");
+        let crashing = stack
+            .start_worker_with(&[("HIVE_CHAOS", chaos.as_str())])
+            .unwrap();
+        let node = stack
+            .send_checkout(&format!("user-crash-{step}"), "pro")
+            .await
+            .unwrap()
+            .remove(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stack.workers[crashing].try_wait().is_none() {
+            assert!(Instant::now() < deadline, "the worker never reached {step}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A healthy worker takes the node over from where the dead one left it.
+        stack.workers.clear();
+        stack.start_worker().unwrap();
+        wait_for_state(&stack, &node, "ready").await;
+        nodes.push(node);
+        assert_exactly_one_of_each(&stack, &nodes).await;
+        stack.workers.clear();
+    }
+}
