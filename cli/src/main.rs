@@ -3,6 +3,8 @@
 //!   hivectl nodes [--state STATE] [--user USER]   list nodes
 //!   hivectl node ID                               one node and its event log
 //!   hivectl replay ID                             resume a failed node from its failed step
+//!   hivectl reconcile [--grace-secs N]            remove orphans, re-provision vanished nodes
+//!                                                 (reads the worker's settings)
 
 use anyhow::{bail, Context};
 use hive_jobs::model::{Node, NodeState};
@@ -10,7 +12,8 @@ use hive_jobs::operator::replay_failed_node;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const USAGE: &str = "usage: hivectl nodes [--state STATE] [--user USER] | node ID | replay ID";
+const USAGE: &str =
+    "usage: hivectl nodes [--state STATE] [--user USER] | node ID | replay ID | reconcile [--grace-secs N]";
 
 #[tokio::main]
 async fn main() {
@@ -67,6 +70,37 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
             println!(
                 "node {} resumes at {} (generation {})",
                 replayed.node_id, replayed.step, replayed.generation
+            );
+            Ok(())
+        }
+        Some("reconcile") => {
+            let grace: u64 = match flag(args, "--grace-secs")? {
+                None => 600,
+                Some(raw) => raw
+                    .parse()
+                    .with_context(|| format!("`{raw}` is not a number of seconds"))?,
+            };
+            let config =
+                hive_jobs::config::WorkerConfig::from_env(&hive_jobs::config::process_env())?;
+            let pool = pool().await?;
+            let (clouds, _region) = hive_jobs::provision::Clouds::from_config(&config).await?;
+            let report = hive_jobs::reconcile::reconcile(
+                &pool,
+                &clouds,
+                &config.node_domain,
+                std::time::Duration::from_secs(grace),
+            )
+            .await?;
+            for removed in &report.removed {
+                println!("removed {removed}");
+            }
+            for node in &report.reprovisioned {
+                println!("re-provisioning {node}");
+            }
+            println!(
+                "{} orphan(s) removed, {} node(s) re-provisioned",
+                report.removed.len(),
+                report.reprovisioned.len()
             );
             Ok(())
         }

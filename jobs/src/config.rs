@@ -316,6 +316,11 @@ pub struct WorkerConfig {
     pub shutdown_deadline: Duration,
     /// Test-only fault injection; never set in production.
     pub chaos: Option<Chaos>,
+    /// How often one of the workers runs the reconciler (`HIVE_RECONCILE_EVERY_SECS`, 600;
+    /// 0 turns it off), and how old an orphan must be to be removed
+    /// (`HIVE_RECONCILE_GRACE_SECS`, 600).
+    pub reconcile_every: Duration,
+    pub reconcile_grace: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -393,6 +398,8 @@ impl WorkerConfig {
             heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
             stall_after: env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
             shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
+            reconcile_every: env.secs_or("HIVE_RECONCILE_EVERY_SECS", 600)?,
+            reconcile_grace: env.secs_or("HIVE_RECONCILE_GRACE_SECS", 600)?,
             chaos: match env.optional("HIVE_CHAOS") {
                 None => None,
                 Some(raw) => Some(raw.parse().map_err(|reason| ConfigError::Malformed {

@@ -7,6 +7,7 @@ pub mod model;
 pub mod operator;
 pub mod provision;
 pub mod queue;
+pub mod reconcile;
 pub mod store;
 pub mod telemetry;
 pub mod user_data;

@@ -173,12 +173,13 @@ impl Stack {
         Ok(self.workers.len() - 1)
     }
 
-    /// Runs hivectl against the stack's database.
+    /// Runs hivectl against the stack, with the worker's settings.
     pub fn hivectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         Ok(
             std::process::Command::new(crate::process::bin_path("hivectl")?)
                 .args(args)
-                .env("DATABASE_URL", &self.database_url)
+                // The worker's settings, DATABASE_URL among them (reconcile needs the clouds).
+                .envs(self.env())
                 .output()?,
         )
     }

@@ -48,6 +48,16 @@ where
     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
     .await?;
     let (clouds, region) = Clouds::from_config(&config).await?;
+    let reconciler = if config.reconcile_every.is_zero() {
+        None
+    } else {
+        let (clouds, _) = Clouds::from_config(&config).await?;
+        Some(tokio::spawn(reconcile_periodically(
+            pool.clone(),
+            clouds,
+            config.clone(),
+        )))
+    };
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
     tracing::info!(worker = %worker_name, %region, concurrency = config.concurrency, "hive-worker started");
     let provisioner = Arc::new(Provisioner::new(
@@ -82,6 +92,9 @@ where
         retry_in = (retry_in * 2).min(Duration::from_secs(5));
     }
     sweeper.abort();
+    if let Some(reconciler) = reconciler {
+        reconciler.abort();
+    }
     tracing::info!("hive-worker stopped");
     Ok(())
 }
@@ -146,5 +159,46 @@ async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweep for stalled nodes failed"),
         }
+    }
+}
+
+/// Runs the reconciler every `reconcile_every`, in one worker at a time (a Postgres advisory
+/// lock; the others skip that round).
+async fn reconcile_periodically(pool: sqlx::PgPool, clouds: Clouds, config: WorkerConfig) {
+    const LOCK: i64 = 0x6869_7665_7265_636f; // "hivereco"
+    let mut every = tokio::time::interval(config.reconcile_every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Ok(mut conn) = pool.acquire().await else {
+            continue;
+        };
+        let locked: Result<(bool,), _> = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK)
+            .fetch_one(&mut *conn)
+            .await;
+        if !matches!(locked, Ok((true,))) {
+            continue;
+        }
+        match hive_jobs::reconcile::reconcile(
+            &pool,
+            &clouds,
+            &config.node_domain,
+            config.reconcile_grace,
+        )
+        .await
+        {
+            Ok(report) => tracing::info!(
+                removed = report.removed.len(),
+                reprovisioned = report.reprovisioned.len(),
+                "reconciled"
+            ),
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+        }
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(LOCK)
+            .execute(&mut *conn)
+            .await;
     }
 }

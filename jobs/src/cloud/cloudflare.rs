@@ -99,6 +99,47 @@ impl Cloudflare {
             .find(|t| t.name == name && t.deleted_at.is_none()))
     }
 
+    /// Every live tunnel whose name starts with `prefix`: (id, name, created).
+    pub async fn list_tunnels(&self, prefix: &str) -> CloudResult<Vec<Tunnel>> {
+        let found = self
+            .client
+            .request(&list_tunnels::ListTunnels {
+                account_identifier: &self.account_id,
+                params: list_tunnels::Params {
+                    include_prefix: Some(prefix.to_string()),
+                    is_deleted: Some(false),
+                    ..Default::default()
+                },
+            })
+            .await
+            .map_err(|e| classify("cloudflare:ListTunnels", e))?;
+        Ok(found
+            .result
+            .into_iter()
+            .filter(|t| t.name.starts_with(prefix) && t.deleted_at.is_none())
+            .collect())
+    }
+
+    /// Every CNAME of the zone.
+    pub async fn list_cnames(&self) -> CloudResult<Vec<DnsRecord>> {
+        let found = self
+            .client
+            .request(&ListDnsRecords {
+                zone_identifier: &self.zone_id,
+                params: ListDnsRecordsParams {
+                    per_page: Some(5000),
+                    ..Default::default()
+                },
+            })
+            .await
+            .map_err(|e| classify("cloudflare:ListDnsRecords", e))?;
+        Ok(found
+            .result
+            .into_iter()
+            .filter(|r| matches!(r.content, DnsContent::CNAME { .. }))
+            .collect())
+    }
+
     /// Creates a remotely managed tunnel. Callers look it up by name first.
     pub async fn create_tunnel(&self, name: &str) -> CloudResult<Tunnel> {
         // With config_src = cloudflare, Cloudflare generates the token; the secret is unused

@@ -73,6 +73,46 @@ impl Compute {
         Ok(self.instances(&out).into_iter().next())
     }
 
+    /// Every live instance tagged as a node's: (instance, node id from its tag).
+    pub async fn list_tagged(&self) -> CloudResult<Vec<(InstanceInfo, String)>> {
+        let mut found = Vec::new();
+        let mut pages = self
+            .ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag-key")
+                    .values(tags::NODE_ID)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
+            let infos = self.instances(&page);
+            let node_ids = page
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(|i| {
+                    i.tags()
+                        .iter()
+                        .find(|t| t.key() == Some(tags::NODE_ID))
+                        .and_then(|t| t.value())
+                        .unwrap_or_default()
+                        .to_string()
+                });
+            found.extend(infos.into_iter().zip(node_ids));
+        }
+        Ok(found)
+    }
+
     /// The instance by id; `None` when EC2 does not know it (or it is terminated).
     pub async fn describe(&self, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
         let result = self

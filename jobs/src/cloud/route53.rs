@@ -112,6 +112,40 @@ impl Route53 {
             .and_then(|r| r.resource_records().first().map(|v| v.value().to_string())))
     }
 
+    /// Names (without the final dot) of every CNAME in the zone.
+    pub async fn list_cnames(&self) -> CloudResult<Vec<String>> {
+        let mut names = Vec::new();
+        let mut start: Option<(String, RrType)> = None;
+        loop {
+            let mut req = self
+                .r53
+                .list_resource_record_sets()
+                .hosted_zone_id(&self.zone_id);
+            if let Some((name, kind)) = start.take() {
+                req = req.start_record_name(name).start_record_type(kind);
+            }
+            let out = req
+                .send()
+                .await
+                .map_err(|e| classify_aws("route53:ListResourceRecordSets", e))?;
+            names.extend(
+                out.resource_record_sets()
+                    .iter()
+                    .filter(|r| r.r#type() == &RrType::Cname)
+                    .map(|r| r.name().trim_end_matches('.').to_string()),
+            );
+            match (
+                out.is_truncated(),
+                out.next_record_name(),
+                out.next_record_type(),
+            ) {
+                (true, Some(name), Some(kind)) => start = Some((name.to_string(), kind.clone())),
+                _ => break,
+            }
+        }
+        Ok(names)
+    }
+
     /// Deletes the node's CNAME; a record that is not there counts as deleted.
     pub async fn delete(&self, hostname: &str) -> CloudResult<()> {
         if self.find(hostname).await?.is_none() {

@@ -115,6 +115,33 @@ impl Secrets {
             .and_then(|s| s.arn().map(str::to_string)))
     }
 
+    /// Names of every node secret (`hive/nodes/...`).
+    pub async fn list_node_secrets(&self) -> CloudResult<Vec<String>> {
+        let mut names = Vec::new();
+        let mut pages = self
+            .sm
+            .list_secrets()
+            .filters(
+                Filter::builder()
+                    .key(FilterNameStringType::Name)
+                    .values("hive/nodes/")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_aws("secretsmanager:ListSecrets", e))?;
+            names.extend(
+                page.secret_list()
+                    .iter()
+                    .filter_map(|s| s.name())
+                    .filter(|n| n.starts_with("hive/nodes/"))
+                    .map(str::to_string),
+            );
+        }
+        Ok(names)
+    }
+
     /// Deletes the secret at once (no recovery window: the tunnel it opens is gone too).
     pub async fn delete(&self, secret_id: &str) -> CloudResult<()> {
         match self

@@ -1,0 +1,174 @@
+//! The reconciler removes what belongs to no node and re-provisions a ready node whose
+//! instance vanished, leaving everything of live nodes alone.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use hive_tests::stack::{
+    Stack, StackOptions, CLOUDFLARE_ACCOUNT, CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, NODE_DOMAIN,
+};
+use serde_json::json;
+
+async fn wait_ready(stack: &Stack, node: &str) {
+    let pool = stack.pool().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
+            .bind(node)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if state == "ready" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node is {state}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() {
+    let mut options = StackOptions::default();
+    options
+        .extra_env
+        .push(("HIVE_RECONCILE_EVERY_SECS".into(), "0".into()));
+    let mut stack = Stack::start(options).await.expect("stack");
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let live = stack
+        .send_checkout("user-live", "pro")
+        .await
+        .unwrap()
+        .remove(0);
+    wait_ready(&stack, &live).await;
+    let before = stack.leftovers().await.unwrap();
+    assert_eq!(before.len(), 5, "{before:#?}");
+
+    // Orphans: resources named and tagged like a node's, of a node that does not exist.
+    let ghost = uuid::Uuid::new_v4().to_string();
+    let ghost_host = format!("{ghost}.{NODE_DOMAIN}");
+    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
+    ec2.run_instances()
+        .image_id(&stack.aws.ami_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T4gSmall)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&stack.aws.subnet_id)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(Tag::builder().key("hive:node-id").value(&ghost).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    sm.create_secret()
+        .name(format!("hive/nodes/{ghost}/tunnel-token"))
+        .secret_string("orphaned")
+        .send()
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let cf = stack.cloudflare_api_base();
+    let created = http
+        .post(format!("{cf}accounts/{CLOUDFLARE_ACCOUNT}/cfd_tunnel"))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .json(&json!({ "name": format!("hive-{ghost}"), "config_src": "cloudflare" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success());
+    let created = http
+        .post(format!("{cf}zones/{CLOUDFLARE_ZONE}/dns_records"))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .json(&json!({ "type": "CNAME", "name": ghost_host, "content": "x.cfargotunnel.com", "proxied": true }))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success());
+    let r53 = aws_sdk_route53::Client::new(&stack.sdk);
+    let record = aws_sdk_route53::types::ResourceRecordSet::builder()
+        .name(&ghost_host)
+        .r#type(aws_sdk_route53::types::RrType::Cname)
+        .ttl(300)
+        .resource_records(
+            aws_sdk_route53::types::ResourceRecord::builder()
+                .value(format!("{ghost_host}.cdn.cloudflare.net"))
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    r53.change_resource_record_sets()
+        .hosted_zone_id(&stack.aws.zone_id)
+        .change_batch(
+            aws_sdk_route53::types::ChangeBatch::builder()
+                .changes(
+                    aws_sdk_route53::types::Change::builder()
+                        .action(aws_sdk_route53::types::ChangeAction::Create)
+                        .resource_record_set(record)
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stack.leftovers().await.unwrap().len(), 10);
+
+    // And the live node's instance vanishes.
+    let pool = stack.pool().await.unwrap();
+    let (old_instance,): (String,) =
+        sqlx::query_as("SELECT instance_id FROM nodes WHERE id = $1::uuid")
+            .bind(&live)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    ec2.terminate_instances()
+        .instance_ids(&old_instance)
+        .send()
+        .await
+        .unwrap();
+
+    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("5 orphan(s) removed, 1 node(s) re-provisioned"),
+        "{stdout}"
+    );
+
+    wait_ready(&stack, &live).await;
+    let after = stack.leftovers().await.unwrap();
+    assert_eq!(
+        after.len(),
+        5,
+        "only the live node's five resources: {after:#?}"
+    );
+    assert!(after.iter().all(|l| !l.contains(&ghost)), "{after:#?}");
+    let (new_instance,): (String,) =
+        sqlx::query_as("SELECT instance_id FROM nodes WHERE id = $1::uuid")
+            .bind(&live)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_ne!(new_instance, old_instance);
+    let (runs,): (i64,) = sqlx::query_as("SELECT count(*) FROM reconcile_runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1);
+
+    // A second pass finds nothing to do.
+    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("0 orphan(s) removed, 0 node(s) re-provisioned"));
+}
