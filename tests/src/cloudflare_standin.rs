@@ -321,6 +321,7 @@ async fn add_fault(State(s): State<StandIn>, Json(fault): Json<Fault>) -> Status
 #[derive(Debug, Deserialize)]
 struct TunnelQuery {
     name: Option<String>,
+    include_prefix: Option<String>,
     is_deleted: Option<bool>,
 }
 
@@ -335,6 +336,11 @@ async fn list_tunnels(
         .values()
         .filter(|t| t.account == account)
         .filter(|t| q.name.as_ref().is_none_or(|n| &t.name == n))
+        .filter(|t| {
+            q.include_prefix
+                .as_ref()
+                .is_none_or(|p| t.name.starts_with(p.as_str()))
+        })
         .filter(|t| q.is_deleted.is_none_or(|d| d == t.deleted_at.is_some()))
         .map(|t| s.tunnel_json(t))
         .collect();

@@ -79,16 +79,15 @@ impl Cloudflare {
         })
     }
 
-    /// The live tunnel of that name, if one exists.
-    pub async fn find_tunnel(&self, name: &str) -> CloudResult<Option<Tunnel>> {
+    /// Live (not deleted) tunnels matching `params`.
+    async fn live_tunnels(&self, params: list_tunnels::Params) -> CloudResult<Vec<Tunnel>> {
         let found = self
             .client
             .request(&list_tunnels::ListTunnels {
                 account_identifier: &self.account_id,
                 params: list_tunnels::Params {
-                    name: Some(name.to_string()),
                     is_deleted: Some(false),
-                    ..Default::default()
+                    ..params
                 },
             })
             .await
@@ -96,27 +95,34 @@ impl Cloudflare {
         Ok(found
             .result
             .into_iter()
-            .find(|t| t.name == name && t.deleted_at.is_none()))
+            .filter(|t| t.deleted_at.is_none())
+            .collect())
     }
 
-    /// Every live tunnel whose name starts with `prefix`: (id, name, created).
-    pub async fn list_tunnels(&self, prefix: &str) -> CloudResult<Vec<Tunnel>> {
-        let found = self
-            .client
-            .request(&list_tunnels::ListTunnels {
-                account_identifier: &self.account_id,
-                params: list_tunnels::Params {
-                    include_prefix: Some(prefix.to_string()),
-                    is_deleted: Some(false),
-                    ..Default::default()
-                },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:ListTunnels", e))?;
-        Ok(found
-            .result
+    /// The live tunnel of that name, if one exists.
+    pub async fn find_tunnel(&self, name: &str) -> CloudResult<Option<Tunnel>> {
+        let params = list_tunnels::Params {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        Ok(self
+            .live_tunnels(params)
+            .await?
             .into_iter()
-            .filter(|t| t.name.starts_with(prefix) && t.deleted_at.is_none())
+            .find(|t| t.name == name))
+    }
+
+    /// Every live tunnel whose name starts with `prefix`.
+    pub async fn list_tunnels(&self, prefix: &str) -> CloudResult<Vec<Tunnel>> {
+        let params = list_tunnels::Params {
+            include_prefix: Some(prefix.to_string()),
+            ..Default::default()
+        };
+        Ok(self
+            .live_tunnels(params)
+            .await?
+            .into_iter()
+            .filter(|t| t.name.starts_with(prefix))
             .collect())
     }
 
