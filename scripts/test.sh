@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check and every test, from nothing: installs what is missing, builds once, then runs
-# the formatting and lint checks, the cloud-init checks and all tests from that one build.
+# the formatting and lint checks, the cloud-init and terraform checks and all tests from that
+# one build.
 # The tests start their own Postgres clusters, moto servers and stand-ins on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."

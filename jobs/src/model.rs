@@ -238,11 +238,6 @@ impl Node {
         }
     }
 
-    /// The DNS label of the node: its id, which is unique and valid as a label.
-    pub fn label(&self) -> String {
-        self.id.to_string()
-    }
-
     pub fn tunnel_name(&self) -> String {
         tunnel_name(self.id)
     }

@@ -198,19 +198,6 @@ impl Cloudflare {
         Ok(())
     }
 
-    /// The tunnel's current configuration.
-    pub async fn tunnel_config(&self, tunnel_id: &str) -> CloudResult<Option<TunnelConfig>> {
-        let got = self
-            .client
-            .request(&GetTunnelConfiguration {
-                account_id: &self.account_id,
-                tunnel_id,
-            })
-            .await
-            .map_err(|e| classify("cloudflare:GetTunnelConfiguration", e))?;
-        Ok(got.result.config)
-    }
-
     pub async fn tunnel_health(&self, tunnel_id: &str) -> CloudResult<TunnelHealth> {
         let tunnel = self
             .client
@@ -368,11 +355,9 @@ struct PutTunnelConfiguration<'a> {
     config: &'a TunnelConfig,
 }
 
+/// The answer to a configuration PUT; nothing in it is needed beyond its success.
 #[derive(Debug, Deserialize)]
-struct TunnelConfiguration {
-    #[serde(default)]
-    config: Option<TunnelConfig>,
-}
+struct TunnelConfiguration {}
 
 impl ApiResult for TunnelConfiguration {}
 
@@ -392,27 +377,6 @@ impl EndpointSpec for PutTunnelConfiguration<'_> {
     fn body(&self) -> Option<RequestBody<'_>> {
         let body = serde_json::json!({ "config": self.config });
         Some(RequestBody::Json(body.to_string()))
-    }
-}
-
-/// `GET accounts/{account}/cfd_tunnel/{id}/configurations`.
-struct GetTunnelConfiguration<'a> {
-    account_id: &'a str,
-    tunnel_id: &'a str,
-}
-
-impl EndpointSpec for GetTunnelConfiguration<'_> {
-    type JsonResponse = TunnelConfiguration;
-    type ResponseType = ApiSuccess<TunnelConfiguration>;
-
-    fn method(&self) -> Method {
-        Method::GET
-    }
-    fn path(&self) -> String {
-        format!(
-            "accounts/{}/cfd_tunnel/{}/configurations",
-            self.account_id, self.tunnel_id
-        )
     }
 }
 

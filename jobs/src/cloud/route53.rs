@@ -78,20 +78,6 @@ impl Route53 {
         self.change(ChangeAction::Upsert, hostname).await
     }
 
-    pub async fn status(&self, change_id: &str) -> CloudResult<Propagation> {
-        let out = self
-            .r53
-            .get_change()
-            .id(change_id)
-            .send()
-            .await
-            .map_err(|e| classify_aws("route53:GetChange", e))?;
-        Ok(out
-            .change_info()
-            .map(|i| propagation(i.status()))
-            .unwrap_or(Propagation::Pending))
-    }
-
     /// The node's CNAME target, if the record exists.
     pub async fn find(&self, hostname: &str) -> CloudResult<Option<String>> {
         let fqdn = format!("{}.", hostname.trim_end_matches('.'));

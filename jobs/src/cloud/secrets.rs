@@ -94,27 +94,6 @@ impl Secrets {
         Ok(())
     }
 
-    /// The ARN of the node's secret, if it exists.
-    pub async fn find_by_node(&self, node_id: Uuid) -> CloudResult<Option<String>> {
-        let out = self
-            .sm
-            .list_secrets()
-            .filters(
-                Filter::builder()
-                    .key(FilterNameStringType::Name)
-                    .values(secret_name(node_id))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| classify_aws("secretsmanager:ListSecrets", e))?;
-        Ok(out
-            .secret_list()
-            .iter()
-            .find(|s| s.name() == Some(secret_name(node_id).as_str()))
-            .and_then(|s| s.arn().map(str::to_string)))
-    }
-
     /// Names of every node secret (`hive/nodes/...`).
     pub async fn list_node_secrets(&self) -> CloudResult<Vec<String>> {
         let mut names = Vec::new();
