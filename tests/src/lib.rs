@@ -2,6 +2,7 @@
 //! hive-worker) as a library, shared by the end-to-end tests and the `hive-stack` command.
 
 pub mod aws_fixture;
+pub mod aws_proxy;
 pub mod cloudflare_standin;
 pub mod process;
 pub mod stack;

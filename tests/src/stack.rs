@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::aws_fixture::{sdk_config, AwsFixture};
+use crate::aws_proxy::AwsProxy;
 use crate::cloudflare_standin::StandIn;
 use crate::process::{spawn_ours, Managed, Moto, Postgres};
 
@@ -53,6 +54,9 @@ pub struct Stack {
     pub moto: Moto,
     pub standin: StandIn,
     pub standin_addr: SocketAddr,
+    /// Between the binaries and moto: AWS faults, `ClientToken`, instances held `pending`.
+    pub aws_proxy: AwsProxy,
+    pub aws_proxy_addr: SocketAddr,
     pub aws: AwsFixture,
     pub sdk: aws_config::SdkConfig,
     pub database_url: String,
@@ -61,6 +65,7 @@ pub struct Stack {
     options: StackOptions,
     http: reqwest::Client,
     standin_task: tokio::task::JoinHandle<()>,
+    aws_proxy_task: tokio::task::JoinHandle<()>,
 }
 
 impl Stack {
@@ -79,6 +84,12 @@ impl Stack {
             .clone()
             .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await?;
+        let aws_proxy = AwsProxy::new(&moto.endpoint());
+        let (aws_proxy_addr, aws_proxy_task) = aws_proxy
+            .clone()
+            .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await?;
+        // The tests' own view of AWS goes to moto directly, past any injected fault.
         let sdk = sdk_config(&moto.endpoint(), REGION).await;
         let aws = AwsFixture::create(&sdk, NODE_DOMAIN, INSTANCE_PROFILE).await?;
         Ok(Stack {
@@ -86,6 +97,8 @@ impl Stack {
             moto,
             standin,
             standin_addr,
+            aws_proxy,
+            aws_proxy_addr,
             aws,
             sdk,
             database_url,
@@ -94,6 +107,7 @@ impl Stack {
             options,
             http: reqwest::Client::new(),
             standin_task,
+            aws_proxy_task,
         })
     }
 
@@ -108,7 +122,10 @@ impl Stack {
             ),
             ("HIVE_JWT_SECRET", JWT_SECRET.into()),
             ("AWS_REGION", REGION.into()),
-            ("AWS_ENDPOINT_URL", self.moto.endpoint()),
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://{}", self.aws_proxy_addr),
+            ),
             ("AWS_ACCESS_KEY_ID", "testing".into()),
             ("AWS_SECRET_ACCESS_KEY", "testing".into()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
@@ -234,18 +251,81 @@ impl Stack {
     /// Sends a signed `checkout.session.completed` of `plan` for `user`, built from Stripe's
     /// fixtures; returns the ids of the nodes it created.
     pub async fn send_checkout(&self, user: &str, plan: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self.send_subscription_checkout(user, plan).await?.1)
+    }
+
+    /// As [`Stack::send_checkout`]; also returns the Stripe subscription id.
+    pub async fn send_subscription_checkout(
+        &self,
+        user: &str,
+        plan: &str,
+    ) -> anyhow::Result<(String, Vec<String>)> {
         let event =
             crate::stripe_events::Fixtures::load()?.subscription_checkout(user, plan, None)?;
-        let body = serde_json::to_vec(&event)?;
-        let signature = crate::stripe_events::signature(&body, WEBHOOK_SECRET);
-        let (status, answer) = self.post_webhook(&body, Some(&signature)).await?;
-        anyhow::ensure!(status == 200, "checkout answered {status}: {answer}");
-        Ok(answer["nodes"]
+        let subscription = event["data"]["object"]["subscription"]
+            .as_str()
+            .context("checkout without a subscription")?
+            .to_string();
+        let answer = self.send_event(&event).await?;
+        let nodes = answer["nodes"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|n| n.as_str().map(str::to_string))
-            .collect())
+            .collect();
+        Ok((subscription, nodes))
+    }
+
+    /// Sends a signed `customer.subscription.deleted` for `subscription_id`.
+    pub async fn send_subscription_end(&self, subscription_id: &str) -> anyhow::Result<()> {
+        let fixtures = crate::stripe_events::Fixtures::load()?;
+        let mut subscription = fixtures.object("subscription")?;
+        subscription["id"] = serde_json::json!(subscription_id);
+        subscription["status"] = serde_json::json!("canceled");
+        let event = fixtures.event("customer.subscription.deleted", subscription)?;
+        self.send_event(&event).await?;
+        Ok(())
+    }
+
+    /// Signs and posts one event; its answer, which must be 200.
+    async fn send_event(&self, event: &Value) -> anyhow::Result<Value> {
+        let body = serde_json::to_vec(event)?;
+        let signature = crate::stripe_events::signature(&body, WEBHOOK_SECRET);
+        let (status, answer) = self.post_webhook(&body, Some(&signature)).await?;
+        anyhow::ensure!(
+            status == 200,
+            "{} answered {status}: {answer}",
+            event["type"]
+        );
+        Ok(answer)
+    }
+
+    /// Waits until the node's row is in `state`; returns its error column. The api's status
+    /// hides the teardown steps, so tests read the row.
+    pub async fn wait_for_state(
+        &self,
+        node_id: &str,
+        state: &str,
+        within: Duration,
+    ) -> anyhow::Result<Option<String>> {
+        let pool = self.pool().await?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (now, error): (String, Option<String>) =
+                sqlx::query_as("SELECT state, error FROM nodes WHERE id = $1::uuid")
+                    .bind(node_id)
+                    .fetch_one(&pool)
+                    .await?;
+            if now == state {
+                pool.close().await;
+                return Ok(error);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node {node_id} is {now}, never {state} (error: {error:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// GETs an api path as `user` (no token when `None`).
@@ -335,5 +415,6 @@ impl Drop for Stack {
         self.workers.clear();
         self.apis.clear();
         self.standin_task.abort();
+        self.aws_proxy_task.abort();
     }
 }
