@@ -48,22 +48,26 @@ pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed
     if state != NodeState::Failed.as_str() {
         return Err(OperatorError::NotFailed { id: node_id, state });
     }
-    let step_name = failed_step.unwrap_or_default();
-    let step = NodeState::parse(&step_name)
-        .filter(|s| s.has_step())
-        .ok_or(OperatorError::NotResumable {
-            id: node_id,
-            step: step_name,
-        })?;
-    // A failed provisioning that was undone has nothing left to resume from: start over.
+    // A failed provisioning that was undone has nothing left to resume from: start over. (Its
+    // `failed_step` is empty when the undo itself was replayed and then finished.)
     let undone = teardown_reason.as_deref() == Some(teardown_reason::PROVISIONING_FAILED);
-    let step = if undone && step.is_provisioning() {
-        NodeState::Pending
-    } else {
-        step
+    let step = match failed_step.as_deref().map(|s| (s, NodeState::parse(s))) {
+        None if undone => NodeState::Pending,
+        Some((_, Some(step))) if undone && step.is_provisioning() => NodeState::Pending,
+        Some((_, Some(step))) if step.has_step() => step,
+        other => {
+            return Err(OperatorError::NotResumable {
+                id: node_id,
+                step: other.map(|(s, _)| s.to_string()).unwrap_or_default(),
+            })
+        }
     };
+    // Resuming an undo keeps the provisioning's error (the node stays `failed` to the app).
+    let restart = undone && step == NodeState::Pending;
+    let resumes_undo = undone && !restart;
     let (generation,): (i32,) = sqlx::query_as(
-        "UPDATE nodes SET state = $2, failed_step = NULL, error = NULL, attempt = 0, \
+        "UPDATE nodes SET state = $2, failed_step = NULL, \
+         error = CASE WHEN $4 THEN error ELSE NULL END, attempt = 0, \
          teardown_reason = CASE WHEN $3 THEN NULL ELSE teardown_reason END, \
          generation = generation + 1, step_started_at = now(), next_run_at = NULL, \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
@@ -71,7 +75,8 @@ pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed
     )
     .bind(node_id)
     .bind(step.as_str())
-    .bind(undone)
+    .bind(restart)
+    .bind(resumes_undo)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(

@@ -253,3 +253,70 @@ async fn two_hundred_pending_instances_do_not_hold_the_workers_slots() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undo_refused_is_kept_and_replays_finish_the_undo_then_the_node() {
+    let mut stack = Stack::start(options(&[])).await.expect("stack");
+    // Provisioning is refused at launch; its undo is refused at the secret.
+    stack
+        .aws_proxy
+        .inject(AwsFault::new("RunInstances", AwsFaultMode::AccessDenied, 1));
+    stack
+        .aws_proxy
+        .inject(AwsFault::new("DeleteSecret", AwsFaultMode::AccessDenied, 1));
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let node = stack
+        .send_checkout("user-undo-refused", "pro")
+        .await
+        .unwrap()
+        .remove(0);
+    let pool = stack.pool().await.unwrap();
+    let row = |pool: PgPool, node: String| async move {
+        sqlx::query_as::<_, (String, Option<String>, Option<String>)>(
+            "SELECT state, failed_step, teardown_reason FROM nodes WHERE id = $1::uuid",
+        )
+        .bind(node)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let error = stack
+        .wait_for_state(&node, "failed", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(error.contains("AccessDeniedException"), "{error}");
+    let (_, failed_step, reason) = row(pool.clone(), node.clone()).await;
+    assert_eq!(failed_step.as_deref(), Some("deleting_secret"));
+    assert_eq!(reason.as_deref(), Some("provisioning_failed"));
+    let left = stack.leftovers().await.unwrap();
+    assert!(
+        left.iter().any(|l| l.starts_with("secret"))
+            && left.iter().any(|l| l.starts_with("tunnel")),
+        "the secret and the tunnel are kept: {left:#?}"
+    );
+
+    // The first replay finishes the undo: the node is failed again, and clean.
+    let replay = stack.hivectl(&["replay", &node]).unwrap();
+    assert!(replay.status.success(), "{replay:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (state, _, reason) = row(pool.clone(), node.clone()).await;
+        if state == "failed" && stack.leftovers().await.unwrap().is_empty() {
+            assert_eq!(reason.as_deref(), Some("provisioning_failed"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "undo never finished: {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The second starts the node over, and it comes up.
+    let replay = stack.hivectl(&["replay", &node]).unwrap();
+    assert!(replay.status.success(), "{replay:?}");
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(instances_of(&stack, &node).await.len(), 1);
+}

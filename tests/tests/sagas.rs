@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hive_jobs::model::PROVISIONING;
+use hive_jobs::model::{PROVISIONING, TEARDOWN};
 use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
 use hive_tests::stripe_events::{signature, Fixtures};
 
@@ -180,6 +180,93 @@ async fn a_crash_between_any_side_effect_and_its_commit_leaves_no_duplicate() {
         wait_for_state(&stack, &node, "ready").await;
         nodes.push(node);
         assert_exactly_one_of_each(&stack, &nodes).await;
+        stack.workers.clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_at_any_teardown_step_is_kept_and_a_replay_finishes_it() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    for step in TEARDOWN {
+        stack.start_worker().unwrap();
+        let (subscription, nodes) = stack
+            .send_subscription_checkout(&format!("user-undo-fail-{step}"), "pro")
+            .await
+            .unwrap();
+        let node = &nodes[0];
+        wait_for_state(&stack, node, "ready").await;
+        stack.workers.clear();
+
+        let chaos = format!("fail_after:{step}");
+        stack
+            .start_worker_with(&[("HIVE_CHAOS", chaos.as_str())])
+            .unwrap();
+        stack.send_subscription_end(&subscription).await.unwrap();
+        wait_for_state(&stack, node, "failed").await;
+        let pool = stack.pool().await.unwrap();
+        let (failed_step,): (Option<String>,) =
+            sqlx::query_as("SELECT failed_step FROM nodes WHERE id = $1::uuid")
+                .bind(node)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(failed_step.as_deref(), Some(step.as_str()));
+        // A failed teardown starts no further side effect: what later steps remove is there.
+        let last = TEARDOWN.last() == Some(&step);
+        let left = stack.leftovers().await.unwrap();
+        assert_eq!(
+            left.is_empty(),
+            last,
+            "after a failure at {step}: {left:#?}"
+        );
+
+        stack.workers.clear();
+        stack.start_worker().unwrap();
+        let replay = stack.hivectl(&["replay", node]).unwrap();
+        assert!(replay.status.success(), "{replay:?}");
+        wait_for_state(&stack, node, "terminated").await;
+        assert_eq!(
+            stack.leftovers().await.unwrap(),
+            Vec::<String>::new(),
+            "after replaying a failure at {step}"
+        );
+        stack.workers.clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_any_undo_and_its_commit_still_ends_clean() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    for step in TEARDOWN {
+        stack.start_worker().unwrap();
+        let (subscription, nodes) = stack
+            .send_subscription_checkout(&format!("user-undo-crash-{step}"), "pro")
+            .await
+            .unwrap();
+        let node = &nodes[0];
+        wait_for_state(&stack, node, "ready").await;
+        stack.workers.clear();
+
+        let chaos = format!("crash_after:{step}");
+        let crashing = stack
+            .start_worker_with(&[("HIVE_CHAOS", chaos.as_str())])
+            .unwrap();
+        stack.send_subscription_end(&subscription).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stack.workers[crashing].try_wait().is_none() {
+            assert!(Instant::now() < deadline, "the worker never reached {step}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stack.workers.clear();
+        stack.start_worker().unwrap();
+        wait_for_state(&stack, node, "terminated").await;
+        assert_eq!(
+            stack.leftovers().await.unwrap(),
+            Vec::<String>::new(),
+            "after a crash at {step}"
+        );
         stack.workers.clear();
     }
 }
