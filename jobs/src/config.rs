@@ -316,10 +316,10 @@ pub struct WorkerConfig {
     pub shutdown_deadline: Duration,
     /// Test-only fault injection; never set in production.
     pub chaos: Option<Chaos>,
-    /// How often one of the workers runs the reconciler (`HIVE_RECONCILE_EVERY_SECS`, 600;
-    /// 0 turns it off), and how old an orphan must be to be removed
-    /// (`HIVE_RECONCILE_GRACE_SECS`, 600).
-    pub reconcile_every: Duration,
+    /// When the reconciler runs, as a cron expression with seconds (`HIVE_RECONCILE_SCHEDULE`,
+    /// default every ten minutes, `off` turns it off); each tick runs in one worker only. And
+    /// how old an orphan must be to be removed (`HIVE_RECONCILE_GRACE_SECS`, 600).
+    pub reconcile_schedule: Option<cron::Schedule>,
     pub reconcile_grace: Duration,
 }
 
@@ -398,7 +398,7 @@ impl WorkerConfig {
             heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
             stall_after: env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
             shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
-            reconcile_every: env.secs_or("HIVE_RECONCILE_EVERY_SECS", 600)?,
+            reconcile_schedule: reconcile_schedule(env)?,
             reconcile_grace: env.secs_or("HIVE_RECONCILE_GRACE_SECS", 600)?,
             chaos: match env.optional("HIVE_CHAOS") {
                 None => None,
@@ -409,6 +409,29 @@ impl WorkerConfig {
             },
         })
     }
+}
+
+/// The reconciler's default: every ten minutes, on the minute.
+pub const DEFAULT_RECONCILE_SCHEDULE: &str = "0 */10 * * * *";
+
+fn reconcile_schedule<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> Result<Option<cron::Schedule>, ConfigError> {
+    const NAME: &str = "HIVE_RECONCILE_SCHEDULE";
+    let raw = env
+        .optional(NAME)
+        .unwrap_or_else(|| DEFAULT_RECONCILE_SCHEDULE.into());
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    cron::Schedule::from_str(raw.trim())
+        .map(Some)
+        .map_err(|_| ConfigError::Malformed {
+            name: NAME,
+            reason: format!(
+                "`{raw}` is not a cron expression with seconds, such as `{DEFAULT_RECONCILE_SCHEDULE}`, or `off`"
+            ),
+        })
 }
 
 fn prefixed<F: Fn(&str) -> Option<String>>(

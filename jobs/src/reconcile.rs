@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -63,8 +63,72 @@ fn orphan(owners: &HashSet<Uuid>, node_id: &str) -> bool {
     }
 }
 
-/// One reconcile pass.
+/// One reconcile pass, on demand (an operator's `hivectl reconcile`).
 pub async fn reconcile(
+    pool: &PgPool,
+    clouds: &Clouds,
+    node_domain: &str,
+    grace: Duration,
+) -> Result<Report, ReconcileError> {
+    let (run,): (i64,) = sqlx::query_as(
+        "INSERT INTO reconcile_runs (started_at, removed, reprovisioned) \
+         VALUES (now(), '[]', '[]') RETURNING id",
+    )
+    .fetch_one(pool)
+    .await?;
+    record_pass(pool, run, pass(pool, clouds, node_domain, grace).await).await
+}
+
+/// The pass of a scheduled tick, unless another worker has claimed that tick (`None`).
+pub async fn reconcile_tick(
+    pool: &PgPool,
+    clouds: &Clouds,
+    node_domain: &str,
+    grace: Duration,
+    tick: DateTime<Utc>,
+) -> Result<Option<Report>, ReconcileError> {
+    let claimed: Option<(i64,)> = sqlx::query_as(
+        "INSERT INTO reconcile_runs (started_at, tick, removed, reprovisioned) \
+         VALUES (now(), $1, '[]', '[]') ON CONFLICT (tick) DO NOTHING RETURNING id",
+    )
+    .bind(tick)
+    .fetch_optional(pool)
+    .await?;
+    match claimed {
+        None => Ok(None),
+        Some((run,)) => Ok(Some(
+            record_pass(pool, run, pass(pool, clouds, node_domain, grace).await).await?,
+        )),
+    }
+}
+
+/// Writes what a pass found and did (or why it stopped) to its `reconcile_runs` row.
+async fn record_pass(
+    pool: &PgPool,
+    run: i64,
+    outcome: Result<Report, ReconcileError>,
+) -> Result<Report, ReconcileError> {
+    let (report, error) = match &outcome {
+        Ok(report) => (report.clone(), None),
+        Err(e) => (Report::default(), Some(e.to_string())),
+    };
+    sqlx::query(
+        "UPDATE reconcile_runs SET finished_at = now(), removed = $2, reprovisioned = $3, \
+         error = $4 WHERE id = $1",
+    )
+    .bind(run)
+    .bind(serde_json::json!(report.removed))
+    .bind(serde_json::json!(report.reprovisioned))
+    .bind(error)
+    .execute(pool)
+    .await?;
+    if !report.removed.is_empty() {
+        tracing::warn!(removed = ?report.removed, "reconciler removed orphans");
+    }
+    outcome
+}
+
+async fn pass(
     pool: &PgPool,
     clouds: &Clouds,
     node_domain: &str,
@@ -186,19 +250,6 @@ pub async fn reconcile(
             tracing::warn!(node_id = %id, why, "ready node sent back to provisioning");
             report.reprovisioned.push(id);
         }
-    }
-
-    sqlx::query(
-        "INSERT INTO reconcile_runs (started_at, finished_at, removed, reprovisioned) \
-         VALUES ($1, now(), $2, $3)",
-    )
-    .bind(started)
-    .bind(serde_json::json!(report.removed))
-    .bind(serde_json::json!(report.reprovisioned))
-    .execute(pool)
-    .await?;
-    if !report.removed.is_empty() {
-        tracing::warn!(removed = ?report.removed, "reconciler removed orphans");
     }
     Ok(report)
 }

@@ -31,7 +31,7 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
     let mut options = StackOptions::default();
     options
         .extra_env
-        .push(("HIVE_RECONCILE_EVERY_SECS".into(), "0".into()));
+        .push(("HIVE_RECONCILE_SCHEDULE".into(), "off".into()));
     let mut stack = Stack::start(options).await.expect("stack");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
@@ -171,4 +171,51 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
     let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("0 orphan(s) removed, 0 node(s) re-provisioned"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduled_passes_run_in_one_worker_per_tick() {
+    let mut options = StackOptions::default();
+    options.extra_env.extend(
+        [
+            ("HIVE_RECONCILE_SCHEDULE", "*/2 * * * * *"),
+            ("HIVE_RECONCILE_GRACE_SECS", "0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut stack = Stack::start(options).await.expect("stack");
+    for _ in 0..3 {
+        stack.start_worker().unwrap();
+    }
+    // An orphan appears while the workers run; no operator asks for a pass.
+    let ghost = uuid::Uuid::new_v4();
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    sm.create_secret()
+        .name(format!("hive/nodes/{ghost}/tunnel-token"))
+        .secret_string("orphaned")
+        .send()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !stack.leftovers().await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled pass removed the orphan"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let a few more ticks pass, with all three workers awake for each.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pool = stack.pool().await.unwrap();
+    let (runs, ticks, unfinished, removed): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT tick), count(*) FILTER (WHERE finished_at IS NULL), \
+         coalesce(sum(jsonb_array_length(removed)), 0) FROM reconcile_runs",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(runs >= 3, "{runs} passes");
+    assert_eq!(runs, ticks, "a tick ran more than once");
+    assert!(unfinished <= 1, "{unfinished} passes never finished");
+    assert_eq!(removed, 1, "the orphan was removed once");
 }

@@ -59,6 +59,13 @@ async fn bad_settings_stop_the_binaries_with_one_line_and_several_start_at_once(
         &run_with("hive-worker", &with("CLOUDFLARE_API_BASE", "ftp://x")),
         "CLOUDFLARE_API_BASE",
     );
+    one_line_naming(
+        &run_with(
+            "hive-worker",
+            &with("HIVE_RECONCILE_SCHEDULE", "every ten minutes"),
+        ),
+        "HIVE_RECONCILE_SCHEDULE",
+    );
 
     // Three workers and two apis on a database nobody has migrated yet, all at once.
     for _ in 0..3 {

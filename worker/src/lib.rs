@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::*;
+use apalis_cron::{CronScheduler, Tick};
 use apalis_postgres::{Config, PostgresStorage};
 use backon::{ExponentialBuilder, Retryable};
 use hive_jobs::config::WorkerConfig;
 use hive_jobs::provision::{Clouds, Provisioner};
 use hive_jobs::queue::{ProvisionNode, NODE_QUEUE};
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -48,17 +50,23 @@ where
     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
     .await?;
     let (clouds, region) = Clouds::from_config(&config).await?;
-    let reconciler = if config.reconcile_every.is_zero() {
-        None
-    } else {
-        let (clouds, _) = Clouds::from_config(&config).await?;
-        Some(tokio::spawn(reconcile_periodically(
-            pool.clone(),
-            clouds,
-            config.clone(),
-        )))
-    };
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
+    let reconciler = match &config.reconcile_schedule {
+        None => None,
+        Some(schedule) => {
+            let (clouds, _) = Clouds::from_config(&config).await?;
+            let context = Arc::new(ReconcileContext {
+                pool: pool.clone(),
+                clouds,
+                config: config.clone(),
+            });
+            Some(tokio::spawn(reconcile_on_schedule(
+                format!("{worker_name}-reconciler"),
+                schedule.clone(),
+                context,
+            )))
+        }
+    };
     tracing::info!(worker = %worker_name, %region, concurrency = config.concurrency, "hive-worker started");
     let provisioner = Arc::new(Provisioner::new(
         pool.clone(),
@@ -162,43 +170,61 @@ async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration) {
     }
 }
 
-/// Runs the reconciler every `reconcile_every`, in one worker at a time (a Postgres advisory
-/// lock; the others skip that round).
-async fn reconcile_periodically(pool: sqlx::PgPool, clouds: Clouds, config: WorkerConfig) {
-    const LOCK: i64 = 0x6869_7665_7265_636f; // "hivereco"
-    let mut every = tokio::time::interval(config.reconcile_every);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
+/// What a scheduled reconcile pass needs.
+struct ReconcileContext {
+    pool: sqlx::PgPool,
+    clouds: Clouds,
+    config: WorkerConfig,
+}
+
+/// One tick of the reconciler's schedule. Every worker gets each tick; the one that claims it
+/// in `reconcile_runs` runs the pass, the others skip it.
+async fn reconcile_tick(
+    tick: Tick,
+    context: Data<Arc<ReconcileContext>>,
+) -> Result<(), BoxDynError> {
+    let at = i64::try_from(tick.get_timestamp())
+        .ok()
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .ok_or("tick out of range")?;
+    let span = tracing::info_span!("reconcile", tick = %at);
+    let outcome = hive_jobs::reconcile::reconcile_tick(
+        &context.pool,
+        &context.clouds,
+        &context.config.node_domain,
+        context.config.reconcile_grace,
+        at,
+    )
+    .instrument(span.clone())
+    .await;
+    let _entered = span.enter();
+    match outcome {
+        Ok(Some(report)) => tracing::info!(
+            removed = report.removed.len(),
+            reprovisioned = report.reprovisioned.len(),
+            "reconciled"
+        ),
+        Ok(None) => tracing::debug!("tick taken by another worker"),
+        // Logged and recorded; the next tick tries again.
+        Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+    }
+    Ok(())
+}
+
+/// Runs the reconciler on its cron schedule (apalis-cron) for as long as the worker runs.
+async fn reconcile_on_schedule(
+    name: String,
+    schedule: cron::Schedule,
+    context: Arc<ReconcileContext>,
+) {
     loop {
-        every.tick().await;
-        let Ok(mut conn) = pool.acquire().await else {
-            continue;
-        };
-        let locked: Result<(bool,), _> = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK)
-            .fetch_one(&mut *conn)
-            .await;
-        if !matches!(locked, Ok((true,))) {
-            continue;
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(CronScheduler::new(schedule.clone()))
+            .data(context.clone())
+            .build(reconcile_tick);
+        if let Err(e) = worker.run().await {
+            tracing::warn!(error = %e, "reconcile schedule stopped; starting it again");
         }
-        match hive_jobs::reconcile::reconcile(
-            &pool,
-            &clouds,
-            &config.node_domain,
-            config.reconcile_grace,
-        )
-        .await
-        {
-            Ok(report) => tracing::info!(
-                removed = report.removed.len(),
-                reprovisioned = report.reprovisioned.len(),
-                "reconciled"
-            ),
-            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
-        }
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LOCK)
-            .execute(&mut *conn)
-            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
