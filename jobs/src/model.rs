@@ -144,6 +144,47 @@ impl NodeState {
         self.is_provisioning() || self.is_teardown()
     }
 
+    /// The one table of legal moves (the database refuses any other, see the
+    /// `node_transitions` migration).
+    pub fn may_become(self, to: NodeState) -> bool {
+        use NodeState::*;
+        if self == to || self == Terminated {
+            return false;
+        }
+        // Ending the subscription tears down a node from wherever it is; a failed provisioning
+        // is undone through the same steps.
+        if to == Terminating {
+            return true;
+        }
+        match self {
+            s if s.is_provisioning() => Some(to) == s.next_provisioning() || to == Failed,
+            s if s.is_teardown() => match s.next_teardown() {
+                Some(next) => to == next || to == Failed,
+                // The last undo ends the node, or leaves an undone provisioning `failed`.
+                None => to == Terminated || to == Failed,
+            },
+            // The reconciler re-provisions from the step that creates what vanished.
+            Ready => to.is_provisioning(),
+            // An operator's replay resumes at any step.
+            Failed => to.has_step(),
+            // Suspended waits for an outside event; terminated is final.
+            _ => false,
+        }
+    }
+
+    /// Every legal move, as `(from, to)`.
+    pub fn transitions() -> Vec<(NodeState, NodeState)> {
+        let mut all = Vec::new();
+        for from in NodeState::ALL {
+            for to in NodeState::ALL {
+                if from.may_become(to) {
+                    all.push((from, to));
+                }
+            }
+        }
+        all
+    }
+
     /// What the customer's app sees.
     pub fn status(self) -> NodeStatus {
         match self {
@@ -304,5 +345,42 @@ mod tests {
         );
         assert_eq!(NodeState::DeletingTunnel.next_teardown(), None);
         assert!(PROVISIONING.iter().all(|s| !s.is_teardown()));
+    }
+
+    #[test]
+    fn only_the_workflows_moves_are_legal() {
+        use NodeState::*;
+        for (from, to) in [
+            (Pending, CreatingTunnel),
+            (WaitingForTunnel, Ready),
+            (LaunchingInstance, Failed),
+            (LaunchingInstance, Terminating),
+            (Ready, Terminating),
+            (Ready, LaunchingInstance),
+            (DeletingRoute53Record, DeletingCloudflareRecord),
+            (DeletingTunnel, Terminated),
+            (DeletingTunnel, Failed),
+            (Failed, StoringSecret),
+            (Failed, DeletingSecret),
+        ] {
+            assert!(from.may_become(to), "{from} -> {to} should be legal");
+        }
+        for (from, to) in [
+            (Pending, Ready),
+            (Pending, LaunchingInstance),
+            (CreatingTunnel, Pending),
+            (Ready, Terminated),
+            (Ready, Failed),
+            (Terminated, Pending),
+            (Terminated, Terminating),
+            (DeletingSecret, Terminated),
+            (DeletingSecret, DeletingRoute53Record),
+            (Failed, Ready),
+            (Failed, Terminated),
+            (Ready, Ready),
+        ] {
+            assert!(!from.may_become(to), "{from} -> {to} should be illegal");
+        }
+        assert!(NodeState::transitions().len() > 40);
     }
 }

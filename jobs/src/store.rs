@@ -40,7 +40,26 @@ pub async fn connect_and_migrate(database_url: &str, max_connections: u32) -> St
         .await?;
     MIGRATOR.run(&pool).await?;
     apalis_postgres::PostgresStorage::setup(&pool).await?;
+    publish_transitions(&pool).await?;
     Ok(pool)
+}
+
+/// Writes the code's table of legal moves where the database's guard reads it. Moves only
+/// get added: a binary of an older release still running meanwhile keeps its own.
+async fn publish_transitions(pool: &PgPool) -> StoreResult<()> {
+    let (from, to): (Vec<&str>, Vec<&str>) = NodeState::transitions()
+        .into_iter()
+        .map(|(f, t)| (f.as_str(), t.as_str()))
+        .unzip();
+    sqlx::query(
+        "INSERT INTO node_transitions (from_state, to_state) \
+         SELECT * FROM UNNEST($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&from)
+    .bind(&to)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 const NODE_COLUMNS: &str =

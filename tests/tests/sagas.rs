@@ -120,6 +120,47 @@ async fn every_step_and_every_undo_run_twice_changes_nothing() {
     assert_eq!(status, 200);
     wait_for_state(&stack, &node, "terminated").await;
     assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+
+    // The node's log holds every move, each exactly once, in the workflows' order.
+    let pool = stack.pool().await.unwrap();
+    let moves: Vec<String> = sqlx::query_scalar(
+        "SELECT detail FROM node_events WHERE node_id = $1::uuid AND kind = 'transition' ORDER BY id",
+    )
+    .bind(&node)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let path: Vec<&str> = PROVISIONING
+        .iter()
+        .map(|s| s.as_str())
+        .chain(["ready"])
+        .chain(TEARDOWN.iter().map(|s| s.as_str()))
+        .chain(["terminated"])
+        .collect();
+    let expected: Vec<String> = path
+        .windows(2)
+        .map(|w| format!("{} -> {}", w[0], w[1]))
+        .collect();
+    assert_eq!(moves, expected);
+
+    // And the database refuses a move outside the table, changing nothing.
+    let illegal = sqlx::query("UPDATE nodes SET state = 'ready' WHERE id = $1::uuid")
+        .bind(&node)
+        .execute(&pool)
+        .await;
+    let message = illegal
+        .expect_err("terminated -> ready was accepted")
+        .to_string();
+    assert!(
+        message.contains("illegal node transition: terminated -> ready"),
+        "{message}"
+    );
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
+        .bind(&node)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "terminated");
 }
 
 #[tokio::test(flavor = "multi_thread")]
