@@ -98,6 +98,33 @@ fn ok(result: Value) -> Answer {
     )
 }
 
+/// One page of a list, as Cloudflare pages them (`page` from 1, `per_page` with the endpoint's
+/// default), with its `result_info`.
+fn page_of(items: Vec<Value>, page: Option<u32>, per_page: Option<u32>, default: u32) -> Answer {
+    let per_page = per_page.unwrap_or(default).clamp(1, 5000) as usize;
+    let page = page.unwrap_or(1).max(1) as usize;
+    let total = items.len();
+    let shown: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    let info = json!({
+        "page": page,
+        "per_page": per_page,
+        "count": shown.len(),
+        "total_count": total,
+        "total_pages": total.div_ceil(per_page),
+    });
+    (
+        StatusCode::OK,
+        Json(json!({
+            "success": true, "errors": [], "messages": [],
+            "result": shown, "result_info": info
+        })),
+    )
+}
+
 fn fail(status: StatusCode, code: u32, message: &str) -> Answer {
     (
         status,
@@ -323,6 +350,8 @@ struct TunnelQuery {
     name: Option<String>,
     include_prefix: Option<String>,
     is_deleted: Option<bool>,
+    page: Option<u32>,
+    per_page: Option<u32>,
 }
 
 async fn list_tunnels(
@@ -331,9 +360,11 @@ async fn list_tunnels(
     Query(q): Query<TunnelQuery>,
 ) -> Answer {
     let store = s.lock();
-    let found: Vec<Value> = store
-        .tunnels
-        .values()
+    // Oldest first, as Cloudflare lists them: something made last is on the last page.
+    let mut tunnels: Vec<&Tunnel> = store.tunnels.values().collect();
+    tunnels.sort_by_key(|t| (t.created_at, t.id));
+    let found: Vec<Value> = tunnels
+        .into_iter()
         .filter(|t| t.account == account)
         .filter(|t| q.name.as_ref().is_none_or(|n| &t.name == n))
         .filter(|t| {
@@ -344,7 +375,7 @@ async fn list_tunnels(
         .filter(|t| q.is_deleted.is_none_or(|d| d == t.deleted_at.is_some()))
         .map(|t| s.tunnel_json(t))
         .collect();
-    ok(Value::Array(found))
+    page_of(found, q.page, q.per_page, 20)
 }
 
 #[derive(Debug, Deserialize)]
@@ -519,6 +550,8 @@ struct DnsQuery {
     name: Option<String>,
     #[serde(rename = "type")]
     record_type: Option<String>,
+    page: Option<u32>,
+    per_page: Option<u32>,
 }
 
 async fn list_dns(
@@ -527,15 +560,16 @@ async fn list_dns(
     Query(q): Query<DnsQuery>,
 ) -> Answer {
     let store = s.lock();
-    let found: Vec<Value> = store
-        .dns
-        .values()
+    let mut records: Vec<&DnsRecord> = store.dns.values().collect();
+    records.sort_by(|a, b| (a.created_on, &a.id).cmp(&(b.created_on, &b.id)));
+    let found: Vec<Value> = records
+        .into_iter()
         .filter(|r| r.zone == zone)
         .filter(|r| q.name.as_ref().is_none_or(|n| &r.name == n))
         .filter(|r| q.record_type.as_ref().is_none_or(|t| &r.record_type == t))
         .map(dns_json)
         .collect();
-    ok(Value::Array(found))
+    page_of(found, q.page, q.per_page, 100)
 }
 
 #[derive(Debug, Deserialize)]

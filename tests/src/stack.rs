@@ -345,7 +345,7 @@ impl Stack {
     pub async fn leftovers(&self) -> anyhow::Result<Vec<String>> {
         let mut left = Vec::new();
         let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
-        let instances = ec2
+        let mut pages = ec2
             .describe_instances()
             .filters(
                 aws_sdk_ec2::types::Filter::builder()
@@ -353,36 +353,48 @@ impl Stack {
                     .values("hive:node-id")
                     .build(),
             )
-            .send()
-            .await?;
-        for instance in instances.reservations().iter().flat_map(|r| r.instances()) {
-            let state = instance
-                .state()
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_string());
-            if state.as_deref() != Some("terminated") {
-                left.push(format!("instance {:?} ({state:?})", instance.instance_id()));
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for instance in page?.reservations().iter().flat_map(|r| r.instances()) {
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string());
+                if state.as_deref() != Some("terminated") {
+                    left.push(format!("instance {:?} ({state:?})", instance.instance_id()));
+                }
             }
         }
         let sm = aws_sdk_secretsmanager::Client::new(&self.sdk);
-        for secret in sm
-            .list_secrets()
-            .max_results(100)
-            .send()
-            .await?
-            .secret_list()
-        {
-            left.push(format!("secret {:?}", secret.name()));
+        let mut pages = sm.list_secrets().max_results(100).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            for secret in page?.secret_list() {
+                left.push(format!("secret {:?}", secret.name()));
+            }
         }
         let r53 = aws_sdk_route53::Client::new(&self.sdk);
-        let sets = r53
-            .list_resource_record_sets()
-            .hosted_zone_id(&self.aws.zone_id)
-            .send()
-            .await?;
-        for set in sets.resource_record_sets() {
-            if set.r#type().as_str() == "CNAME" {
-                left.push(format!("route53 record {}", set.name()));
+        let mut start: Option<(String, aws_sdk_route53::types::RrType)> = None;
+        loop {
+            let mut request = r53
+                .list_resource_record_sets()
+                .hosted_zone_id(&self.aws.zone_id);
+            if let Some((name, kind)) = start.take() {
+                request = request.start_record_name(name).start_record_type(kind);
+            }
+            let sets = request.send().await?;
+            for set in sets.resource_record_sets() {
+                if set.r#type().as_str() == "CNAME" {
+                    left.push(format!("route53 record {}", set.name()));
+                }
+            }
+            match (
+                sets.is_truncated(),
+                sets.next_record_name(),
+                sets.next_record_type(),
+            ) {
+                (true, Some(name), Some(kind)) => start = Some((name.to_string(), kind.clone())),
+                _ => break,
             }
         }
         let cf = self.cloudflare_state().await?;
@@ -395,6 +407,37 @@ impl Stack {
             left.push(format!("cloudflare record {}", record["name"]));
         }
         Ok(left)
+    }
+
+    /// Creates, through the Cloudflare API, a tunnel and a proxied CNAME named like those of
+    /// node `ghost`, which has no row: orphans for the reconciler.
+    pub async fn plant_cloudflare_orphans(&self, ghost: &str) -> anyhow::Result<()> {
+        let cf = self.cloudflare_api_base();
+        let tunnel =
+            serde_json::json!({ "name": format!("hive-{ghost}"), "config_src": "cloudflare" });
+        let record = serde_json::json!({
+            "type": "CNAME",
+            "name": format!("{ghost}.{NODE_DOMAIN}"),
+            "content": "x.cfargotunnel.com",
+            "proxied": true
+        });
+        for (path, body) in [
+            (
+                format!("{cf}accounts/{CLOUDFLARE_ACCOUNT}/cfd_tunnel"),
+                tunnel,
+            ),
+            (format!("{cf}zones/{CLOUDFLARE_ZONE}/dns_records"), record),
+        ] {
+            let answer = self
+                .http
+                .post(&path)
+                .bearer_auth(CLOUDFLARE_TOKEN)
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(answer.status().is_success(), "{path}: {}", answer.status());
+        }
+        Ok(())
     }
 
     /// Everything the Cloudflare stand-in holds.

@@ -252,6 +252,28 @@ async fn two_hundred_pending_instances_do_not_hold_the_workers_slots() {
         assert!(Instant::now() < deadline, "fleet not ready: {counts:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // With 201 tunnels and records, Cloudflare lists them over several pages; orphans made
+    // last are on the last page, and the reconciler still finds them and nothing else.
+    let ghost = uuid::Uuid::new_v4().to_string();
+    stack.plant_cloudflare_orphans(&ghost).await.unwrap();
+    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 orphan(s) removed, 0 node(s) re-provisioned"),
+        "{stdout}"
+    );
+    let left = stack.leftovers().await.unwrap();
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+    for l in &left {
+        *kinds.entry(l.split(' ').next().unwrap_or("")).or_default() += 1;
+    }
+    assert_eq!(left.len(), 201 * 5, "{kinds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

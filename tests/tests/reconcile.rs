@@ -4,10 +4,7 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-use hive_tests::stack::{
-    Stack, StackOptions, CLOUDFLARE_ACCOUNT, CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, NODE_DOMAIN,
-};
-use serde_json::json;
+use hive_tests::stack::{Stack, StackOptions, NODE_DOMAIN};
 
 async fn wait_ready(stack: &Stack, node: &str) {
     let pool = stack.pool().await.unwrap();
@@ -70,24 +67,7 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
         .send()
         .await
         .unwrap();
-    let http = reqwest::Client::new();
-    let cf = stack.cloudflare_api_base();
-    let created = http
-        .post(format!("{cf}accounts/{CLOUDFLARE_ACCOUNT}/cfd_tunnel"))
-        .bearer_auth(CLOUDFLARE_TOKEN)
-        .json(&json!({ "name": format!("hive-{ghost}"), "config_src": "cloudflare" }))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status().is_success());
-    let created = http
-        .post(format!("{cf}zones/{CLOUDFLARE_ZONE}/dns_records"))
-        .bearer_auth(CLOUDFLARE_TOKEN)
-        .json(&json!({ "type": "CNAME", "name": ghost_host, "content": "x.cfargotunnel.com", "proxied": true }))
-        .send()
-        .await
-        .unwrap();
-    assert!(created.status().is_success());
+    stack.plant_cloudflare_orphans(&ghost).await.unwrap();
     let r53 = aws_sdk_route53::Client::new(&stack.sdk);
     let record = aws_sdk_route53::types::ResourceRecordSet::builder()
         .name(&ghost_host)

@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::secrets::SecretString;
 use super::{CloudError, CloudResult};
 
+/// Items per page when listing; the listing reads every page.
+const PAGE_SIZE: u32 = 100;
+
 pub struct Cloudflare {
     client: Client,
     account_id: String,
@@ -81,22 +84,30 @@ impl Cloudflare {
 
     /// Live (not deleted) tunnels matching `params`.
     async fn live_tunnels(&self, params: list_tunnels::Params) -> CloudResult<Vec<Tunnel>> {
-        let found = self
-            .client
-            .request(&list_tunnels::ListTunnels {
-                account_identifier: &self.account_id,
-                params: list_tunnels::Params {
-                    is_deleted: Some(false),
-                    ..params
-                },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:ListTunnels", e))?;
-        Ok(found
-            .result
-            .into_iter()
-            .filter(|t| t.deleted_at.is_none())
-            .collect())
+        let mut live = Vec::new();
+        for page in 1.. {
+            let found = self
+                .client
+                .request(&list_tunnels::ListTunnels {
+                    account_identifier: &self.account_id,
+                    params: list_tunnels::Params {
+                        is_deleted: Some(false),
+                        pagination_params: Some(list_tunnels::PaginationParams {
+                            page,
+                            per_page: PAGE_SIZE.into(),
+                        }),
+                        ..params.clone()
+                    },
+                })
+                .await
+                .map_err(|e| classify("cloudflare:ListTunnels", e))?;
+            let last = found.result.len() < PAGE_SIZE as usize;
+            live.extend(found.result.into_iter().filter(|t| t.deleted_at.is_none()));
+            if last {
+                break;
+            }
+        }
+        Ok(live)
     }
 
     /// The live tunnel of that name, if one exists.
@@ -128,22 +139,32 @@ impl Cloudflare {
 
     /// Every CNAME of the zone.
     pub async fn list_cnames(&self) -> CloudResult<Vec<DnsRecord>> {
-        let found = self
-            .client
-            .request(&ListDnsRecords {
-                zone_identifier: &self.zone_id,
-                params: ListDnsRecordsParams {
-                    per_page: Some(5000),
-                    ..Default::default()
-                },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:ListDnsRecords", e))?;
-        Ok(found
-            .result
-            .into_iter()
-            .filter(|r| matches!(r.content, DnsContent::CNAME { .. }))
-            .collect())
+        let mut cnames = Vec::new();
+        for page in 1.. {
+            let found = self
+                .client
+                .request(&ListDnsRecords {
+                    zone_identifier: &self.zone_id,
+                    params: ListDnsRecordsParams {
+                        page: Some(page),
+                        per_page: Some(PAGE_SIZE),
+                        ..Default::default()
+                    },
+                })
+                .await
+                .map_err(|e| classify("cloudflare:ListDnsRecords", e))?;
+            let last = found.result.len() < PAGE_SIZE as usize;
+            cnames.extend(
+                found
+                    .result
+                    .into_iter()
+                    .filter(|r| matches!(r.content, DnsContent::CNAME { .. })),
+            );
+            if last {
+                break;
+            }
+        }
+        Ok(cnames)
     }
 
     /// Creates a remotely managed tunnel. Callers look it up by name first.
