@@ -42,6 +42,9 @@ pub enum AwsFaultMode {
     /// Forward to moto, then break the connection before the answer is complete: the change
     /// happened, the caller does not know.
     DropAfterSuccess,
+    /// Forward to moto, then hold the answer this long: the change happened, the caller hears
+    /// of it late (after its lease ran out, say).
+    SlowAnswer(Duration),
 }
 
 /// Fails the next `times` requests of one operation (`RunInstances`, `CreateSecret`,
@@ -234,7 +237,7 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
                 "hang",
             );
         }
-        Some(AwsFaultMode::DropAfterSuccess) | None => {}
+        Some(AwsFaultMode::DropAfterSuccess | AwsFaultMode::SlowAnswer(_)) | None => {}
         Some(other) => return fault_answer(protocol, other),
     }
     let dropped = fault == Some(AwsFaultMode::DropAfterSuccess);
@@ -286,6 +289,9 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
             }
             _ => {}
         }
+    }
+    if let Some(AwsFaultMode::SlowAnswer(delay)) = fault {
+        tokio::time::sleep(delay).await;
     }
     respond(status, headers, answer, dropped)
 }
@@ -379,7 +385,10 @@ fn fault_answer(protocol: Protocol, mode: AwsFaultMode) -> Response {
             "AccessDeniedException",
             "User is not authorized to perform this operation.",
         ),
-        (AwsFaultMode::Hang | AwsFaultMode::DropAfterSuccess, _) => (
+        (
+            AwsFaultMode::Hang | AwsFaultMode::DropAfterSuccess | AwsFaultMode::SlowAnswer(_),
+            _,
+        ) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
             "not a fault with an answer",

@@ -183,3 +183,63 @@ async fn postgres_restarted_mid_run_loses_nothing() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_comes_back_late_cannot_overwrite_a_newer_result() {
+    use hive_tests::aws_proxy::{AwsFault, AwsFaultMode};
+    let mut options = options();
+    options.extra_env.extend(
+        [
+            ("HIVE_LEASE_MS", "1000"),
+            ("HIVE_STALL_AFTER_MS", "1000"),
+            ("HIVE_HTTP_TIMEOUT_MS", "10000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut stack = Stack::start(options).await.expect("stack");
+    // The first launch happens at once, but its answer reaches the worker only after its
+    // lease has run out and another worker has taken the node over.
+    stack.aws_proxy.inject(AwsFault::new(
+        "RunInstances",
+        AwsFaultMode::SlowAnswer(Duration::from_secs(6)),
+        1,
+    ));
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    stack.start_worker().unwrap();
+    let node = order(&stack, "user-late", "pro").await.remove(0);
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // Let the late answer arrive and its worker try to commit.
+    let pool = stack.pool().await.unwrap();
+    let generation = |pool: sqlx::PgPool, node: String| async move {
+        sqlx::query_as::<_, (String, i32)>(
+            "SELECT state, generation FROM nodes WHERE id = $1::uuid",
+        )
+        .bind(node)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = generation(pool.clone(), node.clone()).await;
+    while stack.aws_proxy.calls("RunInstances") < 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(generation(pool.clone(), node.clone()).await, before);
+    assert_eq!(before.0, "ready");
+    let (launches,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM node_events WHERE node_id = $1::uuid \
+         AND step = 'launching_instance' AND kind = 'succeeded'",
+    )
+    .bind(&node)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(launches, 1, "the late result was not recorded");
+    // The worker that took over found the instance instead of launching another.
+    assert_eq!(stack.aws_proxy.calls("RunInstances"), 1);
+    assert_one_of_each(&stack, std::slice::from_ref(&node)).await;
+}
