@@ -44,6 +44,32 @@ pub const PROVISIONING: [NodeState; 10] = [
     NodeState::WaitingForTunnel,
 ];
 
+/// The provisioning workflow as a saga: each step beside the teardown step that undoes it.
+/// `None`: the step makes nothing of its own (a check, a wait), or what it makes goes with
+/// another's undo (the secret's instance tag with the secret, the ingress with the tunnel).
+/// [`TEARDOWN`] is these undos in reverse, after `terminating`; a test holds them together.
+pub const PROVISIONING_UNDO: [(NodeState, Option<NodeState>); 10] = [
+    (NodeState::Pending, None),
+    (NodeState::CreatingTunnel, Some(NodeState::DeletingTunnel)),
+    (NodeState::StoringSecret, Some(NodeState::DeletingSecret)),
+    (
+        NodeState::LaunchingInstance,
+        Some(NodeState::TerminatingInstance),
+    ),
+    (NodeState::BindingSecret, None),
+    (NodeState::WaitingForInstance, None),
+    (NodeState::ConfiguringIngress, None),
+    (
+        NodeState::RoutingCloudflare,
+        Some(NodeState::DeletingCloudflareRecord),
+    ),
+    (
+        NodeState::RoutingRoute53,
+        Some(NodeState::DeletingRoute53Record),
+    ),
+    (NodeState::WaitingForTunnel, None),
+];
+
 /// The teardown steps, in order: the provisioning side effects undone in reverse. Each finds
 /// what to delete by the node's identity (tags, names), not only by the ids on the row, so it
 /// also removes what a crash left unrecorded; "not found" counts as done.
@@ -345,6 +371,16 @@ mod tests {
         );
         assert_eq!(NodeState::DeletingTunnel.next_teardown(), None);
         assert!(PROVISIONING.iter().all(|s| !s.is_teardown()));
+    }
+
+    #[test]
+    fn teardown_is_the_provisioning_undos_in_reverse() {
+        let steps: Vec<NodeState> = PROVISIONING_UNDO.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, PROVISIONING);
+        let mut undos: Vec<NodeState> = PROVISIONING_UNDO.iter().filter_map(|(_, u)| *u).collect();
+        undos.reverse();
+        assert_eq!(TEARDOWN[0], NodeState::Terminating);
+        assert_eq!(&TEARDOWN[1..], undos.as_slice());
     }
 
     #[test]
