@@ -165,15 +165,7 @@ impl AwsProxy {
         self,
         addr: SocketAddr,
     ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        let app = self.router();
-        let handle = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "aws proxy stopped");
-            }
-        });
-        Ok((bound, handle))
+        crate::serve_router(self.router(), addr, "aws proxy").await
     }
 
     /// Sends the request on to moto; the answer's status, headers and whole body.

@@ -215,15 +215,7 @@ impl StandIn {
         self,
         addr: SocketAddr,
     ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        let app = self.router();
-        let handle = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "stand-in stopped");
-            }
-        });
-        Ok((bound, handle))
+        crate::serve_router(self.router(), addr, "stand-in").await
     }
 
     fn tunnel_json(&self, t: &Tunnel) -> Value {

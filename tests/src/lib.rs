@@ -7,3 +7,20 @@ pub mod cloudflare_standin;
 pub mod process;
 pub mod stack;
 pub mod stripe_events;
+
+/// Serves `app` on `addr` (port 0 picks one); returns the bound address and the server task,
+/// which the owner aborts to stop it.
+pub async fn serve_router(
+    app: axum::Router,
+    addr: std::net::SocketAddr,
+    what: &'static str,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    });
+    Ok((bound, handle))
+}

@@ -440,6 +440,39 @@ impl Stack {
         Ok(())
     }
 
+    /// Creates a node secret of node `ghost`, which has no row: an orphan for the reconciler.
+    pub async fn plant_secret_orphan(&self, ghost: &str) -> anyhow::Result<()> {
+        aws_sdk_secretsmanager::Client::new(&self.sdk)
+            .create_secret()
+            .name(format!("hive/nodes/{ghost}/tunnel-token"))
+            .secret_string("orphaned")
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `hivectl reconcile --grace-secs 0`, which must succeed; its output.
+    pub fn reconcile_now(&self) -> anyhow::Result<String> {
+        let out = self.hivectl(&["reconcile", "--grace-secs", "0"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "hivectl reconcile: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The step a node failed at, from its row.
+    pub async fn failed_step(&self, node_id: &str) -> anyhow::Result<Option<String>> {
+        let pool = self.pool().await?;
+        let step = sqlx::query_scalar("SELECT failed_step FROM nodes WHERE id = $1::uuid")
+            .bind(node_id)
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        Ok(step)
+    }
+
     /// Everything the Cloudflare stand-in holds.
     pub async fn cloudflare_state(&self) -> anyhow::Result<Value> {
         Ok(self

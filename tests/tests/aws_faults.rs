@@ -164,14 +164,11 @@ async fn a_permanent_refusal_fails_the_node_at_once_and_undoes_it() {
     assert!(error.contains("UnauthorizedOperation"), "{error}");
     // Not retried: one call, and nothing after it but the undo.
     assert_eq!(stack.aws_proxy.calls("RunInstances"), 1);
+    assert_eq!(
+        stack.failed_step(&node).await.unwrap().as_deref(),
+        Some("launching_instance")
+    );
     let pool = stack.pool().await.unwrap();
-    let (failed_step,): (Option<String>,) =
-        sqlx::query_as("SELECT failed_step FROM nodes WHERE id = $1::uuid")
-            .bind(&node)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(failed_step.as_deref(), Some("launching_instance"));
     assert!(retried_steps(&pool, &node).await.is_empty());
     assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
     let (app_status, view) = stack
@@ -257,13 +254,7 @@ async fn two_hundred_pending_instances_do_not_hold_the_workers_slots() {
     // last are on the last page, and the reconciler still finds them and nothing else.
     let ghost = uuid::Uuid::new_v4().to_string();
     stack.plant_cloudflare_orphans(&ghost).await.unwrap();
-    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stack.reconcile_now().unwrap();
     assert!(
         stdout.contains("2 orphan(s) removed, 0 node(s) re-provisioned"),
         "{stdout}"

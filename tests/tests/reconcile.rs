@@ -60,13 +60,7 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
         .send()
         .await
         .unwrap();
-    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
-    sm.create_secret()
-        .name(format!("hive/nodes/{ghost}/tunnel-token"))
-        .secret_string("orphaned")
-        .send()
-        .await
-        .unwrap();
+    stack.plant_secret_orphan(&ghost.to_string()).await.unwrap();
     stack.plant_cloudflare_orphans(&ghost).await.unwrap();
     let r53 = aws_sdk_route53::Client::new(&stack.sdk);
     let record = aws_sdk_route53::types::ResourceRecordSet::builder()
@@ -114,13 +108,7 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
         .await
         .unwrap();
 
-    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stack.reconcile_now().unwrap();
     assert!(
         stdout.contains("5 orphan(s) removed, 1 node(s) re-provisioned"),
         "{stdout}"
@@ -148,8 +136,9 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
     assert_eq!(runs, 1);
 
     // A second pass finds nothing to do.
-    let out = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout)
+    assert!(stack
+        .reconcile_now()
+        .unwrap()
         .contains("0 orphan(s) removed, 0 node(s) re-provisioned"));
 }
 
@@ -169,13 +158,7 @@ async fn scheduled_passes_run_in_one_worker_per_tick() {
     }
     // An orphan appears while the workers run; no operator asks for a pass.
     let ghost = uuid::Uuid::new_v4();
-    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
-    sm.create_secret()
-        .name(format!("hive/nodes/{ghost}/tunnel-token"))
-        .secret_string("orphaned")
-        .send()
-        .await
-        .unwrap();
+    stack.plant_secret_orphan(&ghost.to_string()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !stack.leftovers().await.unwrap().is_empty() {
         assert!(

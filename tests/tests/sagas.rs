@@ -22,24 +22,10 @@ fn options() -> StackOptions {
 }
 
 async fn wait_for_state(stack: &Stack, node_id: &str, state: &str) {
-    let pool = stack.pool().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (now,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
-            .bind(node_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if now == state {
-            pool.close().await;
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {node_id} is {now}, never {state}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_for_state(node_id, state, Duration::from_secs(90))
+        .await
+        .unwrap();
 }
 
 /// Per node: one live instance, one secret, one tunnel, one Cloudflare record, one Route 53
@@ -178,14 +164,10 @@ async fn a_failure_after_any_step_unwinds_to_a_clean_slate() {
             .unwrap()
             .remove(0);
         wait_for_state(&stack, &node, "failed").await;
-        let pool = stack.pool().await.unwrap();
-        let (failed_step,): (Option<String>,) =
-            sqlx::query_as("SELECT failed_step FROM nodes WHERE id = $1::uuid")
-                .bind(&node)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(failed_step.as_deref(), Some(step.as_str()));
+        assert_eq!(
+            stack.failed_step(&node).await.unwrap().as_deref(),
+            Some(step.as_str())
+        );
         assert_eq!(
             stack.leftovers().await.unwrap(),
             Vec::<String>::new(),
@@ -225,19 +207,25 @@ async fn a_crash_between_any_side_effect_and_its_commit_leaves_no_duplicate() {
     }
 }
 
+/// A `pro` node of `user`, provisioned by a plain worker that is then stopped; its
+/// subscription and node ids.
+async fn ready_node_without_workers(stack: &mut Stack, user: &str) -> (String, String) {
+    stack.start_worker().unwrap();
+    let (subscription, mut nodes) = stack.send_subscription_checkout(user, "pro").await.unwrap();
+    let node = nodes.remove(0);
+    wait_for_state(stack, &node, "ready").await;
+    stack.workers.clear();
+    (subscription, node)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_at_any_teardown_step_is_kept_and_a_replay_finishes_it() {
     let mut stack = Stack::start(options()).await.expect("stack");
     stack.start_api().unwrap();
     for step in TEARDOWN {
-        stack.start_worker().unwrap();
-        let (subscription, nodes) = stack
-            .send_subscription_checkout(&format!("user-undo-fail-{step}"), "pro")
-            .await
-            .unwrap();
-        let node = &nodes[0];
-        wait_for_state(&stack, node, "ready").await;
-        stack.workers.clear();
+        let (subscription, node) =
+            ready_node_without_workers(&mut stack, &format!("user-undo-fail-{step}")).await;
+        let node = &node;
 
         let chaos = format!("fail_after:{step}");
         stack
@@ -245,14 +233,10 @@ async fn a_failure_at_any_teardown_step_is_kept_and_a_replay_finishes_it() {
             .unwrap();
         stack.send_subscription_end(&subscription).await.unwrap();
         wait_for_state(&stack, node, "failed").await;
-        let pool = stack.pool().await.unwrap();
-        let (failed_step,): (Option<String>,) =
-            sqlx::query_as("SELECT failed_step FROM nodes WHERE id = $1::uuid")
-                .bind(node)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert_eq!(failed_step.as_deref(), Some(step.as_str()));
+        assert_eq!(
+            stack.failed_step(node).await.unwrap().as_deref(),
+            Some(step.as_str())
+        );
         // A failed teardown starts no further side effect: what later steps remove is there.
         let last = TEARDOWN.last() == Some(&step);
         let left = stack.leftovers().await.unwrap();
@@ -281,14 +265,9 @@ async fn a_crash_between_any_undo_and_its_commit_still_ends_clean() {
     let mut stack = Stack::start(options()).await.expect("stack");
     stack.start_api().unwrap();
     for step in TEARDOWN {
-        stack.start_worker().unwrap();
-        let (subscription, nodes) = stack
-            .send_subscription_checkout(&format!("user-undo-crash-{step}"), "pro")
-            .await
-            .unwrap();
-        let node = &nodes[0];
-        wait_for_state(&stack, node, "ready").await;
-        stack.workers.clear();
+        let (subscription, node) =
+            ready_node_without_workers(&mut stack, &format!("user-undo-crash-{step}")).await;
+        let node = &node;
 
         let chaos = format!("crash_after:{step}");
         let crashing = stack
