@@ -45,6 +45,14 @@ pub struct LaunchSpec<'a> {
 /// States in which an instance still exists for us (not terminated or on its way there).
 const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
+/// The DescribeInstances filter for instances in a [`LIVE_STATES`] state.
+fn live_states() -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+        .build()
+}
+
 impl Compute {
     pub fn new(ec2: aws_sdk_ec2::Client, region: String) -> Self {
         Self { ec2, region }
@@ -61,12 +69,7 @@ impl Compute {
                     .values(node_id.to_string())
                     .build(),
             )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
-                    .build(),
-            )
+            .filters(live_states())
             .send()
             .await
             .map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
@@ -85,12 +88,7 @@ impl Compute {
                     .values(tags::NODE_ID)
                     .build(),
             )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
-                    .build(),
-            )
+            .filters(live_states())
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
