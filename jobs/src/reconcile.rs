@@ -70,13 +70,10 @@ pub async fn reconcile(
     node_domain: &str,
     grace: Duration,
 ) -> Result<Report, ReconcileError> {
-    let (run,): (i64,) = sqlx::query_as(
-        "INSERT INTO reconcile_runs (started_at, removed, reprovisioned) \
-         VALUES (now(), '[]', '[]') RETURNING id",
-    )
-    .fetch_one(pool)
-    .await?;
-    record_pass(pool, run, pass(pool, clouds, node_domain, grace).await).await
+    // A pass without a tick claims nothing another could hold, so it always runs.
+    Ok(claim_and_run(pool, clouds, node_domain, grace, None)
+        .await?
+        .unwrap_or_default())
 }
 
 /// The pass of a scheduled tick, unless another worker has claimed that tick (`None`).
@@ -86,6 +83,17 @@ pub async fn reconcile_tick(
     node_domain: &str,
     grace: Duration,
     tick: DateTime<Utc>,
+) -> Result<Option<Report>, ReconcileError> {
+    claim_and_run(pool, clouds, node_domain, grace, Some(tick)).await
+}
+
+/// Records the pass's start (claiming its tick, if it has one), runs it and records its end.
+async fn claim_and_run(
+    pool: &PgPool,
+    clouds: &Clouds,
+    node_domain: &str,
+    grace: Duration,
+    tick: Option<DateTime<Utc>>,
 ) -> Result<Option<Report>, ReconcileError> {
     let claimed: Option<(i64,)> = sqlx::query_as(
         "INSERT INTO reconcile_runs (started_at, tick, removed, reprovisioned) \
