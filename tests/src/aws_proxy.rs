@@ -229,8 +229,12 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
                 "hang",
             );
         }
-        Some(AwsFaultMode::DropAfterSuccess | AwsFaultMode::SlowAnswer(_)) | None => {}
-        Some(other) => return fault_answer(protocol, other),
+        Some(mode) => {
+            if let Some((status, code, message)) = refusal(protocol, mode) {
+                return error_answer(protocol, status, code, message);
+            }
+        }
+        None => {}
     }
     let dropped = fault == Some(AwsFaultMode::DropAfterSuccess);
 
@@ -336,9 +340,13 @@ fn route53_operation(method: &Method, path: &str) -> String {
     name.to_string()
 }
 
-/// The answer an armed fault gives, in the protocol's shape.
-fn fault_answer(protocol: Protocol, mode: AwsFaultMode) -> Response {
-    let (status, code, message) = match (mode, protocol) {
+/// The error an armed fault answers with in the protocol's shape; `None` for a fault that
+/// lets the request through or never answers.
+fn refusal(
+    protocol: Protocol,
+    mode: AwsFaultMode,
+) -> Option<(StatusCode, &'static str, &'static str)> {
+    Some(match (mode, protocol) {
         (AwsFaultMode::ServerError, _) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
@@ -377,16 +385,12 @@ fn fault_answer(protocol: Protocol, mode: AwsFaultMode) -> Response {
             "AccessDeniedException",
             "User is not authorized to perform this operation.",
         ),
+        // These let the request through (or never answer): no error of their own.
         (
             AwsFaultMode::Hang | AwsFaultMode::DropAfterSuccess | AwsFaultMode::SlowAnswer(_),
             _,
-        ) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "not a fault with an answer",
-        ),
-    };
-    error_answer(protocol, status, code, message)
+        ) => return None,
+    })
 }
 
 fn error_answer(protocol: Protocol, status: StatusCode, code: &str, message: &str) -> Response {
