@@ -278,11 +278,8 @@ impl Stack {
 
     /// Sends a signed `customer.subscription.deleted` for `subscription_id`.
     pub async fn send_subscription_end(&self, subscription_id: &str) -> anyhow::Result<()> {
-        let fixtures = crate::stripe_events::Fixtures::load()?;
-        let mut subscription = fixtures.object("subscription")?;
-        subscription["id"] = serde_json::json!(subscription_id);
-        subscription["status"] = serde_json::json!("canceled");
-        let event = fixtures.event("customer.subscription.deleted", subscription)?;
+        let event =
+            crate::stripe_events::Fixtures::load()?.subscription_deleted(subscription_id)?;
         self.send_event(&event).await?;
         Ok(())
     }
@@ -407,6 +404,36 @@ impl Stack {
             left.push(format!("cloudflare record {}", record["name"]));
         }
         Ok(left)
+    }
+
+    /// Waits until the app, with `token`, sees exactly `count` nodes, all `status`; returns
+    /// them. A node that fails meanwhile ends the wait at once (unless `failed` is awaited).
+    pub async fn wait_all_status(
+        &self,
+        token: &str,
+        status: &str,
+        count: usize,
+        within: Duration,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (code, body) = self.get_as("/api/v1/nodes", Some(token)).await?;
+            anyhow::ensure!(code == 200, "node list answered {code}: {body}");
+            let nodes = body["nodes"].as_array().cloned().unwrap_or_default();
+            if status != "failed" {
+                if let Some(failed) = nodes.iter().find(|n| n["status"] == "failed") {
+                    anyhow::bail!("a node failed: {failed}");
+                }
+            }
+            if nodes.len() == count && nodes.iter().all(|n| n["status"] == status) {
+                return Ok(nodes);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "nodes not {status} in time: {body:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Creates, through the Cloudflare API, a tunnel and a proxied CNAME named like those of

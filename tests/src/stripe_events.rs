@@ -73,6 +73,16 @@ impl Fixtures {
     }
 }
 
+impl Fixtures {
+    /// `customer.subscription.deleted` for the subscription `subscription_id`.
+    pub fn subscription_deleted(&self, subscription_id: &str) -> anyhow::Result<Value> {
+        let mut subscription = self.object("subscription")?;
+        subscription["id"] = json!(subscription_id);
+        subscription["status"] = json!("canceled");
+        self.event("customer.subscription.deleted", subscription)
+    }
+}
+
 /// The `Stripe-Signature` header for `body`, signed now with `secret`.
 pub fn signature(body: &[u8], secret: &str) -> String {
     hive_api::stripe_signature::sign(body, secret, chrono::Utc::now().timestamp())

@@ -1,11 +1,10 @@
 //! Cloudflare failing under the worker: 500s, throttling, hangs past the client timeout, and
 //! changes that succeed remotely while the answer is lost.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hive_tests::cloudflare_standin::{Fault, FaultMode};
 use hive_tests::stack::{Stack, StackOptions};
-use serde_json::Value;
 
 const USER: &str = "user-faults";
 
@@ -31,28 +30,6 @@ fn options(extra: &[(&str, &str)]) -> StackOptions {
 
 async fn checkout(stack: &Stack) -> String {
     stack.send_checkout(USER, "pro").await.unwrap().remove(0)
-}
-
-/// Waits until the node's row is in `state` (the api's status hides teardown progress).
-async fn wait_for_state(stack: &Stack, node_id: &str, state: &str) -> Value {
-    let pool = stack.pool().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (now, error): (String, Option<String>) =
-            sqlx::query_as("SELECT state, error FROM nodes WHERE id = $1::uuid")
-                .bind(node_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        if now == state {
-            return serde_json::json!({ "state": now, "error": error });
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node is {now}, never {state} ({error:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,7 +58,10 @@ async fn transient_cloudflare_failures_are_retried_and_nothing_is_made_twice() {
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
     let node_id = checkout(&stack).await;
-    wait_for_state(&stack, &node_id, "ready").await;
+    stack
+        .wait_for_state(&node_id, "ready", Duration::from_secs(120))
+        .await
+        .unwrap();
 
     let cf = stack.cloudflare_state().await.unwrap();
     assert_eq!(
@@ -130,8 +110,11 @@ async fn a_step_that_keeps_failing_spends_its_budget_then_unwinds_to_a_clean_sla
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
     let node_id = checkout(&stack).await;
-    let failed = wait_for_state(&stack, &node_id, "failed").await;
-    let error = failed["error"].as_str().unwrap();
+    let error = stack
+        .wait_for_state(&node_id, "failed", Duration::from_secs(120))
+        .await
+        .unwrap()
+        .unwrap_or_default();
     assert!(error.contains("gave up after 3 attempts"), "{error}");
     assert!(error.contains("PutTunnelConfiguration"), "{error}");
     assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());

@@ -140,20 +140,11 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
         .as_str()
         .unwrap()
         .contains("ami-0000000000000dead"));
-    let pool = stack.pool().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
-            .bind(&node_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if state == "failed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "undo did not finish: {state}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // The app saw `failed` at once; the undo behind it finishes later.
+    stack
+        .wait_for_state(&node_id, "failed", Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
     let cf = stack.cloudflare_state().await.unwrap();
     assert_eq!(
@@ -177,6 +168,7 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
     // After the fix, a replay provisions it from the start.
     stack.workers.clear();
     stack.start_worker().unwrap();
+    let pool = stack.pool().await.unwrap();
     let replayed = replay_failed_node(&pool, uuid::Uuid::parse_str(&node_id).unwrap())
         .await
         .unwrap();

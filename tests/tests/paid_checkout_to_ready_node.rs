@@ -3,7 +3,7 @@
 //! stand-in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, HttpTokensState, InstanceAttributeName};
 use base64::Engine;
@@ -12,25 +12,6 @@ use hive_tests::stripe_events::{signature, Fixtures};
 use serde_json::Value;
 
 const USER: &str = "user-team-e2e";
-
-async fn wait_until_all_ready(stack: &Stack, token: &str, count: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (status, body) = stack.get_as("/api/v1/nodes", Some(token)).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        let nodes = body["nodes"].as_array().cloned().unwrap_or_default();
-        if let Some(failed) = nodes.iter().find(|n| n["status"] == "failed") {
-            panic!("a node failed: {failed}");
-        }
-        if nodes.len() == count && nodes.iter().all(|n| n["status"] == "ready") {
-            return nodes;
-        }
-        if Instant::now() > deadline {
-            panic!("nodes not ready in time: {body:#}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn cloud_init_accepts(user_data: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -76,7 +57,10 @@ async fn paid_team_checkout_becomes_five_ready_nodes_once() {
     assert_eq!(created, 5, "five deliveries must create five nodes in all");
 
     let token = Stack::jwt(USER, 600);
-    let nodes = wait_until_all_ready(&stack, &token, 5).await;
+    let nodes = stack
+        .wait_all_status(&token, "ready", 5, Duration::from_secs(180))
+        .await
+        .unwrap();
 
     // What the app sees.
     let mut by_node: BTreeMap<String, Value> = BTreeMap::new();

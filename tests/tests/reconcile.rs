@@ -1,26 +1,16 @@
 //! The reconciler removes what belongs to no node and re-provisions a ready node whose
 //! instance vanished, leaving everything of live nodes alone.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use hive_tests::stack::{Stack, StackOptions, NODE_DOMAIN};
 
 async fn wait_ready(stack: &Stack, node: &str) {
-    let pool = stack.pool().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE id = $1::uuid")
-            .bind(node)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if state == "ready" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "node is {state}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack
+        .wait_for_state(node, "ready", Duration::from_secs(90))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

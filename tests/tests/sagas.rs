@@ -4,9 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use hive_jobs::model::{PROVISIONING, TEARDOWN};
-use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
-use hive_tests::stripe_events::{signature, Fixtures};
+use hive_jobs::model::{NodeState, PROVISIONING, TEARDOWN};
+use hive_tests::stack::{Stack, StackOptions};
 
 fn options() -> StackOptions {
     let mut options = StackOptions::default();
@@ -79,31 +78,15 @@ async fn every_step_and_every_undo_run_twice_changes_nothing() {
     stack
         .start_worker_with(&[("HIVE_CHAOS", "repeat")])
         .unwrap();
-    let fixtures = Fixtures::load().unwrap();
-    let checkout = fixtures
-        .subscription_checkout("user-twice", "pro", None)
-        .unwrap();
-    let body = serde_json::to_vec(&checkout).unwrap();
-    let (status, answer) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
+    let (subscription, mut nodes) = stack
+        .send_subscription_checkout("user-twice", "pro")
         .await
         .unwrap();
-    assert_eq!(status, 200);
-    let node = answer["nodes"][0].as_str().unwrap().to_string();
+    let node = nodes.remove(0);
     wait_for_state(&stack, &node, "ready").await;
     assert_exactly_one_of_each(&stack, std::slice::from_ref(&node)).await;
 
-    let mut subscription = fixtures.object("subscription").unwrap();
-    subscription["id"] = checkout["data"]["object"]["subscription"].clone();
-    let ended = fixtures
-        .event("customer.subscription.deleted", subscription)
-        .unwrap();
-    let body = serde_json::to_vec(&ended).unwrap();
-    let (status, _) = stack
-        .post_webhook(&body, Some(&signature(&body, WEBHOOK_SECRET)))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
+    stack.send_subscription_end(&subscription).await.unwrap();
     wait_for_state(&stack, &node, "terminated").await;
     assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
 
@@ -192,19 +175,24 @@ async fn a_crash_between_any_side_effect_and_its_commit_leaves_no_duplicate() {
             .await
             .unwrap()
             .remove(0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while stack.workers[crashing].try_wait().is_none() {
-            assert!(Instant::now() < deadline, "the worker never reached {step}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // A healthy worker takes the node over from where the dead one left it.
-        stack.workers.clear();
-        stack.start_worker().unwrap();
+        take_over_after_crash(&mut stack, crashing, step).await;
         wait_for_state(&stack, &node, "ready").await;
         nodes.push(node);
         assert_exactly_one_of_each(&stack, &nodes).await;
         stack.workers.clear();
     }
+}
+
+/// Waits for the worker `crashing` to abort at `step`, then starts a healthy worker, which
+/// takes the node over from where the dead one left it.
+async fn take_over_after_crash(stack: &mut Stack, crashing: usize, step: NodeState) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.workers[crashing].try_wait().is_none() {
+        assert!(Instant::now() < deadline, "the worker never reached {step}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.workers.clear();
+    stack.start_worker().unwrap();
 }
 
 /// A `pro` node of `user`, provisioned by a plain worker that is then stopped; its
@@ -274,13 +262,7 @@ async fn a_crash_between_any_undo_and_its_commit_still_ends_clean() {
             .start_worker_with(&[("HIVE_CHAOS", chaos.as_str())])
             .unwrap();
         stack.send_subscription_end(&subscription).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while stack.workers[crashing].try_wait().is_none() {
-            assert!(Instant::now() < deadline, "the worker never reached {step}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        stack.workers.clear();
-        stack.start_worker().unwrap();
+        take_over_after_crash(&mut stack, crashing, step).await;
         wait_for_state(&stack, node, "terminated").await;
         assert_eq!(
             stack.leftovers().await.unwrap(),

@@ -1,6 +1,6 @@
 //! When Stripe ends the subscription, everything its nodes had is removed, once.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hive_tests::stack::{Stack, StackOptions, WEBHOOK_SECRET};
 use hive_tests::stripe_events::{signature, Fixtures};
@@ -10,24 +10,9 @@ const USER: &str = "user-teardown";
 
 async fn wait_all(stack: &Stack, status: &str, count: usize) -> Vec<Value> {
     let token = Stack::jwt(USER, 600);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, body) = stack.get_as("/api/v1/nodes", Some(&token)).await.unwrap();
-        let nodes = body["nodes"].as_array().cloned().unwrap_or_default();
-        if nodes.len() == count && nodes.iter().all(|n| n["status"] == status) {
-            return nodes;
-        }
-        assert!(Instant::now() < deadline, "nodes not {status}: {body:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn subscription_deleted(fixtures: &Fixtures, subscription_id: &str) -> Value {
-    let mut subscription = fixtures.object("subscription").unwrap();
-    subscription["id"] = json!(subscription_id);
-    subscription["status"] = json!("canceled");
-    fixtures
-        .event("customer.subscription.deleted", subscription)
+    stack
+        .wait_all_status(&token, status, count, Duration::from_secs(120))
+        .await
         .unwrap()
 }
 
@@ -51,7 +36,8 @@ async fn an_ended_subscription_tears_down_every_resource_of_its_nodes() {
     wait_all(&stack, "ready", 5).await;
     assert!(!stack.leftovers().await.unwrap().is_empty());
 
-    let ended = serde_json::to_vec(&subscription_deleted(&fixtures, &subscription_id)).unwrap();
+    let ended =
+        serde_json::to_vec(&fixtures.subscription_deleted(&subscription_id).unwrap()).unwrap();
     let sig = signature(&ended, WEBHOOK_SECRET);
     for _ in 0..2 {
         let (status, answer) = stack.post_webhook(&ended, Some(&sig)).await.unwrap();
@@ -81,7 +67,8 @@ async fn an_end_that_arrives_before_its_checkout_provisions_nothing() {
     let fixtures = Fixtures::load().unwrap();
     let checkout = fixtures.subscription_checkout(USER, "pro", None).unwrap();
     let subscription_id = checkout["data"]["object"]["subscription"].as_str().unwrap();
-    let ended = serde_json::to_vec(&subscription_deleted(&fixtures, subscription_id)).unwrap();
+    let ended =
+        serde_json::to_vec(&fixtures.subscription_deleted(subscription_id).unwrap()).unwrap();
     let (status, _) = stack
         .post_webhook(&ended, Some(&signature(&ended, WEBHOOK_SECRET)))
         .await
