@@ -24,6 +24,16 @@ pub const NODE_DOMAIN: &str = "nodes.hive.test";
 pub const REGION: &str = "eu-west-1";
 pub const INSTANCE_PROFILE: &str = "hive-node";
 
+/// An instance of ours as moto holds it.
+#[derive(Debug, Clone)]
+pub struct TaggedInstance {
+    pub id: String,
+    /// Its `hive:node-id` tag.
+    pub node_id: String,
+    /// `pending`, `running`, ..., `terminated`.
+    pub state: String,
+}
+
 pub struct StackOptions {
     /// How long after its ingress is configured a tunnel reports `healthy`.
     pub connect_delay: Duration,
@@ -337,10 +347,8 @@ impl Stack {
         Ok((status, body))
     }
 
-    /// Everything our nodes could have left in moto and the stand-in: live tagged instances,
-    /// node secrets, Route 53 CNAMEs, live tunnels and DNS records. Empty means a clean slate.
-    pub async fn leftovers(&self) -> anyhow::Result<Vec<String>> {
-        let mut left = Vec::new();
+    /// Every instance in moto tagged `hive:node-id`, in any state (terminated ones included).
+    pub async fn tagged_instances(&self) -> anyhow::Result<Vec<TaggedInstance>> {
         let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
         let mut pages = ec2
             .describe_instances()
@@ -352,15 +360,39 @@ impl Stack {
             )
             .into_paginator()
             .send();
+        let mut found = Vec::new();
         while let Some(page) = pages.next().await {
             for instance in page?.reservations().iter().flat_map(|r| r.instances()) {
-                let state = instance
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_string());
-                if state.as_deref() != Some("terminated") {
-                    left.push(format!("instance {:?} ({state:?})", instance.instance_id()));
-                }
+                let node_id = instance
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some("hive:node-id"))
+                    .and_then(|t| t.value())
+                    .unwrap_or_default();
+                found.push(TaggedInstance {
+                    id: instance.instance_id().unwrap_or_default().to_string(),
+                    node_id: node_id.to_string(),
+                    state: instance
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Everything our nodes could have left in moto and the stand-in: live tagged instances,
+    /// node secrets, Route 53 CNAMEs, live tunnels and DNS records. Empty means a clean slate.
+    pub async fn leftovers(&self) -> anyhow::Result<Vec<String>> {
+        let mut left = Vec::new();
+        for instance in self.tagged_instances().await? {
+            if instance.state != "terminated" {
+                left.push(format!(
+                    "instance {} ({}) of {}",
+                    instance.id, instance.state, instance.node_id
+                ));
             }
         }
         let sm = aws_sdk_secretsmanager::Client::new(&self.sdk);

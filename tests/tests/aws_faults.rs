@@ -26,23 +26,10 @@ fn options(extra: &[(&str, &str)]) -> StackOptions {
 
 /// Every instance moto ever launched for the node, in any state.
 async fn instances_of(stack: &Stack, node_id: &str) -> Vec<String> {
-    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
-    let answer = ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:hive:node-id")
-                .values(node_id)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    answer
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.instance_id().map(str::to_string))
+    let all = stack.tagged_instances().await.unwrap();
+    all.into_iter()
+        .filter(|i| i.node_id == node_id)
+        .map(|i| i.id)
         .collect()
 }
 

@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::Filter;
 use hive_tests::stack::{Stack, StackOptions};
 use nix::sys::signal::Signal;
 
@@ -57,37 +56,13 @@ async fn wait_all_ready(stack: &Stack, count: usize, within: Duration) {
 
 /// Exactly one live instance per node, and one tunnel per node.
 async fn assert_one_of_each(stack: &Stack, nodes: &[String]) {
-    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
-    let described = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag-key")
-                .values("hive:node-id")
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .send()
+    let mut tagged: Vec<String> = stack
+        .tagged_instances()
         .await
-        .unwrap();
-    let mut tagged: Vec<String> = described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .map(|i| {
-            i.tags()
-                .iter()
-                .find(|t| t.key() == Some("hive:node-id"))
-                .and_then(|t| t.value())
-                .unwrap()
-                .to_string()
-        })
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state == "pending" || i.state == "running")
+        .map(|i| i.node_id)
         .collect();
     tagged.sort();
     let mut expected = nodes.to_vec();

@@ -66,7 +66,7 @@ async fn assert_exactly_one_of_each(stack: &Stack, nodes: &[String]) {
     assert_eq!(kinds, expected, "{left:#?}");
     for node in nodes {
         let mentions = left.iter().filter(|l| l.contains(node.as_str())).count();
-        // The instance and the Cloudflare record name the node only through ids or hostnames.
+        // Each resource names its node: by tag, name or hostname.
         assert!(mentions >= 3, "resources of {node}: {left:#?}");
     }
 }
