@@ -5,6 +5,7 @@
 //! run made. A waiting step never sleeps in a worker slot: it commits "look again at T" and a job
 //! for T, and returns.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -89,13 +90,14 @@ const EARLY_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1500)
 
 pub struct Provisioner {
     pool: PgPool,
-    clouds: Clouds,
+    clouds: Arc<Clouds>,
     config: WorkerConfig,
     region: String,
 }
 
 impl Provisioner {
-    pub fn new(pool: PgPool, clouds: Clouds, config: WorkerConfig, region: String) -> Self {
+    /// `clouds` is shared with the worker's reconciler.
+    pub fn new(pool: PgPool, clouds: Arc<Clouds>, config: WorkerConfig, region: String) -> Self {
         Self {
             pool,
             clouds,

@@ -50,14 +50,14 @@ where
     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
     .await?;
     let (clouds, region) = Clouds::from_config(&config).await?;
+    let clouds = Arc::new(clouds);
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
     let reconciler = match &config.reconcile_schedule {
         None => None,
         Some(schedule) => {
-            let (clouds, _) = Clouds::from_config(&config).await?;
             let context = Arc::new(ReconcileContext {
                 pool: pool.clone(),
-                clouds,
+                clouds: clouds.clone(),
                 config: config.clone(),
             });
             Some(tokio::spawn(reconcile_on_schedule(
@@ -173,7 +173,7 @@ async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration) {
 /// What a scheduled reconcile pass needs.
 struct ReconcileContext {
     pool: sqlx::PgPool,
-    clouds: Clouds,
+    clouds: Arc<Clouds>,
     config: WorkerConfig,
 }
 
@@ -187,28 +187,32 @@ async fn reconcile_tick(
         .ok()
         .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
         .ok_or("tick out of range")?;
-    let span = tracing::info_span!("reconcile", tick = %at);
-    let outcome = hive_jobs::reconcile::reconcile_tick(
+    log_pass(&context, at)
+        .instrument(tracing::info_span!("reconcile", tick = %at))
+        .await;
+    Ok(())
+}
+
+/// Runs the tick's pass if this worker claims it; a failure is logged and recorded, and the
+/// next tick tries again.
+async fn log_pass(context: &ReconcileContext, at: chrono::DateTime<chrono::Utc>) {
+    match hive_jobs::reconcile::reconcile_tick(
         &context.pool,
         &context.clouds,
         &context.config.node_domain,
         context.config.reconcile_grace,
         at,
     )
-    .instrument(span.clone())
-    .await;
-    let _entered = span.enter();
-    match outcome {
+    .await
+    {
         Ok(Some(report)) => tracing::info!(
             removed = report.removed.len(),
             reprovisioned = report.reprovisioned.len(),
             "reconciled"
         ),
         Ok(None) => tracing::debug!("tick taken by another worker"),
-        // Logged and recorded; the next tick tries again.
         Err(e) => tracing::warn!(error = %e, "reconcile failed"),
     }
-    Ok(())
 }
 
 /// Runs the reconciler on its cron schedule (apalis-cron) for as long as the worker runs.
