@@ -30,24 +30,10 @@ pub enum NodeState {
     Terminated,
 }
 
-/// The provisioning steps, in order. Each state runs one side effect and then moves to the next.
-pub const PROVISIONING: [NodeState; 10] = [
-    NodeState::Pending,
-    NodeState::CreatingTunnel,
-    NodeState::StoringSecret,
-    NodeState::LaunchingInstance,
-    NodeState::BindingSecret,
-    NodeState::WaitingForInstance,
-    NodeState::ConfiguringIngress,
-    NodeState::RoutingCloudflare,
-    NodeState::RoutingRoute53,
-    NodeState::WaitingForTunnel,
-];
-
 /// The provisioning workflow as a saga: each step beside the teardown step that undoes it.
 /// `None`: the step makes nothing of its own (a check, a wait), or what it makes goes with
 /// another's undo (the secret's instance tag with the secret, the ingress with the tunnel).
-/// [`TEARDOWN`] is these undos in reverse, after `terminating`; a test holds them together.
+/// [`PROVISIONING`] and [`TEARDOWN`] are read off this table.
 pub const PROVISIONING_UNDO: [(NodeState, Option<NodeState>); 10] = [
     (NodeState::Pending, None),
     (NodeState::CreatingTunnel, Some(NodeState::DeletingTunnel)),
@@ -70,17 +56,38 @@ pub const PROVISIONING_UNDO: [(NodeState, Option<NodeState>); 10] = [
     (NodeState::WaitingForTunnel, None),
 ];
 
+/// The provisioning steps, in order. Each state runs one side effect and then moves to the next.
+pub const PROVISIONING: [NodeState; 10] = {
+    let mut steps = [NodeState::Pending; 10];
+    let mut i = 0;
+    while i < steps.len() {
+        steps[i] = PROVISIONING_UNDO[i].0;
+        i += 1;
+    }
+    steps
+};
+
 /// The teardown steps, in order: the provisioning side effects undone in reverse. Each finds
 /// what to delete by the node's identity (tags, names), not only by the ids on the row, so it
 /// also removes what a crash left unrecorded; "not found" counts as done.
-pub const TEARDOWN: [NodeState; 6] = [
-    NodeState::Terminating,
-    NodeState::DeletingRoute53Record,
-    NodeState::DeletingCloudflareRecord,
-    NodeState::TerminatingInstance,
-    NodeState::DeletingSecret,
-    NodeState::DeletingTunnel,
-];
+pub const TEARDOWN: [NodeState; 6] = {
+    // `terminating`, then the undos of PROVISIONING_UNDO from last to first.
+    let mut steps = [NodeState::Terminating; 6];
+    let mut filled = 1;
+    let mut i = PROVISIONING_UNDO.len();
+    while i > 0 {
+        i -= 1;
+        if let Some(undo) = PROVISIONING_UNDO[i].1 {
+            steps[filled] = undo;
+            filled += 1;
+        }
+    }
+    assert!(
+        filled == steps.len(),
+        "TEARDOWN's length is not the number of undos + 1"
+    );
+    steps
+};
 
 /// Why a node is torn down, stored in `nodes.teardown_reason`.
 pub mod teardown_reason {
