@@ -48,22 +48,29 @@ pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed
     if state != NodeState::Failed.as_str() {
         return Err(OperatorError::NotFailed { id: node_id, state });
     }
-    // A failed provisioning that was undone has nothing left to resume from: start over. (Its
-    // `failed_step` is empty when the undo itself was replayed and then finished.)
+    let not_resumable = |step: &str| OperatorError::NotResumable {
+        id: node_id,
+        step: step.to_string(),
+    };
+    let failed_at = match failed_step.as_deref() {
+        None => None,
+        Some(name) => Some(
+            NodeState::parse(name)
+                .filter(|s| s.has_step())
+                .ok_or_else(|| not_resumable(name))?,
+        ),
+    };
     let undone = teardown_reason.as_deref() == Some(teardown_reason::PROVISIONING_FAILED);
-    let step = match failed_step.as_deref().map(|s| (s, NodeState::parse(s))) {
-        None if undone => NodeState::Pending,
-        Some((_, Some(step))) if undone && step.is_provisioning() => NodeState::Pending,
-        Some((_, Some(step))) if step.has_step() => step,
-        other => {
-            return Err(OperatorError::NotResumable {
-                id: node_id,
-                step: other.map(|(s, _)| s.to_string()).unwrap_or_default(),
-            })
-        }
+    let (step, restart) = match failed_at {
+        // A failed provisioning that was undone (its failed step is empty once a replayed undo
+        // has finished) has nothing left to resume: start over.
+        None if undone => (NodeState::Pending, true),
+        Some(s) if undone && s.is_provisioning() => (NodeState::Pending, true),
+        // Anything else resumes where it stopped, a failed undo included.
+        Some(s) => (s, false),
+        None => return Err(not_resumable("")),
     };
     // Resuming an undo keeps the provisioning's error (the node stays `failed` to the app).
-    let restart = undone && step == NodeState::Pending;
     let resumes_undo = undone && !restart;
     let (generation,): (i32,) = sqlx::query_as(
         "UPDATE nodes SET state = $2, failed_step = NULL, \
