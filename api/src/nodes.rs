@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use hive_jobs::model::{Node, NodeState, NodeStatus};
+use hive_jobs::model::{Desired, Node, NodeState, NodeStatus};
 use hive_jobs::store;
 use serde::Serialize;
 use uuid::Uuid;
@@ -19,6 +19,8 @@ pub struct NodeView {
     pub subscription_id: Uuid,
     pub status: NodeStatus,
     pub step: NodeState,
+    /// What the node was last asked to be (`running`, `suspended`, `gone`).
+    pub desired: Desired,
     pub region: String,
     pub instance_type: String,
     pub instance_id: Option<String>,
@@ -26,7 +28,13 @@ pub struct NodeView {
     pub hostname: String,
     /// Set once the node is ready to serve.
     pub url: Option<String>,
+    /// Set only when the node failed.
     pub error: Option<String>,
+    /// What a step is waiting for ("instance is pending"): not an error.
+    pub waiting_for: Option<String>,
+    /// The last transient error of the current step, which is being retried.
+    pub last_error: Option<String>,
+    pub volume_gb: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -41,12 +49,16 @@ impl From<Node> for NodeView {
             subscription_id: node.subscription_id,
             status,
             step: state,
+            desired: node.desired(),
             region: node.region,
             instance_type: node.instance_type,
             instance_id: node.instance_id,
             tunnel_id: node.tunnel_id,
             hostname: node.hostname,
             error: node.error,
+            waiting_for: node.waiting_for,
+            last_error: node.last_error,
+            volume_gb: node.volume_gb,
             created_at: node.created_at,
             updated_at: node.updated_at,
         }

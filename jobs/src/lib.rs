@@ -1,13 +1,18 @@
-//! Hive's domain: the node model, its provisioning state machine, the store, the job queue and
-//! the cloud clients the worker drives.
+//! Hive's domain: the node model and its intent, the workflows (declared in `workflows`, their
+//! steps in `steps/`, run by `engine` as `policy` decides), the store, the job queue and the
+//! cloud clients the worker drives.
 
 pub mod cloud;
 pub mod config;
+pub mod engine;
 pub mod model;
 pub mod operator;
-pub mod provision;
+pub mod policy;
 pub mod queue;
 pub mod reconcile;
+pub mod requests;
+pub mod steps;
 pub mod store;
 pub mod telemetry;
 pub mod user_data;
+pub mod workflows;

@@ -4,250 +4,124 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-/// Where a node is in its life. Stored as its snake_case name in `nodes.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeState {
-    Pending,
-    CreatingTunnel,
-    StoringSecret,
-    LaunchingInstance,
-    BindingSecret,
-    WaitingForInstance,
-    ConfiguringIngress,
-    RoutingCloudflare,
-    RoutingRoute53,
-    WaitingForTunnel,
-    Ready,
-    Failed,
-    Suspended,
-    Terminating,
-    DeletingRoute53Record,
-    DeletingCloudflareRecord,
-    TerminatingInstance,
-    DeletingSecret,
-    DeletingTunnel,
-    Terminated,
-}
-
-/// The provisioning workflow as a saga: each step beside the teardown step that undoes it.
-/// `None`: the step makes nothing of its own (a check, a wait), or what it makes goes with
-/// another's undo (the secret's instance tag with the secret, the ingress with the tunnel).
-/// [`PROVISIONING`] and [`TEARDOWN`] are read off this table.
-pub const PROVISIONING_UNDO: [(NodeState, Option<NodeState>); 10] = [
-    (NodeState::Pending, None),
-    (NodeState::CreatingTunnel, Some(NodeState::DeletingTunnel)),
-    (NodeState::StoringSecret, Some(NodeState::DeletingSecret)),
-    (
-        NodeState::LaunchingInstance,
-        Some(NodeState::TerminatingInstance),
-    ),
-    (NodeState::BindingSecret, None),
-    (NodeState::WaitingForInstance, None),
-    (NodeState::ConfiguringIngress, None),
-    (
-        NodeState::RoutingCloudflare,
-        Some(NodeState::DeletingCloudflareRecord),
-    ),
-    (
-        NodeState::RoutingRoute53,
-        Some(NodeState::DeletingRoute53Record),
-    ),
-    (NodeState::WaitingForTunnel, None),
-];
-
-/// The provisioning steps, in order. Each state runs one side effect and then moves to the next.
-pub const PROVISIONING: [NodeState; 10] = {
-    let mut steps = [NodeState::Pending; 10];
-    let mut i = 0;
-    while i < steps.len() {
-        steps[i] = PROVISIONING_UNDO[i].0;
-        i += 1;
-    }
-    steps
-};
-
-/// The teardown steps, in order: the provisioning side effects undone in reverse. Each finds
-/// what to delete by the node's identity (tags, names), not only by the ids on the row, so it
-/// also removes what a crash left unrecorded; "not found" counts as done.
-pub const TEARDOWN: [NodeState; 6] = {
-    // `terminating`, then the undos of PROVISIONING_UNDO from last to first.
-    let mut steps = [NodeState::Terminating; 6];
-    let mut filled = 1;
-    let mut i = PROVISIONING_UNDO.len();
-    while i > 0 {
-        i -= 1;
-        if let Some(undo) = PROVISIONING_UNDO[i].1 {
-            steps[filled] = undo;
-            filled += 1;
-        }
-    }
-    assert!(
-        filled == steps.len(),
-        "TEARDOWN's length is not the number of undos + 1"
-    );
-    steps
+pub use crate::workflows::{
+    NodeState, NodeStatus, Workflow, PROVISIONING, RESIZE, RESTART, RESUME, SUSPEND, TEARDOWN,
 };
 
 /// Why a node is torn down, stored in `nodes.teardown_reason`.
-pub mod teardown_reason {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TeardownReason {
     /// The subscription ended: the node ends `terminated`.
-    pub const SUBSCRIPTION_ENDED: &str = "subscription_ended";
+    SubscriptionEnded,
+    /// The subscription's node count went down: the node ends `terminated`.
+    ScaledDown,
+    /// The app or the operator asked for it: the node ends `terminated`.
+    Requested,
     /// Provisioning failed and is undone: the node ends `failed`, with nothing left behind.
-    pub const PROVISIONING_FAILED: &str = "provisioning_failed";
+    ProvisioningFailed,
 }
 
-impl NodeState {
-    pub const ALL: [NodeState; 20] = [
-        NodeState::Pending,
-        NodeState::CreatingTunnel,
-        NodeState::StoringSecret,
-        NodeState::LaunchingInstance,
-        NodeState::BindingSecret,
-        NodeState::WaitingForInstance,
-        NodeState::ConfiguringIngress,
-        NodeState::RoutingCloudflare,
-        NodeState::RoutingRoute53,
-        NodeState::WaitingForTunnel,
-        NodeState::Ready,
-        NodeState::Failed,
-        NodeState::Suspended,
-        NodeState::Terminating,
-        NodeState::DeletingRoute53Record,
-        NodeState::DeletingCloudflareRecord,
-        NodeState::TerminatingInstance,
-        NodeState::DeletingSecret,
-        NodeState::DeletingTunnel,
-        NodeState::Terminated,
+impl TeardownReason {
+    pub const ALL: [TeardownReason; 4] = [
+        TeardownReason::SubscriptionEnded,
+        TeardownReason::ScaledDown,
+        TeardownReason::Requested,
+        TeardownReason::ProvisioningFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            NodeState::Pending => "pending",
-            NodeState::CreatingTunnel => "creating_tunnel",
-            NodeState::StoringSecret => "storing_secret",
-            NodeState::LaunchingInstance => "launching_instance",
-            NodeState::BindingSecret => "binding_secret",
-            NodeState::WaitingForInstance => "waiting_for_instance",
-            NodeState::ConfiguringIngress => "configuring_ingress",
-            NodeState::RoutingCloudflare => "routing_cloudflare",
-            NodeState::RoutingRoute53 => "routing_route53",
-            NodeState::WaitingForTunnel => "waiting_for_tunnel",
-            NodeState::Ready => "ready",
-            NodeState::Failed => "failed",
-            NodeState::Suspended => "suspended",
-            NodeState::Terminating => "terminating",
-            NodeState::DeletingRoute53Record => "deleting_route53_record",
-            NodeState::DeletingCloudflareRecord => "deleting_cloudflare_record",
-            NodeState::TerminatingInstance => "terminating_instance",
-            NodeState::DeletingSecret => "deleting_secret",
-            NodeState::DeletingTunnel => "deleting_tunnel",
-            NodeState::Terminated => "terminated",
+            TeardownReason::SubscriptionEnded => "subscription_ended",
+            TeardownReason::ScaledDown => "scaled_down",
+            TeardownReason::Requested => "requested",
+            TeardownReason::ProvisioningFailed => "provisioning_failed",
         }
     }
 
-    pub fn parse(s: &str) -> Option<NodeState> {
-        NodeState::ALL.into_iter().find(|st| st.as_str() == s)
+    pub fn parse(s: &str) -> Option<TeardownReason> {
+        TeardownReason::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
-    /// The provisioning step after this one (`Ready` after the last).
-    pub fn next_provisioning(self) -> Option<NodeState> {
-        let i = PROVISIONING.iter().position(|s| *s == self)?;
-        Some(PROVISIONING.get(i + 1).copied().unwrap_or(NodeState::Ready))
-    }
-
-    /// The teardown step after this one (`None` after the last: the node is then
-    /// `terminated`, or `failed` when its provisioning was undone).
-    pub fn next_teardown(self) -> Option<NodeState> {
-        let i = TEARDOWN.iter().position(|s| *s == self)?;
-        TEARDOWN.get(i + 1).copied()
-    }
-
-    /// A state whose step the worker runs; the others wait for an outside event.
-    pub fn is_provisioning(self) -> bool {
-        PROVISIONING.contains(&self)
-    }
-
-    pub fn is_teardown(self) -> bool {
-        TEARDOWN.contains(&self)
-    }
-
-    /// A state the worker has a step for.
-    pub fn has_step(self) -> bool {
-        self.is_provisioning() || self.is_teardown()
-    }
-
-    /// The one table of legal moves (the database refuses any other, see the
-    /// `node_transitions` migration).
-    pub fn may_become(self, to: NodeState) -> bool {
-        use NodeState::*;
-        if self == to || self == Terminated {
-            return false;
-        }
-        // Ending the subscription tears down a node from wherever it is; a failed provisioning
-        // is undone through the same steps.
-        if to == Terminating {
-            return true;
-        }
+    /// Where the last undo leaves the node.
+    pub fn end_state(self) -> NodeState {
         match self {
-            s if s.is_provisioning() => Some(to) == s.next_provisioning() || to == Failed,
-            s if s.is_teardown() => match s.next_teardown() {
-                Some(next) => to == next || to == Failed,
-                // The last undo ends the node, or leaves an undone provisioning `failed`.
-                None => to == Terminated || to == Failed,
-            },
-            // The reconciler re-provisions from the step that creates what vanished.
-            Ready => to.is_provisioning(),
-            // An operator's replay resumes at any step.
-            Failed => to.has_step(),
-            // Suspended waits for an outside event; terminated is final.
-            _ => false,
-        }
-    }
-
-    /// Every legal move, as `(from, to)`.
-    pub fn transitions() -> Vec<(NodeState, NodeState)> {
-        let mut all = Vec::new();
-        for from in NodeState::ALL {
-            for to in NodeState::ALL {
-                if from.may_become(to) {
-                    all.push((from, to));
-                }
-            }
-        }
-        all
-    }
-
-    /// What the customer's app sees.
-    pub fn status(self) -> NodeStatus {
-        match self {
-            NodeState::Pending => NodeStatus::Pending,
-            NodeState::Ready => NodeStatus::Ready,
-            NodeState::Failed => NodeStatus::Failed,
-            NodeState::Suspended => NodeStatus::Suspended,
-            NodeState::Terminated => NodeStatus::Terminated,
-            s if s.is_teardown() => NodeStatus::Terminating,
-            _ => NodeStatus::Provisioning,
+            TeardownReason::ProvisioningFailed => NodeState::Failed,
+            _ => NodeState::Terminated,
         }
     }
 }
 
-impl std::fmt::Display for NodeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What the node should be, as last asked for (`nodes.desired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum NodeStatus {
-    Pending,
-    Provisioning,
-    Ready,
-    Failed,
+pub enum Desired {
+    Running,
     Suspended,
-    Terminating,
-    Terminated,
+    Gone,
+}
+
+impl Desired {
+    pub const ALL: [Desired; 3] = [Desired::Running, Desired::Suspended, Desired::Gone];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Suspended => "suspended",
+            Desired::Gone => "gone",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Desired> {
+        Desired::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+/// The kinds of entry in a node's log (`node_events.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// The node's row was made.
+    Created,
+    /// A step began.
+    Started,
+    /// A step's side effect is done and committed.
+    Succeeded,
+    /// A step looks again later (`detail`: what it waits for).
+    Waiting,
+    /// A step failed for a transient reason and is retried later (`detail`: the error).
+    RetryScheduled,
+    /// A step failed for good (`detail`: the error).
+    Failed,
+    /// An operator's replay.
+    Replayed,
+    /// The reconciler sent the node back to a step.
+    Reconciled,
+    /// The node is to be torn down (`detail`: why).
+    TeardownRequested,
+    /// Someone asked the node to change (`detail`: what and who).
+    Requested,
+    /// A workflow started because the node's intent asks for it.
+    WorkflowStarted,
+    /// A move of `nodes.state`, written by the database's guard (`detail`: `from -> to`).
+    Transition,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Started => "started",
+            EventKind::Succeeded => "succeeded",
+            EventKind::Waiting => "waiting",
+            EventKind::RetryScheduled => "retry_scheduled",
+            EventKind::Failed => "failed",
+            EventKind::Replayed => "replayed",
+            EventKind::Reconciled => "reconciled",
+            EventKind::TeardownRequested => "teardown_requested",
+            EventKind::Requested => "requested",
+            EventKind::WorkflowStarted => "workflow_started",
+            EventKind::Transition => "transition",
+        }
+    }
 }
 
 /// A row of `nodes`.
@@ -270,6 +144,14 @@ pub struct Node {
     pub error: Option<String>,
     pub failed_step: Option<String>,
     pub teardown_reason: Option<String>,
+    pub desired: String,
+    pub volume_gb: i32,
+    pub applied_instance_type: Option<String>,
+    pub applied_volume_gb: Option<i32>,
+    pub restarts_requested: i32,
+    pub restarts_done: i32,
+    pub waiting_for: Option<String>,
+    pub last_error: Option<String>,
     pub attempt: i32,
     pub step_started_at: DateTime<Utc>,
     pub next_run_at: Option<DateTime<Utc>>,
@@ -295,9 +177,20 @@ impl Node {
         self.state.0
     }
 
+    pub fn teardown_reason(&self) -> Option<TeardownReason> {
+        self.teardown_reason
+            .as_deref()
+            .and_then(TeardownReason::parse)
+    }
+
     /// Provisioning failed and is being (or has been) undone.
     pub fn is_undoing_failure(&self) -> bool {
-        self.teardown_reason.as_deref() == Some(teardown_reason::PROVISIONING_FAILED)
+        self.teardown_reason() == Some(TeardownReason::ProvisioningFailed)
+    }
+
+    /// What the node should be; an unknown value (a newer release's) counts as running.
+    pub fn desired(&self) -> Desired {
+        Desired::parse(&self.desired).unwrap_or(Desired::Running)
     }
 
     /// What the customer's app sees: a node whose failed provisioning is being undone is
@@ -350,80 +243,7 @@ pub mod tags {
     pub const USER: &str = "hive:user";
     /// On the secret: the ARN of the one instance whose role may read it.
     pub const INSTANCE_ARN: &str = "hive:instance-arn";
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn states_round_trip_and_provisioning_is_ordered() {
-        for s in NodeState::ALL {
-            assert_eq!(NodeState::parse(s.as_str()), Some(s));
-        }
-        assert_eq!(
-            NodeState::Pending.next_provisioning(),
-            Some(NodeState::CreatingTunnel)
-        );
-        assert_eq!(
-            NodeState::WaitingForTunnel.next_provisioning(),
-            Some(NodeState::Ready)
-        );
-        assert_eq!(NodeState::Ready.next_provisioning(), None);
-        assert_eq!(NodeState::BindingSecret.status(), NodeStatus::Provisioning);
-        assert_eq!(NodeState::DeletingSecret.status(), NodeStatus::Terminating);
-        assert_eq!(
-            NodeState::Terminating.next_teardown(),
-            Some(NodeState::DeletingRoute53Record)
-        );
-        assert_eq!(NodeState::DeletingTunnel.next_teardown(), None);
-        assert!(PROVISIONING.iter().all(|s| !s.is_teardown()));
-    }
-
-    #[test]
-    fn teardown_is_the_provisioning_undos_in_reverse() {
-        let steps: Vec<NodeState> = PROVISIONING_UNDO.iter().map(|(s, _)| *s).collect();
-        assert_eq!(steps, PROVISIONING);
-        let mut undos: Vec<NodeState> = PROVISIONING_UNDO.iter().filter_map(|(_, u)| *u).collect();
-        undos.reverse();
-        assert_eq!(TEARDOWN[0], NodeState::Terminating);
-        assert_eq!(&TEARDOWN[1..], undos.as_slice());
-    }
-
-    #[test]
-    fn only_the_workflows_moves_are_legal() {
-        use NodeState::*;
-        for (from, to) in [
-            (Pending, CreatingTunnel),
-            (WaitingForTunnel, Ready),
-            (LaunchingInstance, Failed),
-            (LaunchingInstance, Terminating),
-            (Ready, Terminating),
-            (Ready, LaunchingInstance),
-            (DeletingRoute53Record, DeletingCloudflareRecord),
-            (DeletingTunnel, Terminated),
-            (DeletingTunnel, Failed),
-            (Failed, StoringSecret),
-            (Failed, DeletingSecret),
-        ] {
-            assert!(from.may_become(to), "{from} -> {to} should be legal");
-        }
-        for (from, to) in [
-            (Pending, Ready),
-            (Pending, LaunchingInstance),
-            (CreatingTunnel, Pending),
-            (Ready, Terminated),
-            (Ready, Failed),
-            (Terminated, Pending),
-            (Terminated, Terminating),
-            (DeletingSecret, Terminated),
-            (DeletingSecret, DeletingRoute53Record),
-            (Failed, Ready),
-            (Failed, Terminated),
-            (Ready, Ready),
-        ] {
-            assert!(!from.may_become(to), "{from} -> {to} should be illegal");
-        }
-        assert!(NodeState::transitions().len() > 40);
-    }
+    /// On the instance: the restart request it last carried out, so that a reboot repeated
+    /// after a crash is not done twice.
+    pub const RESTARTED: &str = "hive:restarted";
 }

@@ -18,11 +18,9 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::cloud::CloudError;
+use crate::cloud::{CloudError, Clouds};
 use crate::model::NodeState;
-use crate::provision::Clouds;
-use crate::queue;
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -49,10 +47,7 @@ pub struct Report {
 
 /// Node ids that own resources: every node with a row that is not `terminated`.
 async fn owning_nodes(pool: &PgPool) -> Result<HashSet<Uuid>, ReconcileError> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM nodes WHERE state <> 'terminated'")
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    Ok(store::owning_node_ids(pool).await?.into_iter().collect())
 }
 
 fn orphan(owners: &HashSet<Uuid>, node_id: &str) -> bool {
@@ -95,16 +90,9 @@ async fn claim_and_run(
     grace: Duration,
     tick: Option<DateTime<Utc>>,
 ) -> Result<Option<Report>, ReconcileError> {
-    let claimed: Option<(i64,)> = sqlx::query_as(
-        "INSERT INTO reconcile_runs (started_at, tick, removed, reprovisioned) \
-         VALUES (now(), $1, '[]', '[]') ON CONFLICT (tick) DO NOTHING RETURNING id",
-    )
-    .bind(tick)
-    .fetch_optional(pool)
-    .await?;
-    match claimed {
+    match store::claim_reconcile_run(pool, tick).await? {
         None => Ok(None),
-        Some((run,)) => Ok(Some(
+        Some(run) => Ok(Some(
             record_pass(pool, run, pass(pool, clouds, node_domain, grace).await).await?,
         )),
     }
@@ -120,15 +108,13 @@ async fn record_pass(
         Ok(report) => (report.clone(), None),
         Err(e) => (Report::default(), Some(e.to_string())),
     };
-    sqlx::query(
-        "UPDATE reconcile_runs SET finished_at = now(), removed = $2, reprovisioned = $3, \
-         error = $4 WHERE id = $1",
+    store::finish_reconcile_run(
+        pool,
+        run,
+        &report.removed,
+        &report.reprovisioned,
+        error.as_deref(),
     )
-    .bind(run)
-    .bind(serde_json::json!(report.removed))
-    .bind(serde_json::json!(report.reprovisioned))
-    .bind(error)
-    .execute(pool)
     .await?;
     if !report.removed.is_empty() {
         tracing::warn!(removed = ?report.removed, "reconciler removed orphans");
@@ -197,11 +183,7 @@ async fn pass(
     }
 
     // Ready nodes whose instance or tunnel is gone go back to the step that makes it.
-    let ready: Vec<(Uuid, Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT id, instance_id, tunnel_id FROM nodes WHERE state = 'ready'")
-            .fetch_all(pool)
-            .await?;
-    for (id, instance_id, tunnel_id) in ready {
+    for (id, instance_id, tunnel_id) in store::ready_nodes(pool).await? {
         let tunnel_gone = match tunnel_id {
             None => true,
             Some(_) => clouds
@@ -230,31 +212,7 @@ async fn pass(
         } else {
             "instance vanished"
         };
-        let mut tx = pool.begin().await?;
-        let moved: Option<(i32,)> = sqlx::query_as(
-            "UPDATE nodes SET state = $2, generation = generation + 1, attempt = 0, \
-             step_started_at = now(), next_run_at = NULL, \
-             tunnel_id = CASE WHEN $3 THEN NULL ELSE tunnel_id END, instance_id = NULL, \
-             updated_at = now() WHERE id = $1 AND state = 'ready' RETURNING generation",
-        )
-        .bind(id)
-        .bind(restart_at.as_str())
-        .bind(tunnel_gone)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((generation,)) = moved {
-            sqlx::query(
-                "INSERT INTO node_events (node_id, generation, step, kind, detail) \
-                 VALUES ($1, $2, $3, 'reconciled', $4)",
-            )
-            .bind(id)
-            .bind(generation)
-            .bind(restart_at.as_str())
-            .bind(why)
-            .execute(&mut *tx)
-            .await?;
-            queue::enqueue(&mut tx, &[id], Duration::ZERO).await?;
-            tx.commit().await?;
+        if store::send_back_to(pool, id, restart_at, tunnel_gone, why).await? {
             tracing::warn!(node_id = %id, why, "ready node sent back to provisioning");
             report.reprovisioned.push(id);
         }

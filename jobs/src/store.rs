@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::model::{Node, NodeEvent, NodeState};
+use crate::model::{Desired, EventKind, Node, NodeEvent, NodeState, TeardownReason, Workflow};
 use crate::queue;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,18 @@ async fn publish_transitions(pool: &PgPool) -> StoreResult<()> {
 const NODE_COLUMNS: &str =
     "id, subscription_id, ordinal, user_id, region, instance_type, hostname, \
     state, generation, tunnel_id, secret_arn, instance_id, dns_record_id, error, failed_step, \
-    teardown_reason, attempt, step_started_at, next_run_at, created_at, updated_at";
+    teardown_reason, desired, volume_gb, applied_instance_type, applied_volume_gb, \
+    restarts_requested, restarts_done, waiting_for, last_error, \
+    attempt, step_started_at, next_run_at, created_at, updated_at";
+
+/// The names of the states in which a node rests (no step to run), for binding.
+fn resting_states() -> Vec<&'static str> {
+    NodeState::ALL
+        .iter()
+        .filter(|s| !s.has_step())
+        .map(|s| s.as_str())
+        .collect()
+}
 
 /// A Stripe event as we record it.
 pub struct StripeEventRecord<'a> {
@@ -148,23 +159,58 @@ pub async fn create_subscription_with_nodes(
             .await?;
         return Ok(Vec::new());
     }
-    let mut ids = Vec::with_capacity(sub.nodes as usize);
-    for ordinal in 0..sub.nodes {
+    let spec = NodeSpec {
+        subscription_id,
+        user_id: sub.user_id,
+        region: sub.region,
+        instance_type: sub.instance_type,
+        node_domain: sub.node_domain,
+    };
+    add_nodes(tx, &spec, 0..sub.nodes as i32).await
+}
+
+/// What the nodes of one subscription share.
+pub struct NodeSpec<'a> {
+    pub subscription_id: Uuid,
+    pub user_id: &'a str,
+    pub region: &'a str,
+    pub instance_type: &'a str,
+    pub node_domain: &'a str,
+}
+
+/// Creates nodes with the given ordinals and enqueues their provisioning, in the caller's
+/// transaction. Returns their ids.
+pub async fn add_nodes(
+    tx: &mut Transaction<'_, Postgres>,
+    spec: &NodeSpec<'_>,
+    ordinals: std::ops::Range<i32>,
+) -> StoreResult<Vec<Uuid>> {
+    let mut ids = Vec::with_capacity(ordinals.len());
+    for ordinal in ordinals {
         let id = Uuid::new_v4();
         sqlx::query(
-            "INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, hostname) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, \
+             hostname, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id)
-        .bind(subscription_id)
-        .bind(ordinal as i32)
-        .bind(sub.user_id)
-        .bind(sub.region)
-        .bind(sub.instance_type)
-        .bind(format!("{id}.{}", sub.node_domain))
+        .bind(spec.subscription_id)
+        .bind(ordinal)
+        .bind(spec.user_id)
+        .bind(spec.region)
+        .bind(spec.instance_type)
+        .bind(format!("{id}.{}", spec.node_domain))
+        .bind(NodeState::Pending.as_str())
         .execute(&mut **tx)
         .await?;
-        insert_event(&mut **tx, id, 0, NodeState::Pending, "created", None).await?;
+        insert_event(
+            &mut **tx,
+            id,
+            0,
+            NodeState::Pending,
+            EventKind::Created,
+            None,
+        )
+        .await?;
         ids.push(id);
     }
     queue::enqueue(tx, &ids, Duration::ZERO).await?;
@@ -186,29 +232,61 @@ pub async fn end_subscription(
     .bind(stripe_event_id)
     .execute(&mut **tx)
     .await?;
-    let ids: Vec<(Uuid, i32)> = sqlx::query_as(
-        "UPDATE nodes SET state = 'terminating', teardown_reason = 'subscription_ended', \
-         generation = generation + 1, attempt = 0, step_started_at = now(), next_run_at = NULL, \
-         failed_step = NULL, error = NULL, updated_at = now() \
-         WHERE subscription_id IN (SELECT id FROM subscriptions WHERE stripe_subscription_id = $1) \
-         AND state <> 'terminated' AND teardown_reason IS DISTINCT FROM 'subscription_ended' \
-         RETURNING id, generation",
+    sqlx::query(
+        "UPDATE subscriptions SET status = 'ended', updated_at = now() WHERE stripe_subscription_id = $1",
+    )
+    .bind(stripe_subscription_id)
+    .execute(&mut **tx)
+    .await?;
+    let ids: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM nodes WHERE subscription_id IN \
+         (SELECT id FROM subscriptions WHERE stripe_subscription_id = $1) ORDER BY ordinal",
     )
     .bind(stripe_subscription_id)
     .fetch_all(&mut **tx)
     .await?;
-    sqlx::query("UPDATE subscriptions SET status = 'ended', updated_at = now() WHERE stripe_subscription_id = $1")
-        .bind(stripe_subscription_id)
-        .execute(&mut **tx)
-        .await?;
+    let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+    tear_down(
+        tx,
+        &ids,
+        TeardownReason::SubscriptionEnded,
+        "subscription ended",
+    )
+    .await
+}
+
+/// Sends nodes to teardown from wherever they are, in the caller's transaction: their
+/// generation is bumped (so a step in flight cannot commit over it), their intent becomes
+/// `gone`, and their jobs are enqueued. Nodes already terminated or being torn down for the
+/// same reason are left alone. Returns the nodes sent.
+pub async fn tear_down(
+    tx: &mut Transaction<'_, Postgres>,
+    node_ids: &[Uuid],
+    reason: TeardownReason,
+    detail: &str,
+) -> StoreResult<Vec<Uuid>> {
+    let ids: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE nodes SET state = $2, teardown_reason = $3, desired = $4, \
+         generation = generation + 1, attempt = 0, step_started_at = now(), next_run_at = NULL, \
+         failed_step = NULL, error = NULL, waiting_for = NULL, last_error = NULL, updated_at = now() \
+         WHERE id = ANY($1) AND state <> $5 AND teardown_reason IS DISTINCT FROM $3 \
+         RETURNING id, generation",
+    )
+    .bind(node_ids)
+    .bind(NodeState::Terminating.as_str())
+    .bind(reason.as_str())
+    .bind(Desired::Gone.as_str())
+    .bind(NodeState::Terminated.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
     for (id, generation) in &ids {
         insert_event(
             &mut **tx,
             *id,
             *generation,
             NodeState::Terminating,
-            "teardown_requested",
-            Some("subscription ended"),
+            EventKind::TeardownRequested,
+            Some(detail),
         )
         .await?;
     }
@@ -222,7 +300,7 @@ async fn insert_event<'e, E>(
     node_id: Uuid,
     generation: i32,
     step: NodeState,
-    kind: &str,
+    kind: EventKind,
     detail: Option<&str>,
 ) -> StoreResult<()>
 where
@@ -234,7 +312,7 @@ where
     .bind(node_id)
     .bind(generation)
     .bind(step.as_str())
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(detail)
     .execute(executor)
     .await?;
@@ -342,6 +420,11 @@ pub struct Created {
     pub secret_arn: Option<String>,
     pub instance_id: Option<String>,
     pub dns_record_id: Option<String>,
+    /// The instance type and root volume size the instance now has.
+    pub applied_instance_type: Option<String>,
+    pub applied_volume_gb: Option<i32>,
+    /// The restart request the instance has carried out.
+    pub restarts_done: Option<i32>,
 }
 
 /// Why a fenced write changed nothing: the node moved on under another run.
@@ -361,9 +444,13 @@ pub async fn commit_step(
     let updated = sqlx::query(
         "UPDATE nodes SET state = $5, tunnel_id = COALESCE($6, tunnel_id), \
          secret_arn = COALESCE($7, secret_arn), instance_id = COALESCE($8, instance_id), \
-         dns_record_id = COALESCE($9, dns_record_id), attempt = 0, step_started_at = now(), \
-         next_run_at = NULL, updated_at = now(), \
-         error = CASE WHEN teardown_reason = 'provisioning_failed' THEN error END \
+         dns_record_id = COALESCE($9, dns_record_id), \
+         applied_instance_type = COALESCE($10, applied_instance_type), \
+         applied_volume_gb = COALESCE($11, applied_volume_gb), \
+         restarts_done = COALESCE($12, restarts_done), \
+         attempt = 0, step_started_at = now(), next_run_at = NULL, updated_at = now(), \
+         waiting_for = NULL, last_error = NULL, \
+         error = CASE WHEN teardown_reason = $13 THEN error END \
          WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
     )
     .bind(node.id)
@@ -375,6 +462,10 @@ pub async fn commit_step(
     .bind(&created.secret_arn)
     .bind(&created.instance_id)
     .bind(&created.dns_record_id)
+    .bind(&created.applied_instance_type)
+    .bind(created.applied_volume_gb)
+    .bind(created.restarts_done)
+    .bind(TeardownReason::ProvisioningFailed.as_str())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -385,7 +476,8 @@ pub async fn commit_step(
         // Torn down: nothing of these ids exists any more.
         sqlx::query(
             "UPDATE nodes SET tunnel_id = NULL, secret_arn = NULL, instance_id = NULL, \
-             dns_record_id = NULL WHERE id = $1",
+             dns_record_id = NULL, applied_instance_type = NULL, applied_volume_gb = NULL \
+             WHERE id = $1",
         )
         .bind(node.id)
         .execute(&mut *tx)
@@ -396,12 +488,21 @@ pub async fn commit_step(
         node.id,
         node.generation,
         node.state(),
-        "succeeded",
+        EventKind::Succeeded,
         None,
     )
     .await?;
     tx.commit().await?;
     Ok(Ok(()))
+}
+
+/// Why a step is put off.
+#[derive(Debug, Clone, Copy)]
+pub enum Postponed<'a> {
+    /// Nothing to do yet (kept in `waiting_for`; not an attempt).
+    Waiting(&'a str),
+    /// A transient failure (kept in `last_error`; an attempt).
+    Retrying(&'a str),
 }
 
 /// Puts the node's step off until `delay` from now, releases the lease and enqueues the job
@@ -411,13 +512,16 @@ pub async fn schedule(
     node: &Node,
     owner: Uuid,
     delay: Duration,
-    counts_as_attempt: bool,
-    kind: &str,
-    detail: Option<&str>,
+    why: Postponed<'_>,
 ) -> StoreResult<Result<(), Fenced>> {
+    let (kind, waiting_for, last_error) = match why {
+        Postponed::Waiting(why) => (EventKind::Waiting, Some(why), None),
+        Postponed::Retrying(error) => (EventKind::RetryScheduled, None, Some(error)),
+    };
     let mut tx = pool.begin().await?;
     let updated = sqlx::query(
-        "UPDATE nodes SET attempt = attempt + $7::int, next_run_at = now() + $5, error = $6, \
+        "UPDATE nodes SET attempt = attempt + $8::int, next_run_at = now() + $5, \
+         waiting_for = $6, last_error = COALESCE($7, last_error), \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
     )
@@ -426,8 +530,9 @@ pub async fn schedule(
     .bind(node.generation)
     .bind(owner)
     .bind(delay)
-    .bind(detail)
-    .bind(i32::from(counts_as_attempt))
+    .bind(waiting_for)
+    .bind(last_error)
+    .bind(i32::from(matches!(why, Postponed::Retrying(_))))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -440,7 +545,7 @@ pub async fn schedule(
         node.generation,
         node.state(),
         kind,
-        detail,
+        waiting_for.or(last_error),
     )
     .await?;
     queue::enqueue(&mut tx, &[node.id], delay).await?;
@@ -460,24 +565,31 @@ pub async fn fail(
 ) -> StoreResult<Result<(), Fenced>> {
     let mut tx = pool.begin().await?;
     let sql = if unwind {
-        "UPDATE nodes SET state = 'terminating', teardown_reason = 'provisioning_failed', \
+        "UPDATE nodes SET state = $6, teardown_reason = $7, \
          failed_step = $2, error = $5, attempt = 0, step_started_at = now(), next_run_at = NULL, \
-         updated_at = now() \
+         waiting_for = NULL, updated_at = now() \
          WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4"
     } else {
-        "UPDATE nodes SET state = 'failed', failed_step = $2, error = $5, next_run_at = NULL, \
-         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+        "UPDATE nodes SET state = $6, failed_step = $2, error = $5, next_run_at = NULL, \
+         waiting_for = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4"
     };
-    let updated = sqlx::query(sql)
+    let to = if unwind {
+        NodeState::Terminating
+    } else {
+        NodeState::Failed
+    };
+    let mut query = sqlx::query(sql)
         .bind(node.id)
         .bind(node.state().as_str())
         .bind(node.generation)
         .bind(owner)
         .bind(error)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .bind(to.as_str());
+    if unwind {
+        query = query.bind(TeardownReason::ProvisioningFailed.as_str());
+    }
+    let updated = query.execute(&mut *tx).await?.rows_affected();
     if updated == 0 {
         return Ok(Err(Fenced(node.id)));
     }
@@ -486,8 +598,49 @@ pub async fn fail(
         node.id,
         node.generation,
         node.state(),
-        "failed",
+        EventKind::Failed,
         Some(error),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ok(()))
+}
+
+/// Starts `workflow` on a resting node whose intent asks for it (the node keeps its lease and
+/// goes on at once), fenced like a step's commit.
+pub async fn start_workflow(
+    pool: &PgPool,
+    node: &Node,
+    owner: Uuid,
+    workflow: Workflow,
+) -> StoreResult<Result<(), Fenced>> {
+    let Some(first) = workflow.steps().first() else {
+        return Ok(Ok(()));
+    };
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE nodes SET state = $5, attempt = 0, step_started_at = now(), next_run_at = NULL, \
+         waiting_for = NULL, last_error = NULL, updated_at = now() \
+         WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
+    )
+    .bind(node.id)
+    .bind(node.state().as_str())
+    .bind(node.generation)
+    .bind(owner)
+    .bind(first.as_str())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Ok(Err(Fenced(node.id)));
+    }
+    insert_event(
+        &mut *tx,
+        node.id,
+        node.generation,
+        *first,
+        EventKind::WorkflowStarted,
+        Some(&format!("{workflow:?}")),
     )
     .await?;
     tx.commit().await?;
@@ -501,10 +654,25 @@ pub async fn step_started(pool: &PgPool, node: &Node) -> StoreResult<()> {
         node.id,
         node.generation,
         node.state(),
-        "started",
+        EventKind::Started,
         None,
     )
     .await
+}
+
+/// Gives the lease back of a node that rests with nothing to do, and clears its due mark.
+pub async fn rest(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE nodes SET lease_owner = NULL, lease_expires_at = NULL, \
+         next_run_at = CASE WHEN state = ANY($3) THEN NULL ELSE next_run_at END \
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(resting_states())
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Gives the lease back (the run ends without having scheduled or failed the node).
@@ -521,7 +689,8 @@ pub async fn release(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
 }
 
 /// Steps with a run that should have started by now but has not: the node is due (or its step
-/// began) longer than `stale_after` ago and nobody holds it. Its job was lost (the database
+/// began) longer than `stale_after` ago and nobody holds it; a resting node is due only when a
+/// request marked it so. Its job was lost (the database
 /// went away while the queue was recording it, say); this enqueues a new one and marks the node
 /// due now, in one transaction, skipping rows another worker is sweeping. Returns those nodes.
 pub async fn requeue_stalled(pool: &PgPool, stale_after: Duration) -> StoreResult<Vec<Uuid>> {
@@ -529,13 +698,14 @@ pub async fn requeue_stalled(pool: &PgPool, stale_after: Duration) -> StoreResul
     let ids: Vec<(Uuid,)> = sqlx::query_as(
         "UPDATE nodes SET next_run_at = now() WHERE id IN ( \
            SELECT id FROM nodes \
-           WHERE state NOT IN ('ready', 'failed', 'suspended', 'terminated') \
+           WHERE (state <> ALL($2) OR next_run_at IS NOT NULL) \
              AND (lease_expires_at IS NULL OR lease_expires_at < now()) \
              AND COALESCE(next_run_at, step_started_at) < now() - $1 \
            ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED) \
          RETURNING id",
     )
     .bind(stale_after)
+    .bind(resting_states())
     .fetch_all(&mut *tx)
     .await?;
     let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
@@ -550,4 +720,320 @@ pub async fn enqueue_later(pool: &PgPool, id: Uuid, delay: Duration) -> StoreRes
     queue::enqueue(&mut tx, &[id], delay).await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// What a replay needs to know of a node, read under a row lock in the caller's transaction.
+pub struct ReplayFacts {
+    pub state: Option<NodeState>,
+    pub raw_state: String,
+    pub failed_step: Option<String>,
+    pub teardown_reason: Option<TeardownReason>,
+}
+
+/// Locks the node for a replay; `None` when there is no such node.
+pub async fn lock_for_replay(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+) -> StoreResult<Option<ReplayFacts>> {
+    let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT state, failed_step, teardown_reason FROM nodes WHERE id = $1 FOR UPDATE",
+    )
+    .bind(node_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|(state, failed_step, reason)| ReplayFacts {
+        state: NodeState::parse(&state),
+        raw_state: state,
+        failed_step,
+        teardown_reason: reason.as_deref().and_then(TeardownReason::parse),
+    }))
+}
+
+/// Resumes a failed node at `step` with a new generation and enqueues its job, in the caller's
+/// transaction. `restart`: the undone provisioning starts over (its teardown reason is
+/// cleared); `keep_error`: a resumed undo keeps the provisioning's error. Returns the new
+/// generation.
+pub async fn resume_failed(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    step: NodeState,
+    restart: bool,
+    keep_error: bool,
+    detail: &str,
+) -> StoreResult<i32> {
+    let (generation,): (i32,) = sqlx::query_as(
+        "UPDATE nodes SET state = $2, failed_step = NULL, \
+         error = CASE WHEN $4 THEN error ELSE NULL END, attempt = 0, \
+         teardown_reason = CASE WHEN $3 THEN NULL ELSE teardown_reason END, \
+         generation = generation + 1, step_started_at = now(), next_run_at = NULL, \
+         waiting_for = NULL, last_error = NULL, \
+         lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+         WHERE id = $1 RETURNING generation",
+    )
+    .bind(node_id)
+    .bind(step.as_str())
+    .bind(restart)
+    .bind(keep_error)
+    .fetch_one(&mut **tx)
+    .await?;
+    insert_event(
+        &mut **tx,
+        node_id,
+        generation,
+        step,
+        EventKind::Replayed,
+        Some(detail),
+    )
+    .await?;
+    queue::enqueue(tx, &[node_id], Duration::ZERO).await?;
+    Ok(generation)
+}
+
+/// Node ids that own resources: every node with a row that is not `terminated`.
+pub async fn owning_node_ids(pool: &PgPool) -> StoreResult<Vec<Uuid>> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM nodes WHERE state <> $1")
+        .bind(NodeState::Terminated.as_str())
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Ready nodes, with their recorded instance and tunnel.
+pub async fn ready_nodes(
+    pool: &PgPool,
+) -> StoreResult<Vec<(Uuid, Option<String>, Option<String>)>> {
+    Ok(
+        sqlx::query_as("SELECT id, instance_id, tunnel_id FROM nodes WHERE state = $1 ORDER BY id")
+            .bind(NodeState::Ready.as_str())
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Sends a ready node whose resource vanished back to the step that makes it, with a new
+/// generation, and enqueues its job. False when the node is no longer ready.
+pub async fn send_back_to(
+    pool: &PgPool,
+    node_id: Uuid,
+    step: NodeState,
+    tunnel_gone: bool,
+    why: &str,
+) -> StoreResult<bool> {
+    let mut tx = pool.begin().await?;
+    let moved: Option<(i32,)> = sqlx::query_as(
+        "UPDATE nodes SET state = $2, generation = generation + 1, attempt = 0, \
+         step_started_at = now(), next_run_at = NULL, \
+         tunnel_id = CASE WHEN $3 THEN NULL ELSE tunnel_id END, instance_id = NULL, \
+         updated_at = now() WHERE id = $1 AND state = $4 RETURNING generation",
+    )
+    .bind(node_id)
+    .bind(step.as_str())
+    .bind(tunnel_gone)
+    .bind(NodeState::Ready.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((generation,)) = moved else {
+        return Ok(false);
+    };
+    insert_event(
+        &mut *tx,
+        node_id,
+        generation,
+        step,
+        EventKind::Reconciled,
+        Some(why),
+    )
+    .await?;
+    queue::enqueue(&mut tx, &[node_id], Duration::ZERO).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Records the start of a reconcile pass (claiming its tick, if it has one); `None` when
+/// another worker has claimed that tick.
+pub async fn claim_reconcile_run(
+    pool: &PgPool,
+    tick: Option<chrono::DateTime<chrono::Utc>>,
+) -> StoreResult<Option<i64>> {
+    let claimed: Option<(i64,)> = sqlx::query_as(
+        "INSERT INTO reconcile_runs (started_at, tick, removed, reprovisioned) \
+         VALUES (now(), $1, '[]', '[]') ON CONFLICT (tick) DO NOTHING RETURNING id",
+    )
+    .bind(tick)
+    .fetch_optional(pool)
+    .await?;
+    Ok(claimed.map(|(id,)| id))
+}
+
+/// Records what a reconcile pass removed and re-provisioned, or why it stopped.
+pub async fn finish_reconcile_run(
+    pool: &PgPool,
+    run: i64,
+    removed: &[String],
+    reprovisioned: &[Uuid],
+    error: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE reconcile_runs SET finished_at = now(), removed = $2, reprovisioned = $3, \
+         error = $4 WHERE id = $1",
+    )
+    .bind(run)
+    .bind(serde_json::json!(removed))
+    .bind(serde_json::json!(reprovisioned))
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A node's intent as a request needs it, read under a row lock in the caller's transaction.
+#[derive(Debug, Clone)]
+pub struct IntentRow {
+    pub id: Uuid,
+    pub state: String,
+    pub desired: String,
+    pub instance_type: String,
+    pub volume_gb: i32,
+    pub restarts_requested: i32,
+}
+
+/// Locks the node's row for a change of intent; `None` when there is no such node.
+pub async fn lock_intent(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+) -> StoreResult<Option<IntentRow>> {
+    let row: Option<(Uuid, String, String, String, i32, i32)> = sqlx::query_as(
+        "SELECT id, state, desired, instance_type, volume_gb, restarts_requested \
+         FROM nodes WHERE id = $1 FOR UPDATE",
+    )
+    .bind(node_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(
+        |(id, state, desired, instance_type, volume_gb, restarts_requested)| IntentRow {
+            id,
+            state,
+            desired,
+            instance_type,
+            volume_gb,
+            restarts_requested,
+        },
+    ))
+}
+
+/// A change of a node's intent.
+#[derive(Debug, Clone, Copy)]
+pub enum IntentChange<'a> {
+    Desired(Desired),
+    Restart,
+    Spec {
+        instance_type: &'a str,
+        volume_gb: i32,
+    },
+}
+
+/// Records a change of the node's intent, logs who asked, and enqueues its job, in the
+/// caller's transaction. The node's state is not touched: the worker acts on the difference
+/// once the node rests. The node is marked due (`next_run_at`), so that the sweep finds it
+/// should its job be lost; the worker clears the mark when the node rests with nothing to do.
+pub async fn change_intent(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    change: IntentChange<'_>,
+    detail: &str,
+) -> StoreResult<()> {
+    let (desired, restart, instance_type, volume_gb) = match change {
+        IntentChange::Desired(d) => (Some(d.as_str()), false, None, None),
+        IntentChange::Restart => (None, true, None, None),
+        IntentChange::Spec {
+            instance_type,
+            volume_gb,
+        } => (None, false, Some(instance_type), Some(volume_gb)),
+    };
+    let (state, generation): (String, i32) = sqlx::query_as(
+        "UPDATE nodes SET desired = COALESCE($2, desired), \
+         restarts_requested = restarts_requested + $3::int, \
+         instance_type = COALESCE($4, instance_type), volume_gb = COALESCE($5, volume_gb), \
+         next_run_at = COALESCE(next_run_at, now()), updated_at = now() \
+         WHERE id = $1 RETURNING state, generation",
+    )
+    .bind(node_id)
+    .bind(desired)
+    .bind(i32::from(restart))
+    .bind(instance_type)
+    .bind(volume_gb)
+    .fetch_one(&mut **tx)
+    .await?;
+    let step = NodeState::parse(&state).unwrap_or(NodeState::Ready);
+    insert_event(
+        &mut **tx,
+        node_id,
+        generation,
+        step,
+        EventKind::Requested,
+        Some(detail),
+    )
+    .await?;
+    queue::enqueue(tx, &[node_id], Duration::ZERO).await?;
+    Ok(())
+}
+
+/// A subscription's nodes that still count (not torn down nor being torn down), oldest
+/// first, as (id, ordinal, instance type), locked in the caller's transaction; and what new
+/// nodes of it need.
+pub async fn lock_subscription_nodes(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+) -> StoreResult<Option<(SubscriptionRow, Vec<(Uuid, i32, String)>)>> {
+    let sub: Option<SubscriptionRow> = sqlx::query_as(
+        "SELECT id, user_id, region, status FROM subscriptions WHERE id = $1 FOR UPDATE",
+    )
+    .bind(subscription_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(sub) = sub else {
+        return Ok(None);
+    };
+    let nodes: Vec<(Uuid, i32, String)> = sqlx::query_as(
+        "SELECT id, ordinal, instance_type FROM nodes WHERE subscription_id = $1 AND desired <> $2 \
+         ORDER BY ordinal FOR UPDATE",
+    )
+    .bind(subscription_id)
+    .bind(Desired::Gone.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(Some((sub, nodes)))
+}
+
+/// The highest ordinal a subscription's nodes ever had (new nodes take the next ones).
+pub async fn max_ordinal(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+) -> StoreResult<i32> {
+    let (max,): (Option<i32>,) =
+        sqlx::query_as("SELECT max(ordinal) FROM nodes WHERE subscription_id = $1")
+            .bind(subscription_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    Ok(max.unwrap_or(-1))
+}
+
+/// The subscription fields a change of its node count needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionRow {
+    pub id: Uuid,
+    pub user_id: String,
+    pub region: String,
+    pub status: String,
+}
+
+/// Our id of a subscription, from ours or Stripe's (`sub_...`).
+pub async fn subscription_id(pool: &PgPool, id_or_stripe_id: &str) -> StoreResult<Option<Uuid>> {
+    let found: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM subscriptions WHERE id::text = $1 OR stripe_subscription_id = $1",
+    )
+    .bind(id_or_stripe_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|(id,)| id))
 }

@@ -7,8 +7,9 @@ use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
 use apalis_postgres::{Config, PostgresStorage};
 use backon::{ExponentialBuilder, Retryable};
+use hive_jobs::cloud::Clouds;
 use hive_jobs::config::WorkerConfig;
-use hive_jobs::provision::{Clouds, Provisioner};
+use hive_jobs::engine::Engine;
 use hive_jobs::queue::{ProvisionNode, NODE_QUEUE};
 use tracing::Instrument;
 
@@ -25,10 +26,10 @@ pub enum WorkerError {
 /// One job: advance the node's state machine as far as it can go now.
 async fn provision_node(
     job: ProvisionNode,
-    provisioner: Data<Arc<Provisioner>>,
+    engine: Data<Arc<Engine>>,
     task_id: TaskId,
 ) -> Result<(), BoxDynError> {
-    provisioner
+    engine
         .advance(job.node_id, &task_id.to_string())
         .await
         .map_err(|e| Box::new(e) as BoxDynError)
@@ -68,12 +69,7 @@ where
         }
     };
     tracing::info!(worker = %worker_name, %region, concurrency = config.concurrency, "hive-worker started");
-    let provisioner = Arc::new(Provisioner::new(
-        pool.clone(),
-        clouds,
-        config.clone(),
-        region,
-    ));
+    let engine = Arc::new(Engine::new(pool.clone(), clouds, config.clone(), region));
     let sweeper = tokio::spawn(sweep_stalled_nodes(pool.clone(), config.stall_after));
 
     // Shutdown is a flag every run of the apalis worker watches.
@@ -87,7 +83,7 @@ where
     for run in 0u64.. {
         // A new name per run: the queue may still count the previous one as alive.
         let name = format!("{worker_name}-{run}");
-        let outcome = run_queue(&pool, &config, &name, provisioner.clone(), stop_rx.clone()).await;
+        let outcome = run_queue(&pool, &config, &name, engine.clone(), stop_rx.clone()).await;
         if *stop_rx.borrow() {
             break;
         }
@@ -113,7 +109,7 @@ async fn run_queue(
     pool: &sqlx::PgPool,
     config: &WorkerConfig,
     worker_name: &str,
-    provisioner: Arc<Provisioner>,
+    engine: Arc<Engine>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     let backend = PostgresStorage::<ProvisionNode>::new(pool)
@@ -127,7 +123,7 @@ async fn run_queue(
         .poll_with_strategy(Strategy::new().interval(config.poll));
     let worker = WorkerBuilder::new(worker_name)
         .backend(backend)
-        .data(provisioner)
+        .data(engine)
         .concurrency(config.concurrency)
         .enable_tracing()
         .build(provision_node);

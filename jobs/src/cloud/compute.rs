@@ -25,6 +25,12 @@ pub struct InstanceInfo {
     /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
     pub state: String,
     pub arn: String,
+    /// `t4g.small`, ...
+    pub instance_type: String,
+    /// The EBS volume at the root device.
+    pub root_volume_id: Option<String>,
+    /// The restart request last carried out on it (its `hive:restarted` tag).
+    pub restarted: Option<String>,
 }
 
 /// Everything a launch needs, beyond the node's identity.
@@ -38,6 +44,8 @@ pub struct LaunchSpec<'a> {
     pub security_group_id: &'a str,
     pub instance_profile: &'a str,
     pub user_data: &'a str,
+    /// Root volume size in GiB.
+    pub volume_gb: i32,
     /// Idempotency token for RunInstances: the same for every try of one generation.
     pub client_token: String,
 }
@@ -145,10 +153,30 @@ impl Compute {
                     .and_then(|s| s.name())
                     .map(|n| n.as_str().to_string())
                     .unwrap_or_default();
+                let root_volume_id = instance
+                    .block_device_mappings()
+                    .iter()
+                    .find(|m| m.device_name() == instance.root_device_name())
+                    .or_else(|| instance.block_device_mappings().first())
+                    .and_then(|m| m.ebs())
+                    .and_then(|e| e.volume_id())
+                    .map(str::to_string);
+                let restarted = instance
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some(tags::RESTARTED))
+                    .and_then(|t| t.value())
+                    .map(str::to_string);
                 found.push(InstanceInfo {
                     id: id.to_string(),
                     state,
                     arn: format!("arn:aws:ec2:{}:{account}:instance/{id}", self.region),
+                    instance_type: instance
+                        .instance_type()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                    root_volume_id,
+                    restarted,
                 });
             }
         }
@@ -208,7 +236,7 @@ impl Compute {
                         EbsBlockDevice::builder()
                             .encrypted(true)
                             .volume_type(VolumeType::Gp3)
-                            .volume_size(16)
+                            .volume_size(spec.volume_gb)
                             .delete_on_termination(true)
                             .build(),
                     )
@@ -234,6 +262,9 @@ impl Compute {
                 .map(|n| n.as_str().to_string())
                 .unwrap_or_else(|| "pending".into()),
             arn: format!("arn:aws:ec2:{}:{account}:instance/{id}", self.region),
+            instance_type: spec.instance_type.to_string(),
+            root_volume_id: None,
+            restarted: None,
         })
     }
 
@@ -264,5 +295,97 @@ impl Compute {
             Err(e) if super::aws_code(&e) == Some("InvalidInstanceID.NotFound") => Ok(()),
             Err(e) => Err(classify_aws("ec2:TerminateInstances", e)),
         }
+    }
+
+    /// Stops the instance (it keeps its volume, tags and identity).
+    pub async fn stop(&self, instance_id: &str) -> CloudResult<()> {
+        self.ec2
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:StopInstances", e))?;
+        Ok(())
+    }
+
+    /// Starts a stopped instance.
+    pub async fn start(&self, instance_id: &str) -> CloudResult<()> {
+        self.ec2
+            .start_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:StartInstances", e))?;
+        Ok(())
+    }
+
+    /// Reboots a running instance.
+    pub async fn reboot(&self, instance_id: &str) -> CloudResult<()> {
+        self.ec2
+            .reboot_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:RebootInstances", e))?;
+        Ok(())
+    }
+
+    /// Records on the instance which restart request it has carried out.
+    pub async fn mark_restarted(&self, instance_id: &str, request: &str) -> CloudResult<()> {
+        self.ec2
+            .create_tags()
+            .resources(instance_id)
+            .tags(Tag::builder().key(tags::RESTARTED).value(request).build())
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:CreateTags", e))?;
+        Ok(())
+    }
+
+    /// Changes a stopped instance's type.
+    pub async fn set_instance_type(
+        &self,
+        instance_id: &str,
+        instance_type: &str,
+    ) -> CloudResult<()> {
+        self.ec2
+            .modify_instance_attribute()
+            .instance_id(instance_id)
+            .instance_type(
+                aws_sdk_ec2::types::AttributeValue::builder()
+                    .value(instance_type)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:ModifyInstanceAttribute", e))?;
+        Ok(())
+    }
+
+    /// A volume's size in GiB; `None` when EC2 does not know it.
+    pub async fn volume_size(&self, volume_id: &str) -> CloudResult<Option<i32>> {
+        match self
+            .ec2
+            .describe_volumes()
+            .volume_ids(volume_id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.volumes().first().and_then(|v| v.size())),
+            Err(e) if super::aws_code(&e) == Some("InvalidVolume.NotFound") => Ok(None),
+            Err(e) => Err(classify_aws("ec2:DescribeVolumes", e)),
+        }
+    }
+
+    /// Grows a volume to `size_gb` (EBS never shrinks one).
+    pub async fn grow_volume(&self, volume_id: &str, size_gb: i32) -> CloudResult<()> {
+        self.ec2
+            .modify_volume()
+            .volume_id(volume_id)
+            .size(size_gb)
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:ModifyVolume", e))?;
+        Ok(())
     }
 }

@@ -5,8 +5,64 @@ pub mod compute;
 pub mod route53;
 pub mod secrets;
 
+use std::time::Duration;
+
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+use crate::config::WorkerConfig;
+
+/// The clouds a worker drives.
+pub struct Clouds {
+    pub compute: compute::Compute,
+    pub secrets: secrets::Secrets,
+    pub route53: route53::Route53,
+    pub cloudflare: cloudflare::Cloudflare,
+}
+
+impl Clouds {
+    /// Clients from the AWS SDK's standard configuration (`AWS_REGION`, `AWS_ENDPOINT_URL`, ...)
+    /// and the Cloudflare settings; also the region the AWS clients act in.
+    pub async fn from_config(config: &WorkerConfig) -> CloudResult<(Self, String)> {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(config.http_timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build();
+        // Our own retries are stored in Postgres; the SDK retries only briefly within a step.
+        let retry = aws_config::retry::RetryConfig::standard().with_max_attempts(2);
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .retry_config(retry)
+            .load()
+            .await;
+        let region = shared
+            .region()
+            .map(|r| r.to_string())
+            .ok_or_else(|| CloudError::permanent("aws:config", "no AWS region configured"))?;
+        let ec2_config = aws_sdk_ec2::config::Builder::from(&shared).build();
+        let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared).build();
+        let r53_config = aws_sdk_route53::config::Builder::from(&shared).build();
+        let clouds = Clouds {
+            compute: compute::Compute::new(
+                aws_sdk_ec2::Client::from_conf(ec2_config),
+                region.clone(),
+            ),
+            secrets: secrets::Secrets::new(aws_sdk_secretsmanager::Client::from_conf(sm_config)),
+            route53: route53::Route53::new(
+                aws_sdk_route53::Client::from_conf(r53_config),
+                config.route53_zone_id.clone(),
+            ),
+            cloudflare: cloudflare::Cloudflare::new(
+                &config.cloudflare_api_base,
+                &config.cloudflare_api_token,
+                &config.cloudflare_account_id,
+                &config.cloudflare_zone_id,
+                config.http_timeout,
+            )?,
+        };
+        Ok((clouds, region))
+    }
+}
 
 /// A failed cloud call, sorted by what the state machine should do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,204 @@
+//! The engine that runs every workflow: take the node's lease, run its current step, carry out
+//! what `policy::decide` makes of the result, and go on while there is something to do now.
+//!
+//! One step is one external side effect and one commit of its result, fenced by the node's
+//! state, generation and lease, so a late worker cannot overwrite a newer result. A waiting step
+//! never sleeps in a worker slot: it commits "look again at T" and a job for T, and returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use sqlx::PgPool;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::cloud::{CloudError, CloudResult, Clouds};
+use crate::config::{Chaos, WorkerConfig};
+use crate::model::Node;
+use crate::policy::{self, Action, Intent, Rules, StepFacts, StepResult};
+use crate::steps::{Outcome, StepContext};
+use crate::store::{self, Lease, Postponed, StoreResult};
+use crate::workflows::run_step;
+
+/// A job that arrives this much before its node's next run time is a duplicate and is dropped;
+/// less than that is the queue's rounding of run times to whole seconds.
+const EARLY_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1500);
+
+pub struct Engine {
+    pool: PgPool,
+    clouds: Arc<Clouds>,
+    config: WorkerConfig,
+    region: String,
+}
+
+impl Engine {
+    /// `clouds` is shared with the worker's reconciler.
+    pub fn new(pool: PgPool, clouds: Arc<Clouds>, config: WorkerConfig, region: String) -> Self {
+        Self {
+            pool,
+            clouds,
+            config,
+            region,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs the node's steps until it rests, must wait, or has failed; a resting node whose
+    /// intent asks for a workflow starts it. Errors are only those of our own database; the
+    /// job is then retried by the queue.
+    pub async fn advance(&self, node_id: Uuid, job_id: &str) -> StoreResult<()> {
+        let owner = Uuid::new_v4();
+        loop {
+            let node =
+                match store::acquire(&self.pool, node_id, owner, self.config.pacing.lease).await? {
+                    Lease::Held(node) => *node,
+                    Lease::HeldElsewhere { until } => {
+                        // Someone is on it; look again when their lease runs out, in case they died.
+                        store::enqueue_later(&self.pool, node_id, until + Duration::from_secs(1))
+                            .await?;
+                        return Ok(());
+                    }
+                    Lease::Gone => {
+                        tracing::warn!(%node_id, job_id, "job for a node that does not exist");
+                        return Ok(());
+                    }
+                };
+            let state = node.state();
+            if !state.has_step() {
+                match policy::workflow_for(&Intent::of(&node)) {
+                    Some(workflow) => {
+                        tracing::info!(%node_id, job_id, from = %state, ?workflow, "intent starts a workflow");
+                        if store::start_workflow(&self.pool, &node, owner, workflow)
+                            .await?
+                            .is_err()
+                        {
+                            return store::release(&self.pool, node_id, owner).await;
+                        }
+                        continue;
+                    }
+                    None => return store::rest(&self.pool, node_id, owner).await,
+                }
+            }
+            if let Some(at) = node.next_run_at {
+                if at - Utc::now() > EARLY_TOLERANCE {
+                    // Another job is queued for that time.
+                    return store::release(&self.pool, node_id, owner).await;
+                }
+            }
+            let span = tracing::info_span!(
+                "step",
+                %node_id,
+                job_id,
+                step = %state,
+                generation = node.generation,
+                attempt = node.attempt
+            );
+            let keep_going = self.run_one(&node, owner).instrument(span).await?;
+            if !keep_going {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs the node's current step and carries out the policy's decision. True when the node
+    /// may go on right away.
+    async fn run_one(&self, node: &Node, owner: Uuid) -> StoreResult<bool> {
+        store::step_started(&self.pool, node).await?;
+        let ran = self.run_step_with_chaos(node).await;
+        let result = match &ran {
+            Ok(Outcome::Done(_)) => StepResult::Done,
+            Ok(Outcome::NotYet(why)) => StepResult::NotYet(why),
+            Err(error) => StepResult::Failed(error),
+        };
+        let rules = Rules {
+            pacing: &self.config.pacing,
+            undo_failed: self.config.undo_failed,
+        };
+        let jitter = rand::rng().random_range(0.0..=1.0);
+        let action = policy::decide(&StepFacts::of(node, Utc::now()), result, &rules, jitter);
+        let committed = match action {
+            Action::Advance { to } => {
+                let created = match ran {
+                    Ok(Outcome::Done(created)) => created,
+                    _ => Default::default(),
+                };
+                let committed = store::commit_step(&self.pool, node, owner, to, &created).await?;
+                if committed.is_ok() {
+                    tracing::info!(next = %to, "step succeeded");
+                }
+                committed.map(|()| true)
+            }
+            Action::LookAgain { after, why } => {
+                tracing::debug!(why, "not yet; looking again later");
+                store::schedule(&self.pool, node, owner, after, Postponed::Waiting(&why))
+                    .await?
+                    .map(|()| false)
+            }
+            Action::Retry { after, error } => {
+                tracing::warn!(error = %error, delay_ms = after.as_millis() as u64, "transient failure; retry scheduled");
+                store::schedule(&self.pool, node, owner, after, Postponed::Retrying(&error))
+                    .await?
+                    .map(|()| false)
+            }
+            // The node goes on at once, to its undo.
+            Action::FailAndUndo { error } => {
+                tracing::error!(error, unwind = true, "step failed");
+                store::fail(&self.pool, node, owner, &error, true)
+                    .await?
+                    .map(|()| true)
+            }
+            Action::FailAndKeep { error } => {
+                tracing::error!(error, unwind = false, "step failed");
+                store::fail(&self.pool, node, owner, &error, false)
+                    .await?
+                    .map(|()| false)
+            }
+        };
+        match committed {
+            Ok(go_on) => Ok(go_on),
+            Err(fenced) => {
+                tracing::warn!(%fenced, "step result dropped");
+                store::release(&self.pool, node.id, owner).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The step, with the test-only faults of `HIVE_CHAOS` applied around its side effect.
+    async fn run_step_with_chaos(&self, node: &Node) -> CloudResult<Outcome> {
+        let ctx = StepContext {
+            clouds: &self.clouds,
+            config: &self.config,
+            region: &self.region,
+        };
+        let outcome = run_step(&ctx, node).await;
+        let step = node.state().as_str();
+        match (&self.config.chaos, &outcome) {
+            (Some(Chaos::RepeatSteps), Ok(Outcome::Done(first))) => {
+                let again = run_step(&ctx, node).await?;
+                if again != Outcome::Done(first.clone()) {
+                    return Err(CloudError::permanent(
+                        "chaos",
+                        format!("{step} is not idempotent: {first:?} then {again:?}"),
+                    ));
+                }
+                outcome
+            }
+            (Some(Chaos::FailAfter(at)), Ok(Outcome::Done(_))) if at == step => Err(
+                CloudError::permanent("chaos", format!("injected failure after {step}")),
+            ),
+            (Some(Chaos::CrashAfter(at)), Ok(Outcome::Done(_))) if at == step => {
+                tracing::error!(
+                    "chaos: crashing after the side effect of {step}, before its commit"
+                );
+                std::process::abort();
+            }
+            _ => outcome,
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The entry points through which billing, the app's API and hivectl ask something of a node:
+//! one function per request, each taking the caller's transaction and enqueuing in it, so the
+//! request exists if and only if the caller's change commits.
+//!
+//! A request changes only the node's intent (`desired`, its spec, its restart count) and logs
+//! who asked. The worker compares intent with where the node stands whenever the node rests and
+//! starts the workflow that closes the difference; so a request that arrives mid-workflow
+//! interrupts no step, and of several requests only the latest is acted on. Teardown is the
+//! exception: it takes the node from wherever it is (its generation is bumped, so a step in
+//! flight cannot commit over it), as the subscription's end always has.
+
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::model::{Desired, NodeState, TeardownReason};
+use crate::store::{self, IntentChange, IntentRow, NodeSpec, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no node {0}")]
+    NodeNotFound(Uuid),
+    #[error("no subscription {0}")]
+    SubscriptionNotFound(Uuid),
+    /// The node's state or intent does not allow it; nothing was recorded.
+    #[error("node {id}: {reason}")]
+    NotAllowed { id: Uuid, reason: String },
+    /// The request itself is malformed; nothing was recorded.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type RequestResult<T> = Result<T, RequestError>;
+
+/// The node's row, locked; refused when the node is gone or going.
+async fn live_node(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    what: &str,
+) -> RequestResult<IntentRow> {
+    let row = store::lock_intent(tx, node_id)
+        .await?
+        .ok_or(RequestError::NodeNotFound(node_id))?;
+    if row.desired == Desired::Gone.as_str() || row.state == NodeState::Terminated.as_str() {
+        return Err(RequestError::NotAllowed {
+            id: node_id,
+            reason: format!("cannot {what}: the node is terminated or being torn down"),
+        });
+    }
+    Ok(row)
+}
+
+/// Stop the node's instance and keep it stopped (billing's suspension); tunnel, DNS and
+/// secret stay.
+pub async fn suspend(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    by: &str,
+) -> RequestResult<()> {
+    live_node(tx, node_id, "suspend").await?;
+    let detail = format!("suspend, asked by {by}");
+    store::change_intent(
+        tx,
+        node_id,
+        IntentChange::Desired(Desired::Suspended),
+        &detail,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Run the node again.
+pub async fn resume(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    by: &str,
+) -> RequestResult<()> {
+    live_node(tx, node_id, "resume").await?;
+    let detail = format!("resume, asked by {by}");
+    store::change_intent(
+        tx,
+        node_id,
+        IntentChange::Desired(Desired::Running),
+        &detail,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reboot the node's instance once more (carried out once it is ready).
+pub async fn restart(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    by: &str,
+) -> RequestResult<()> {
+    let row = live_node(tx, node_id, "restart").await?;
+    if row.desired == Desired::Suspended.as_str() {
+        return Err(RequestError::NotAllowed {
+            id: node_id,
+            reason: "cannot restart: the node is suspended".into(),
+        });
+    }
+    let detail = format!("restart #{}, asked by {by}", row.restarts_requested + 1);
+    store::change_intent(tx, node_id, IntentChange::Restart, &detail).await?;
+    Ok(())
+}
+
+/// Give the node another t4g instance type and/or a larger root volume (a volume never
+/// shrinks). Carried out on the same instance once it is ready.
+pub async fn resize(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    instance_type: &str,
+    volume_gb: i32,
+    by: &str,
+) -> RequestResult<()> {
+    if !valid_instance_type(instance_type) {
+        return Err(RequestError::Invalid(format!(
+            "`{instance_type}` is not a t4g instance type"
+        )));
+    }
+    if !(1..=16_384).contains(&volume_gb) {
+        return Err(RequestError::Invalid(format!(
+            "volume size {volume_gb} GiB is not between 1 and 16384"
+        )));
+    }
+    let row = live_node(tx, node_id, "resize").await?;
+    if volume_gb < row.volume_gb {
+        return Err(RequestError::NotAllowed {
+            id: node_id,
+            reason: format!(
+                "cannot shrink the root volume from {} GiB to {volume_gb} GiB",
+                row.volume_gb
+            ),
+        });
+    }
+    if row.instance_type == instance_type && row.volume_gb == volume_gb {
+        return Ok(());
+    }
+    let detail = format!("resize to {instance_type} with {volume_gb} GiB, asked by {by}");
+    store::change_intent(
+        tx,
+        node_id,
+        IntentChange::Spec {
+            instance_type,
+            volume_gb,
+        },
+        &detail,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Tear the node down, from wherever it is. A node already gone is left alone.
+pub async fn terminate(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    reason: TeardownReason,
+    by: &str,
+) -> RequestResult<()> {
+    store::lock_intent(tx, node_id)
+        .await?
+        .ok_or(RequestError::NodeNotFound(node_id))?;
+    let detail = format!("terminate ({}), asked by {by}", reason.as_str());
+    store::tear_down(tx, &[node_id], reason, &detail).await?;
+    Ok(())
+}
+
+/// What a change of a subscription's node count did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scaled {
+    /// New nodes, to be provisioned.
+    pub added: Vec<Uuid>,
+    /// The newest nodes, to be torn down.
+    pub removed: Vec<Uuid>,
+}
+
+/// Makes the subscription have `count` nodes: new ones (of `instance_type`, else of its newest
+/// node's type; named under `node_domain`) are provisioned, or the newest are torn down first.
+pub async fn set_node_count(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+    count: u32,
+    instance_type: Option<&str>,
+    node_domain: &str,
+    by: &str,
+) -> RequestResult<Scaled> {
+    if count > 100 {
+        return Err(RequestError::Invalid(format!(
+            "{count} nodes is more than the 100 a subscription may have"
+        )));
+    }
+    let (sub, nodes) = store::lock_subscription_nodes(tx, subscription_id)
+        .await?
+        .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
+    if sub.status == "ended" && count > 0 {
+        return Err(RequestError::NotAllowed {
+            id: subscription_id,
+            reason: "the subscription has ended".into(),
+        });
+    }
+    let instance_type = instance_type
+        .or(nodes.last().map(|(_, _, t)| t.as_str()))
+        .ok_or_else(|| {
+            RequestError::Invalid(
+                "the subscription has no node to copy an instance type from; name one".into(),
+            )
+        })?
+        .to_string();
+    if !valid_instance_type(&instance_type) {
+        return Err(RequestError::Invalid(format!(
+            "`{instance_type}` is not a t4g instance type"
+        )));
+    }
+    let count = count as usize;
+    let mut scaled = Scaled::default();
+    if count > nodes.len() {
+        let next = store::max_ordinal(tx, subscription_id).await? + 1;
+        let spec = NodeSpec {
+            subscription_id,
+            user_id: &sub.user_id,
+            region: &sub.region,
+            instance_type: &instance_type,
+            node_domain,
+        };
+        let more = (count - nodes.len()) as i32;
+        scaled.added = store::add_nodes(tx, &spec, next..next + more).await?;
+    } else if count < nodes.len() {
+        // Newest first: the highest ordinals.
+        let newest: Vec<Uuid> = nodes[count..].iter().rev().map(|(id, _, _)| *id).collect();
+        let detail = format!("scaled to {count} nodes, asked by {by}");
+        store::tear_down(tx, &newest, TeardownReason::ScaledDown, &detail).await?;
+        scaled.removed = newest;
+    }
+    Ok(scaled)
+}
+
+/// An instance type of the t4g family (ARM, burstable), such as `t4g.small`.
+pub fn valid_instance_type(instance_type: &str) -> bool {
+    instance_type
+        .strip_prefix("t4g.")
+        .is_some_and(|size| !size.is_empty() && size.chars().all(|c| c.is_ascii_alphanumeric()))
+}

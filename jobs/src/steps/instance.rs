@@ -1,0 +1,228 @@
+//! The node's EC2 instance: launched, waited on, stopped, started, rebooted, resized and
+//! terminated. Every action reads the instance first and acts only on the difference, so a
+//! repeat (a crash, a retry, a second worker) does not act twice.
+
+use super::{done, idempotency_token, required, Outcome, StepContext};
+use crate::cloud::compute::{InstanceInfo, LaunchSpec};
+use crate::cloud::{CloudError, CloudResult};
+use crate::model::Node;
+use crate::store::Created;
+use crate::user_data::{self, UserDataParams};
+
+/// The node's recorded instance as EC2 sees it now; gone is a permanent failure (the
+/// reconciler brings a ready node whose instance vanished back to launching).
+async fn current(ctx: &StepContext<'_>, node: &Node) -> CloudResult<InstanceInfo> {
+    let instance_id = required(node, "instance_id", &node.instance_id)?;
+    ctx.clouds
+        .compute
+        .describe(instance_id)
+        .await?
+        .ok_or_else(|| CloudError::permanent("ec2", format!("instance {instance_id} has vanished")))
+}
+
+/// Launches the node's t4g instance, or adopts the one tagged with the node (a crashed run's,
+/// or the same `ClientToken`'s). Undo: [`terminate`].
+pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let compute = &ctx.clouds.compute;
+    if let Some(existing) = compute.find_by_node(node.id).await? {
+        // Record what it really is, so a resize converges from there.
+        let volume_gb = match &existing.root_volume_id {
+            Some(volume) => compute.volume_size(volume).await?,
+            None => None,
+        };
+        return Ok(Outcome::Done(Created {
+            instance_id: Some(existing.id),
+            applied_instance_type: Some(existing.instance_type),
+            applied_volume_gb: volume_gb.or(Some(node.volume_gb)),
+            ..Created::default()
+        }));
+    }
+    let config = ctx.config;
+    let secret_id = node.secret_name();
+    let user_data = user_data::render(&UserDataParams {
+        node_id: node.id,
+        region: &node.region,
+        secret_id: &secret_id,
+        hostname: &node.hostname,
+        edge_service_port: config.edge_service_port,
+        edge_package_url: config.edge_package_url.as_deref(),
+    })
+    .map_err(|e| CloudError::permanent("user-data", e.to_string()))?;
+    let instance = compute
+        .launch(&LaunchSpec {
+            node_id: node.id,
+            subscription_id: node.subscription_id,
+            user_id: &node.user_id,
+            instance_type: &node.instance_type,
+            ami_id: &config.ami_id,
+            subnet_id: &config.subnet_id,
+            security_group_id: &config.security_group_id,
+            instance_profile: &config.instance_profile,
+            user_data: &user_data,
+            volume_gb: node.volume_gb,
+            client_token: idempotency_token(node),
+        })
+        .await?;
+    tracing::info!(instance_id = %instance.id, "instance launched");
+    Ok(Outcome::Done(Created {
+        instance_id: Some(instance.id),
+        applied_instance_type: Some(node.instance_type.clone()),
+        applied_volume_gb: Some(node.volume_gb),
+        ..Created::default()
+    }))
+}
+
+/// Terminates the node's instances: the tagged one, and the recorded one should it differ;
+/// only live ones (terminating one twice is an error in some EC2 implementations).
+pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let compute = &ctx.clouds.compute;
+    let mut live = Vec::new();
+    if let Some(instance) = compute.find_by_node(node.id).await? {
+        live.push(instance.id);
+    }
+    if let Some(recorded) = node.instance_id.as_ref().filter(|r| !live.contains(r)) {
+        if compute
+            .describe(recorded)
+            .await?
+            .is_some_and(|i| i.state != "shutting-down")
+        {
+            live.push(recorded.clone());
+        }
+    }
+    for instance_id in &live {
+        compute.terminate(instance_id).await?;
+    }
+    done()
+}
+
+/// Waits until the instance runs. No undo: it only reads.
+pub async fn wait_running(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    match instance.state.as_str() {
+        "running" => done(),
+        "pending" => Ok(Outcome::NotYet("instance is pending")),
+        other => Err(CloudError::permanent(
+            "ec2",
+            format!("instance {} is {other}, not starting", instance.id),
+        )),
+    }
+}
+
+/// Stops the instance; its volume, tunnel, DNS and secret stay. No undo: starting it again is
+/// a workflow of its own (resume), chosen by the node's intent.
+pub async fn stop(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    match instance.state.as_str() {
+        "stopped" | "stopping" => done(),
+        // EC2 refuses to stop an instance that has not started yet.
+        "pending" => Ok(Outcome::NotYet("instance is pending")),
+        _ => {
+            ctx.clouds.compute.stop(&instance.id).await?;
+            tracing::info!(instance_id = %instance.id, "instance stopping");
+            done()
+        }
+    }
+}
+
+/// Waits until the instance is `stopped`. No undo: it only reads (or stops again an instance
+/// someone started meanwhile).
+pub async fn wait_stopped(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    match instance.state.as_str() {
+        "stopped" => done(),
+        "stopping" => Ok(Outcome::NotYet("instance is stopping")),
+        "pending" => Ok(Outcome::NotYet("instance is pending")),
+        _ => {
+            ctx.clouds.compute.stop(&instance.id).await?;
+            Ok(Outcome::NotYet("instance is stopping"))
+        }
+    }
+}
+
+/// Starts the stopped instance. No undo: stopping it is the suspend workflow's.
+pub async fn start(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    match instance.state.as_str() {
+        "running" | "pending" => done(),
+        "stopping" => Ok(Outcome::NotYet("instance is still stopping")),
+        _ => {
+            ctx.clouds.compute.start(&instance.id).await?;
+            tracing::info!(instance_id = %instance.id, "instance starting");
+            done()
+        }
+    }
+}
+
+/// Reboots the instance once per restart request: the instance carries the number of the
+/// request it carried out (`hive:restarted`), so a repeat finds it done. No undo: a reboot
+/// cannot be taken back.
+pub async fn reboot(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    let request = node.restarts_requested.to_string();
+    let carried_out = Outcome::Done(Created {
+        restarts_done: Some(node.restarts_requested),
+        ..Created::default()
+    });
+    if instance.restarted.as_deref() == Some(request.as_str()) {
+        return Ok(carried_out);
+    }
+    if instance.state != "running" {
+        return Ok(Outcome::NotYet("instance is not running"));
+    }
+    let compute = &ctx.clouds.compute;
+    compute.reboot(&instance.id).await?;
+    compute.mark_restarted(&instance.id, &request).await?;
+    tracing::info!(instance_id = %instance.id, request, "instance rebooted");
+    Ok(carried_out)
+}
+
+/// Gives the stopped instance the node's instance type. No undo: a later resize converges on
+/// whatever type the node then asks for.
+pub async fn change_type(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    if instance.instance_type != node.instance_type {
+        if instance.state != "stopped" {
+            return Err(CloudError::permanent(
+                "ec2",
+                format!(
+                    "instance {} is {}, not stopped",
+                    instance.id, instance.state
+                ),
+            ));
+        }
+        ctx.clouds
+            .compute
+            .set_instance_type(&instance.id, &node.instance_type)
+            .await?;
+        tracing::info!(instance_id = %instance.id, instance_type = %node.instance_type, "instance type changed");
+    }
+    Ok(Outcome::Done(Created {
+        applied_instance_type: Some(node.instance_type.clone()),
+        ..Created::default()
+    }))
+}
+
+/// Grows the root volume to the node's size (a volume is never shrunk). No undo: EBS cannot
+/// shrink a volume.
+pub async fn grow_volume(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+    let instance = current(ctx, node).await?;
+    let volume = instance.root_volume_id.ok_or_else(|| {
+        CloudError::permanent(
+            "ec2",
+            format!("instance {} has no root volume", instance.id),
+        )
+    })?;
+    let compute = &ctx.clouds.compute;
+    let size = compute
+        .volume_size(&volume)
+        .await?
+        .ok_or_else(|| CloudError::permanent("ec2", format!("volume {volume} has vanished")))?;
+    if size < node.volume_gb {
+        compute.grow_volume(&volume, node.volume_gb).await?;
+        tracing::info!(volume, size_gb = node.volume_gb, "root volume grown");
+    }
+    Ok(Outcome::Done(Created {
+        applied_volume_gb: Some(size.max(node.volume_gb)),
+        ..Created::default()
+    }))
+}

@@ -1,0 +1,64 @@
+//! The steps of every workflow, one file per resource, each forward action beside its undo.
+//!
+//! A step is one external side effect: it looks at what exists first and converges on what the
+//! node needs, so running it twice changes nothing the second time, and a step repeated after a
+//! crash adopts what the first run made. A waiting step never sleeps: it answers
+//! [`Outcome::NotYet`] and the engine looks again later. Which step runs in which state is the
+//! table in `workflows.rs`; what happens after a step is `policy::decide`.
+
+pub mod dns;
+pub mod instance;
+pub mod region;
+pub mod secret;
+pub mod tunnel;
+
+use crate::cloud::{CloudError, CloudResult, Clouds};
+use crate::config::WorkerConfig;
+use crate::model::Node;
+use crate::store::Created;
+
+/// What a step may use: the clouds and the worker's settings.
+pub struct StepContext<'a> {
+    pub clouds: &'a Clouds,
+    pub config: &'a WorkerConfig,
+    /// The region this worker's AWS clients act in.
+    pub region: &'a str,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The side effect is done (or was found done): move on, recording what was created.
+    Done(Created),
+    /// Nothing to do yet: look again later.
+    NotYet(&'static str),
+}
+
+/// Done, with nothing new to record.
+pub(crate) fn done() -> CloudResult<Outcome> {
+    Ok(Outcome::Done(Created::default()))
+}
+
+/// The first teardown step only marks the start of the undos; it has no side effect.
+pub async fn begin_teardown(_: &StepContext<'_>, _: &Node) -> CloudResult<Outcome> {
+    done()
+}
+
+/// A value an earlier step recorded on the row, which this step needs.
+pub(crate) fn required<'a>(
+    node: &Node,
+    what: &'static str,
+    value: &'a Option<String>,
+) -> CloudResult<&'a str> {
+    value.as_deref().ok_or_else(|| {
+        CloudError::permanent(
+            "state machine",
+            format!("node in state {} has no {what}", node.state()),
+        )
+    })
+}
+
+/// The same for every try within one generation, new after an operator's replay.
+pub(crate) fn idempotency_token(node: &Node) -> String {
+    format!("{}-g{:08}", node.id.simple(), node.generation)
+}
