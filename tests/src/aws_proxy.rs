@@ -84,6 +84,8 @@ struct ProxyState {
     launches: BTreeMap<String, Bytes>,
     hold_new_instances: bool,
     held: HashSet<String>,
+    /// Stopped instances read `stopping` while this is on.
+    hold_stopping: bool,
     /// Requests seen, by operation.
     calls: BTreeMap<String, u32>,
 }
@@ -124,6 +126,12 @@ impl AwsProxy {
         let mut state = self.lock();
         state.hold_new_instances = false;
         state.held.clear();
+    }
+
+    /// While on, every stopped instance is reported `stopping` (real instances take a while to
+    /// stop; moto's stop at once).
+    pub fn hold_stopping(&self, on: bool) {
+        self.lock().hold_stopping = on;
     }
 
     /// How many instances are held `pending`.
@@ -278,9 +286,15 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
                 }
             }
             "DescribeInstances" => {
-                let held = proxy.lock().held.clone();
+                let (held, stopping) = {
+                    let state = proxy.lock();
+                    (state.held.clone(), state.hold_stopping)
+                };
                 if !held.is_empty() {
                     answer = Bytes::from(report_pending(&String::from_utf8_lossy(&answer), &held));
+                }
+                if stopping {
+                    answer = Bytes::from(report_stopping(&String::from_utf8_lossy(&answer)));
                 }
             }
             _ => {}
@@ -488,9 +502,47 @@ fn report_pending(answer: &str, held: &HashSet<String>) -> String {
     out
 }
 
+/// A `DescribeInstances` answer with every stopped instance reported `stopping`.
+fn report_stopping(answer: &str) -> String {
+    const OPEN: &str = "<instanceState>";
+    const CLOSE: &str = "</instanceState>";
+    let mut out = String::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(open) = rest.find(OPEN) {
+        let Some(close) = rest[open..].find(CLOSE).map(|c| open + c + CLOSE.len()) else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        let block = &rest[open..close];
+        if block.contains("<name>stopped</name>") {
+            out.push_str("<instanceState><code>64</code><name>stopping</name></instanceState>");
+        } else {
+            out.push_str(block);
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_instances_read_stopping_while_held() {
+        let answer = "<r><item><instanceId>i-1</instanceId><instanceState>\n<code>80</code>\n<name>stopped</name></instanceState></item>\
+<item><instanceId>i-2</instanceId><instanceState><code>16</code><name>running</name></instanceState></item></r>";
+        let out = report_stopping(answer);
+        assert!(out.contains("<instanceId>i-1</instanceId><instanceState><code>64</code><name>stopping</name></instanceState>"), "{out}");
+        assert!(
+            out.contains(
+                "<instanceId>i-2</instanceId><instanceState><code>16</code><name>running</name>"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("stopped"));
+    }
 
     #[test]
     fn held_instances_read_pending_and_others_do_not() {

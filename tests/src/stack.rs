@@ -34,6 +34,14 @@ pub struct TaggedInstance {
     pub state: String,
 }
 
+/// One instance as moto holds it: its state, type and root volume size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceShape {
+    pub state: String,
+    pub instance_type: String,
+    pub volume_gb: i32,
+}
+
 pub struct StackOptions {
     /// How long after its ingress is configured a tunnel reports `healthy`.
     pub connect_delay: Duration,
@@ -381,6 +389,63 @@ impl Stack {
             }
         }
         Ok(found)
+    }
+
+    /// The instance `id` as moto holds it (read past the fault proxy).
+    pub async fn instance_shape(&self, id: &str) -> anyhow::Result<InstanceShape> {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
+        let out = ec2.describe_instances().instance_ids(id).send().await?;
+        let instance = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .next()
+            .with_context(|| format!("moto does not know instance {id}"))?;
+        let volume_id = instance
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs().and_then(|e| e.volume_id()))
+            .next()
+            .with_context(|| format!("instance {id} has no volume"))?;
+        let volumes = ec2.describe_volumes().volume_ids(volume_id).send().await?;
+        Ok(InstanceShape {
+            state: instance
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default(),
+            instance_type: instance
+                .instance_type()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
+            volume_gb: volumes
+                .volumes()
+                .first()
+                .and_then(|v| v.size())
+                .with_context(|| format!("volume {volume_id} has no size"))?,
+        })
+    }
+
+    /// The instance id recorded on a node's row.
+    pub async fn instance_of(&self, node_id: &str) -> anyhow::Result<Option<String>> {
+        let pool = self.pool().await?;
+        let id = sqlx::query_scalar("SELECT instance_id FROM nodes WHERE id = $1::uuid")
+            .bind(node_id)
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        Ok(id)
+    }
+
+    /// Runs hivectl, which must succeed; its standard output.
+    pub fn hivectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.hivectl(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "hivectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Everything our nodes could have left in moto and the stand-in: live tagged instances,
