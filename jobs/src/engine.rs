@@ -19,7 +19,7 @@ use crate::config::{Chaos, WorkerConfig};
 use crate::model::Node;
 use crate::policy::{self, Action, Intent, Rules, StepFacts, StepResult};
 use crate::steps::{Outcome, StepContext};
-use crate::store::{self, Lease, Postponed, StoreResult};
+use crate::store::{self, Failure, Lease, Postponed, StoreResult};
 use crate::workflows::run_step;
 
 /// A job that arrives this much before its node's next run time is a duplicate and is dropped;
@@ -148,13 +148,13 @@ impl Engine {
             // The node goes on at once, to its undo.
             Action::FailAndUndo { error } => {
                 tracing::error!(error, unwind = true, "step failed");
-                store::fail(&self.pool, node, owner, &error, true)
+                store::fail(&self.pool, node, owner, &error, Failure::Undo)
                     .await?
                     .map(|()| true)
             }
             Action::FailAndKeep { error } => {
                 tracing::error!(error, unwind = false, "step failed");
-                store::fail(&self.pool, node, owner, &error, false)
+                store::fail(&self.pool, node, owner, &error, Failure::Keep)
                     .await?
                     .map(|()| false)
             }

@@ -553,16 +553,26 @@ pub async fn schedule(
     Ok(Ok(()))
 }
 
-/// Sets the node `failed` at its current step, with the error an operator will see. With
-/// `unwind`, the node goes on to the teardown steps (keeping its lease) and ends `failed` once
-/// everything it created is gone.
+/// What a permanent failure does to the node (the policy's `FailAndUndo` / `FailAndKeep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The node goes on to the teardown steps (keeping its lease) and ends `failed` once
+    /// everything it created is gone.
+    Undo,
+    /// The node rests `failed` at this step, everything kept.
+    Keep,
+}
+
+/// Sets the node `failed` at its current step, with the error an operator will see, undone or
+/// kept as `failure` says.
 pub async fn fail(
     pool: &PgPool,
     node: &Node,
     owner: Uuid,
     error: &str,
-    unwind: bool,
+    failure: Failure,
 ) -> StoreResult<Result<(), Fenced>> {
+    let unwind = failure == Failure::Undo;
     let mut tx = pool.begin().await?;
     let sql = if unwind {
         "UPDATE nodes SET state = $6, teardown_reason = $7, \
