@@ -158,9 +158,18 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
                 .with_context(|| format!("no subscription {subscription}"))?;
             let by = operator();
             let mut tx = pool.begin().await.context("starting a transaction")?;
-            let scaled =
-                requests::set_node_count(&mut tx, id, count, flag(args, "--type")?, &domain, &by)
-                    .await?;
+            let scaled = requests::set_node_count(
+                &mut tx,
+                id,
+                count,
+                requests::NodeShape {
+                    instance_type: flag(args, "--type")?,
+                    volume_gb: None,
+                },
+                &domain,
+                &by,
+            )
+            .await?;
             tx.commit().await.context("recording the request")?;
             for node in &scaled.added {
                 println!("provisioning {node}");

@@ -61,18 +61,66 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     }
 }
 
-/// What a plan gives: how many nodes, of which instance type.
+/// What a plan gives: how many nodes, of which instance type and root volume size, and the
+/// Stripe prices that buy it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub instance_type: String,
     pub nodes: u32,
+    pub volume_gb: i32,
+    /// Stripe price ids that buy this plan (besides a price whose `lookup_key` or
+    /// `metadata.plan` is the plan's name).
+    pub prices: Vec<String>,
 }
 
-/// Plans by name, from `HIVE_PLANS`: `name=instance_type:count,...`.
+/// Plans by name: from the `[plans.*]` tables of `HIVE_CONFIG_FILE`, else the shorthand
+/// `HIVE_PLANS` (`name=instance_type:count[:volume_gb],...`), else the built-in defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plans(pub BTreeMap<String, Plan>);
 
-pub const DEFAULT_PLANS: &str = "pro=t4g.small:1,team=t4g.medium:5";
+pub const DEFAULT_PLANS: &str = "pro=t4g.small:1:10,team=t4g.medium:5:50";
+
+/// A plan's root volume when the shorthand does not say.
+const DEFAULT_VOLUME_GB: i32 = 10;
+
+impl Plans {
+    /// The plan a Stripe price buys: the one named by its `lookup_key` or `metadata.plan`, or
+    /// whose `prices` hold its id.
+    pub fn for_price(
+        &self,
+        price_id: &str,
+        lookup_key: Option<&str>,
+        metadata_plan: Option<&str>,
+    ) -> Option<(&str, &Plan)> {
+        [lookup_key, metadata_plan]
+            .into_iter()
+            .flatten()
+            .find_map(|name| self.0.get_key_value(name))
+            .or_else(|| {
+                self.0
+                    .iter()
+                    .find(|(_, plan)| plan.prices.iter().any(|p| p == price_id))
+            })
+            .map(|(name, plan)| (name.as_str(), plan))
+    }
+}
+
+/// What is wrong with a plan, as `key: problem`.
+fn check_plan(name: &str, plan: &Plan) -> Result<(), String> {
+    if !crate::requests::valid_instance_type(&plan.instance_type) {
+        return Err(format!(
+            "plans.{name}.instance_type: `{}` is not a t4g instance type",
+            plan.instance_type
+        ));
+    }
+    if plan.nodes == 0 || plan.nodes > 100 {
+        return Err(format!("plans.{name}.nodes: must be 1 to 100"));
+    }
+    if !(1..=16_384).contains(&plan.volume_gb) {
+        return Err(format!("plans.{name}.volume_gb: must be 1 to 16384"));
+    }
+    Ok(())
+}
 
 impl FromStr for Plans {
     type Err = String;
@@ -80,36 +128,148 @@ impl FromStr for Plans {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut plans = BTreeMap::new();
         for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, rest) = entry
-                .split_once('=')
-                .ok_or_else(|| format!("`{entry}` is not name=instance_type:count"))?;
-            let (instance_type, count) = rest
-                .split_once(':')
-                .ok_or_else(|| format!("`{entry}` is not name=instance_type:count"))?;
-            if !instance_type.starts_with("t4g.") {
-                return Err(format!(
-                    "plan {name}: {instance_type} is not a t4g instance type"
-                ));
-            }
+            let shape = || format!("`{entry}` is not name=instance_type:count[:volume_gb]");
+            let (name, rest) = entry.split_once('=').ok_or_else(shape)?;
+            let mut parts = rest.split(':');
+            let (Some(instance_type), Some(count)) = (parts.next(), parts.next()) else {
+                return Err(shape());
+            };
             let nodes: u32 = count
                 .parse()
                 .map_err(|_| format!("plan {name}: node count `{count}` is not a number"))?;
-            if nodes == 0 || nodes > 100 {
-                return Err(format!("plan {name}: node count must be 1 to 100"));
-            }
-            plans.insert(
-                name.to_string(),
-                Plan {
-                    instance_type: instance_type.to_string(),
-                    nodes,
-                },
-            );
+            let volume_gb = match parts.next() {
+                None => DEFAULT_VOLUME_GB,
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| format!("plan {name}: volume `{v}` is not a number of GiB"))?,
+            };
+            let plan = Plan {
+                instance_type: instance_type.to_string(),
+                nodes,
+                volume_gb,
+                prices: Vec::new(),
+            };
+            check_plan(name, &plan).map_err(|e| format!("plan {e}"))?;
+            plans.insert(name.to_string(), plan);
         }
         if plans.is_empty() {
             return Err("no plan defined".into());
         }
         Ok(Plans(plans))
     }
+}
+
+/// The `[plans.*]` tables of a configuration file; `None` when it has none.
+fn plans_from_toml(table: &toml::Table) -> Result<Option<Plans>, String> {
+    let Some(plans) = table.get("plans") else {
+        return Ok(None);
+    };
+    let plans = plans
+        .as_table()
+        .ok_or("plans: must be a table of [plans.<name>] tables")?;
+    let mut out = BTreeMap::new();
+    for (name, value) in plans {
+        let t = value
+            .as_table()
+            .ok_or_else(|| format!("plans.{name}: must be a table"))?;
+        for key in t.keys() {
+            if !["instance_type", "nodes", "volume_gb", "prices"].contains(&key.as_str()) {
+                return Err(format!("plans.{name}.{key}: unknown key"));
+            }
+        }
+        let instance_type = t
+            .get("instance_type")
+            .ok_or_else(|| format!("plans.{name}.instance_type: missing"))?
+            .as_str()
+            .ok_or_else(|| format!("plans.{name}.instance_type: must be a string"))?;
+        let int = |key: &str| -> Result<Option<i64>, String> {
+            t.get(key)
+                .map(|v| {
+                    v.as_integer()
+                        .ok_or_else(|| format!("plans.{name}.{key}: must be an integer"))
+                })
+                .transpose()
+        };
+        let nodes = int("nodes")?.ok_or_else(|| format!("plans.{name}.nodes: missing"))?;
+        let volume_gb = int("volume_gb")?.unwrap_or(DEFAULT_VOLUME_GB as i64);
+        let prices = match t.get("prices") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|p| p.as_str().map(str::to_string)).collect())
+                .ok_or_else(|| format!("plans.{name}.prices: must be a list of price ids"))?,
+        };
+        let plan = Plan {
+            instance_type: instance_type.to_string(),
+            nodes: u32::try_from(nodes).unwrap_or(0),
+            volume_gb: i32::try_from(volume_gb).unwrap_or(0),
+            prices,
+        };
+        check_plan(name, &plan)?;
+        out.insert(name.clone(), plan);
+    }
+    if out.is_empty() {
+        return Err("plans: no plan defined".into());
+    }
+    Ok(Some(Plans(out)))
+}
+
+/// The configuration file named by `HIVE_CONFIG_FILE`, read by every binary.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    pub plans: Option<Plans>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `HIVE_CONFIG_FILE`, if set. A file that cannot be read or is malformed
+    /// is one error naming the file, the key and what is wrong.
+    pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let Some(path) = env.optional("HIVE_CONFIG_FILE") else {
+            return Ok(ConfigFile::default());
+        };
+        let malformed = |reason: String| ConfigError::Malformed {
+            name: "HIVE_CONFIG_FILE",
+            reason: format!("{path}: {reason}"),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| malformed(e.to_string()))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(1);
+            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+            malformed(format!("line {line}: {}", message.join("; ")))
+        })?;
+        Ok(ConfigFile {
+            plans: plans_from_toml(&table).map_err(malformed)?,
+        })
+    }
+
+    /// The plans: the file's, else `HIVE_PLANS`, else the defaults.
+    pub fn plans<F: Fn(&str) -> Option<String>>(&self, env: &Env<F>) -> Result<Plans, ConfigError> {
+        match &self.plans {
+            Some(plans) => Ok(plans.clone()),
+            None => env.parsed_or("HIVE_PLANS", default_plans()),
+        }
+    }
+}
+
+fn default_plans() -> Plans {
+    let mut plans = BTreeMap::new();
+    for (name, instance_type, nodes, volume_gb) in
+        [("pro", "t4g.small", 1, 10), ("team", "t4g.medium", 5, 50)]
+    {
+        plans.insert(
+            name.to_string(),
+            Plan {
+                instance_type: instance_type.into(),
+                nodes,
+                volume_gb,
+                prices: Vec::new(),
+            },
+        );
+    }
+    Plans(plans)
 }
 
 /// An AWS region name as the SDK expects it (`eu-west-1`).
@@ -131,6 +291,9 @@ pub struct ApiConfig {
     pub stripe_tolerance: Duration,
     pub jwt_secret: String,
     pub plans: Plans,
+    /// How long a past-due subscription's nodes keep running before they are suspended
+    /// (`HIVE_PAST_DUE_GRACE_SECS`, default 3 days).
+    pub past_due_grace: Duration,
     pub default_region: String,
     /// Regions a checkout may ask for (`HIVE_REGIONS`; the default region alone when unset).
     pub regions: Vec<String>,
@@ -196,7 +359,8 @@ impl ApiConfig {
             stripe_webhook_secrets,
             stripe_tolerance: env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
             jwt_secret,
-            plans: env.parsed_or("HIVE_PLANS", Plans::from_str(DEFAULT_PLANS).expect("valid"))?,
+            plans: ConfigFile::from_env(env)?.plans(env)?,
+            past_due_grace: env.secs_or("HIVE_PAST_DUE_GRACE_SECS", 3 * 24 * 3600)?,
             default_region,
             regions,
             node_domain: domain_setting(env)?,
@@ -362,6 +526,8 @@ impl WorkerConfig {
         }
         // AWS_REGION is read by the SDK; we insist on it so a worker never guesses its region.
         region_setting(env)?;
+        // Every binary reads the configuration file, so a malformed one stops each at start.
+        ConfigFile::from_env(env)?;
         let concurrency: usize = env.parsed_or("HIVE_WORKER_CONCURRENCY", 16)?;
         if concurrency == 0 {
             return Err(ConfigError::Malformed {
@@ -465,11 +631,107 @@ mod tests {
     #[test]
     fn plans_parse_and_reject_nonsense() {
         let plans: Plans = DEFAULT_PLANS.parse().unwrap();
+        assert_eq!(plans, default_plans());
         assert_eq!(plans.0["team"].nodes, 5);
         assert_eq!(plans.0["pro"].instance_type, "t4g.small");
+        assert_eq!(plans.0["pro"].volume_gb, 10);
+        assert_eq!(
+            "pro=t4g.small:1".parse::<Plans>().unwrap().0["pro"].volume_gb,
+            10
+        );
         assert!("team=m5.large:5".parse::<Plans>().is_err());
         assert!("team=t4g.small:zero".parse::<Plans>().is_err());
         assert!("".parse::<Plans>().is_err());
+    }
+
+    fn file_env(
+        text: &str,
+    ) -> (
+        tempfile_path::TempPath,
+        Env<impl Fn(&str) -> Option<String>>,
+    ) {
+        let path = tempfile_path::TempPath::write(text);
+        let shown = path.0.display().to_string();
+        (
+            path,
+            Env(move |k: &str| (k == "HIVE_CONFIG_FILE").then(|| shown.clone())),
+        )
+    }
+
+    /// A file removed when dropped (std only).
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn write(text: &str) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "hive-config-{}.toml",
+                    uuid::Uuid::new_v4().simple()
+                ));
+                std::fs::write(&path, text).expect("writing a temp file");
+                TempPath(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn plans_come_from_the_config_file_with_their_prices() {
+        let (_file, env) = file_env(
+            "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 1\nvolume_gb = 10\nprices = [\"price_1Pro\"]\n\n[plans.big]\ninstance_type = \"t4g.large\"\nnodes = 3\n",
+        );
+        let plans = ConfigFile::from_env(&env).unwrap().plans(&env).unwrap();
+        assert_eq!(plans.0.len(), 2);
+        assert_eq!(plans.0["big"].volume_gb, 10);
+        assert_eq!(
+            plans.for_price("price_1Pro", None, None).map(|p| p.0),
+            Some("pro")
+        );
+        assert_eq!(
+            plans.for_price("price_x", Some("big"), None).map(|p| p.0),
+            Some("big")
+        );
+        assert_eq!(
+            plans.for_price("price_x", None, Some("pro")).map(|p| p.0),
+            Some("pro")
+        );
+        assert_eq!(plans.for_price("price_x", Some("nope"), None), None);
+    }
+
+    #[test]
+    fn a_malformed_config_file_is_one_line_naming_the_file_and_key() {
+        for (text, expected) in [
+            (
+                "[plans.pro]\ninstance_type = \"m5.large\"\nnodes = 1\n",
+                "plans.pro.instance_type: `m5.large` is not a t4g",
+            ),
+            (
+                "[plans.pro]\ninstance_type = \"t4g.small\"\n",
+                "plans.pro.nodes: missing",
+            ),
+            (
+                "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = \"one\"\n",
+                "plans.pro.nodes: must be an integer",
+            ),
+            (
+                "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 1\ncolour = 2\n",
+                "plans.pro.colour: unknown key",
+            ),
+            ("[plans.pro\nnodes = 1\n", "line 1"),
+        ] {
+            let (file, env) = file_env(text);
+            let e = ConfigFile::from_env(&env).unwrap_err().to_string();
+            assert!(
+                e.starts_with("configuration: HIVE_CONFIG_FILE is malformed: "),
+                "{e}"
+            );
+            assert!(e.contains(&file.0.display().to_string()), "{e}");
+            assert!(e.contains(expected), "{text}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 
     #[test]

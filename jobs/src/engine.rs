@@ -70,7 +70,7 @@ impl Engine {
                 };
             let state = node.state();
             if !state.has_step() {
-                match policy::workflow_for(&Intent::of(&node)) {
+                match policy::workflow_for(&Intent::of(&node, Utc::now())) {
                     Some(workflow) => {
                         tracing::info!(%node_id, job_id, from = %state, ?workflow, "intent starts a workflow");
                         if store::start_workflow(&self.pool, &node, owner, workflow)
@@ -81,7 +81,13 @@ impl Engine {
                         }
                         continue;
                     }
-                    None => return store::rest(&self.pool, node_id, owner).await,
+                    None => {
+                        // A past-due grace that has not ended yet: be back when it does.
+                        if let Some(until) = node.pending_grace_end(Utc::now()) {
+                            store::enqueue_later(&self.pool, node_id, until).await?;
+                        }
+                        return store::rest(&self.pool, node_id, owner).await;
+                    }
                 }
             }
             if let Some(at) = node.next_run_at {

@@ -2,6 +2,7 @@
 //! steps in `steps/`, run by `engine` as `policy` decides), the store, the job queue and the
 //! cloud clients the worker drives.
 
+pub mod billing;
 pub mod cloud;
 pub mod config;
 pub mod engine;

@@ -152,6 +152,8 @@ pub struct Node {
     pub restarts_done: i32,
     pub waiting_for: Option<String>,
     pub last_error: Option<String>,
+    /// A past-due subscription's grace ends here: the node is then suspended.
+    pub suspend_at: Option<DateTime<Utc>>,
     pub attempt: i32,
     pub step_started_at: DateTime<Utc>,
     pub next_run_at: Option<DateTime<Utc>>,
@@ -186,6 +188,14 @@ impl Node {
     /// Provisioning failed and is being (or has been) undone.
     pub fn is_undoing_failure(&self) -> bool {
         self.teardown_reason() == Some(TeardownReason::ProvisioningFailed)
+    }
+
+    /// How long until a past-due grace ends, when the node is to run until then.
+    pub fn pending_grace_end(&self, now: DateTime<Utc>) -> Option<std::time::Duration> {
+        match (self.desired(), self.suspend_at) {
+            (Desired::Running, Some(at)) if at > now => (at - now).to_std().ok(),
+            _ => None,
+        }
     }
 
     /// What the node should be; an unknown value (a newer release's) counts as running.

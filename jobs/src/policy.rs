@@ -155,10 +155,16 @@ pub struct Intent<'a> {
 }
 
 impl<'a> Intent<'a> {
-    pub fn of(node: &'a Node) -> Self {
+    /// The node's intent at `now`: once a past-due grace has ended, a running node is to be
+    /// suspended without anyone asking again.
+    pub fn of(node: &'a Node, now: chrono::DateTime<chrono::Utc>) -> Self {
+        let desired = match (node.desired(), node.suspend_at) {
+            (Desired::Running, Some(at)) if at <= now => Desired::Suspended,
+            (desired, _) => desired,
+        };
         Intent {
             state: node.state(),
-            desired: node.desired(),
+            desired,
             instance_type: &node.instance_type,
             volume_gb: node.volume_gb,
             applied_instance_type: node.applied_instance_type.as_deref(),

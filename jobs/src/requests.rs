@@ -176,13 +176,24 @@ pub struct Scaled {
     pub removed: Vec<Uuid>,
 }
 
-/// Makes the subscription have `count` nodes: new ones (of `instance_type`, else of its newest
-/// node's type; named under `node_domain`) are provisioned, or the newest are torn down first.
+/// The instance type and root volume of new nodes; what is not given is copied from the
+/// subscription's newest node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeShape<'a> {
+    pub instance_type: Option<&'a str>,
+    pub volume_gb: Option<i32>,
+}
+
+/// A new node's root volume when nothing says otherwise.
+const DEFAULT_VOLUME_GB: i32 = 10;
+
+/// Makes the subscription have `count` nodes: new ones (of `shape`, named under `node_domain`)
+/// are provisioned, or the newest are torn down first.
 pub async fn set_node_count(
     tx: &mut Transaction<'_, Postgres>,
     subscription_id: Uuid,
     count: u32,
-    instance_type: Option<&str>,
+    shape: NodeShape<'_>,
     node_domain: &str,
     by: &str,
 ) -> RequestResult<Scaled> {
@@ -200,14 +211,20 @@ pub async fn set_node_count(
             reason: "the subscription has ended".into(),
         });
     }
-    let instance_type = instance_type
-        .or(nodes.last().map(|(_, _, t)| t.as_str()))
+    let newest = nodes.last().map(|(_, _, t, v)| (t.as_str(), *v));
+    let instance_type = shape
+        .instance_type
+        .or(newest.map(|(t, _)| t))
         .ok_or_else(|| {
             RequestError::Invalid(
                 "the subscription has no node to copy an instance type from; name one".into(),
             )
         })?
         .to_string();
+    let volume_gb = shape
+        .volume_gb
+        .or(newest.map(|(_, v)| v))
+        .unwrap_or(DEFAULT_VOLUME_GB);
     if !valid_instance_type(&instance_type) {
         return Err(RequestError::Invalid(format!(
             "`{instance_type}` is not a t4g instance type"
@@ -216,19 +233,26 @@ pub async fn set_node_count(
     let count = count as usize;
     let mut scaled = Scaled::default();
     if count > nodes.len() {
+        let (Some(user_id), Some(region)) = (&sub.user_id, &sub.region) else {
+            return Err(RequestError::NotAllowed {
+                id: subscription_id,
+                reason: "the subscription is not bound to a user yet".into(),
+            });
+        };
         let next = store::max_ordinal(tx, subscription_id).await? + 1;
         let spec = NodeSpec {
             subscription_id,
-            user_id: &sub.user_id,
-            region: &sub.region,
+            user_id,
+            region,
             instance_type: &instance_type,
+            volume_gb,
             node_domain,
         };
         let more = (count - nodes.len()) as i32;
         scaled.added = store::add_nodes(tx, &spec, next..next + more).await?;
     } else if count < nodes.len() {
         // Newest first: the highest ordinals.
-        let newest: Vec<Uuid> = nodes[count..].iter().rev().map(|(id, _, _)| *id).collect();
+        let newest: Vec<Uuid> = nodes[count..].iter().rev().map(|(id, ..)| *id).collect();
         let detail = format!("scaled to {count} nodes, asked by {by}");
         store::tear_down(tx, &newest, TeardownReason::ScaledDown, &detail).await?;
         scaled.removed = newest;
@@ -241,4 +265,25 @@ pub fn valid_instance_type(instance_type: &str) -> bool {
     instance_type
         .strip_prefix("t4g.")
         .is_some_and(|size| !size.is_empty() && size.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+/// Resizes every node of the subscription that does not have the plan's type and volume (a
+/// volume never shrinks: a smaller plan keeps the larger volume).
+pub async fn follow_plan(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+    instance_type: &str,
+    volume_gb: i32,
+    by: &str,
+) -> RequestResult<()> {
+    let Some((_, nodes)) = store::lock_subscription_nodes(tx, subscription_id).await? else {
+        return Err(RequestError::SubscriptionNotFound(subscription_id));
+    };
+    for (id, _, current_type, current_volume) in nodes {
+        let volume = volume_gb.max(current_volume);
+        if current_type != instance_type || current_volume != volume {
+            resize(tx, id, instance_type, volume, by).await?;
+        }
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 // Queries are built only from constants here (the column list), hence AssertSqlSafe.
+use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -66,7 +67,7 @@ const NODE_COLUMNS: &str =
     "id, subscription_id, ordinal, user_id, region, instance_type, hostname, \
     state, generation, tunnel_id, secret_arn, instance_id, dns_record_id, error, failed_step, \
     teardown_reason, desired, volume_gb, applied_instance_type, applied_volume_gb, \
-    restarts_requested, restarts_done, waiting_for, last_error, \
+    restarts_requested, restarts_done, waiting_for, last_error, suspend_at, \
     attempt, step_started_at, next_run_at, created_at, updated_at";
 
 /// The names of the states in which a node rests (no step to run), for binding.
@@ -108,73 +109,13 @@ pub async fn record_stripe_event(
     Ok(inserted == 1)
 }
 
-pub struct NewSubscription<'a> {
-    pub stripe_event_id: &'a str,
-    pub stripe_subscription_id: &'a str,
-    pub stripe_customer_id: Option<&'a str>,
-    pub user_id: &'a str,
-    pub plan: &'a str,
-    pub region: &'a str,
-    pub instance_type: &'a str,
-    pub nodes: u32,
-    pub node_domain: &'a str,
-}
-
-/// Creates the subscription, its nodes and their first jobs in the caller's transaction.
-/// Returns the new node ids, or none when the subscription existed already.
-pub async fn create_subscription_with_nodes(
-    tx: &mut Transaction<'_, Postgres>,
-    sub: &NewSubscription<'_>,
-) -> StoreResult<Vec<Uuid>> {
-    let subscription_id = Uuid::new_v4();
-    let created = sqlx::query(
-        "INSERT INTO subscriptions (id, stripe_subscription_id, stripe_customer_id, user_id, plan, \
-         region, stripe_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-         ON CONFLICT (stripe_subscription_id) DO NOTHING",
-    )
-    .bind(subscription_id)
-    .bind(sub.stripe_subscription_id)
-    .bind(sub.stripe_customer_id)
-    .bind(sub.user_id)
-    .bind(sub.plan)
-    .bind(sub.region)
-    .bind(sub.stripe_event_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if created == 0 {
-        return Ok(Vec::new());
-    }
-    let (ended,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM ended_subscriptions WHERE stripe_subscription_id = $1)",
-    )
-    .bind(sub.stripe_subscription_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    if ended {
-        // Stripe told us it ended before it told us it began: provision nothing.
-        sqlx::query("UPDATE subscriptions SET status = 'ended' WHERE id = $1")
-            .bind(subscription_id)
-            .execute(&mut **tx)
-            .await?;
-        return Ok(Vec::new());
-    }
-    let spec = NodeSpec {
-        subscription_id,
-        user_id: sub.user_id,
-        region: sub.region,
-        instance_type: sub.instance_type,
-        node_domain: sub.node_domain,
-    };
-    add_nodes(tx, &spec, 0..sub.nodes as i32).await
-}
-
 /// What the nodes of one subscription share.
 pub struct NodeSpec<'a> {
     pub subscription_id: Uuid,
     pub user_id: &'a str,
     pub region: &'a str,
     pub instance_type: &'a str,
+    pub volume_gb: i32,
     pub node_domain: &'a str,
 }
 
@@ -190,7 +131,7 @@ pub async fn add_nodes(
         let id = Uuid::new_v4();
         sqlx::query(
             "INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, \
-             hostname, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             hostname, state, volume_gb) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(id)
         .bind(spec.subscription_id)
@@ -200,6 +141,7 @@ pub async fn add_nodes(
         .bind(spec.instance_type)
         .bind(format!("{id}.{}", spec.node_domain))
         .bind(NodeState::Pending.as_str())
+        .bind(spec.volume_gb)
         .execute(&mut **tx)
         .await?;
         insert_event(
@@ -215,44 +157,6 @@ pub async fn add_nodes(
     }
     queue::enqueue(tx, &ids, Duration::ZERO).await?;
     Ok(ids)
-}
-
-/// Ends a subscription: its nodes are torn down (their generation bumped, so a step in flight
-/// cannot commit over it), in the caller's transaction. Returns the nodes to tear down.
-pub async fn end_subscription(
-    tx: &mut Transaction<'_, Postgres>,
-    stripe_subscription_id: &str,
-    stripe_event_id: &str,
-) -> StoreResult<Vec<Uuid>> {
-    sqlx::query(
-        "INSERT INTO ended_subscriptions (stripe_subscription_id, stripe_event_id) VALUES ($1, $2) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(stripe_subscription_id)
-    .bind(stripe_event_id)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "UPDATE subscriptions SET status = 'ended', updated_at = now() WHERE stripe_subscription_id = $1",
-    )
-    .bind(stripe_subscription_id)
-    .execute(&mut **tx)
-    .await?;
-    let ids: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM nodes WHERE subscription_id IN \
-         (SELECT id FROM subscriptions WHERE stripe_subscription_id = $1) ORDER BY ordinal",
-    )
-    .bind(stripe_subscription_id)
-    .fetch_all(&mut **tx)
-    .await?;
-    let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
-    tear_down(
-        tx,
-        &ids,
-        TeardownReason::SubscriptionEnded,
-        "subscription ended",
-    )
-    .await
 }
 
 /// Sends nodes to teardown from wherever they are, in the caller's transaction: their
@@ -670,16 +574,19 @@ pub async fn step_started(pool: &PgPool, node: &Node) -> StoreResult<()> {
     .await
 }
 
-/// Gives the lease back of a node that rests with nothing to do, and clears its due mark.
+/// Gives the lease back of a node that rests with nothing to do, and clears its due mark (or
+/// moves it to the end of a past-due grace, when the worker must act on its own).
 pub async fn rest(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
     sqlx::query(
         "UPDATE nodes SET lease_owner = NULL, lease_expires_at = NULL, \
-         next_run_at = CASE WHEN state = ANY($3) THEN NULL ELSE next_run_at END \
+         next_run_at = CASE WHEN state <> ALL($3) THEN next_run_at \
+           WHEN suspend_at > now() AND desired = $4 THEN suspend_at END \
          WHERE id = $1 AND lease_owner = $2",
     )
     .bind(id)
     .bind(owner)
     .bind(resting_states())
+    .bind(Desired::Running.as_str())
     .execute(pool)
     .await?;
     Ok(())
@@ -989,12 +896,12 @@ pub async fn change_intent(
 }
 
 /// A subscription's nodes that still count (not torn down nor being torn down), oldest
-/// first, as (id, ordinal, instance type), locked in the caller's transaction; and what new
-/// nodes of it need.
+/// first, as (id, ordinal, instance type, volume), locked in the caller's transaction; and what
+/// new nodes of it need.
 pub async fn lock_subscription_nodes(
     tx: &mut Transaction<'_, Postgres>,
     subscription_id: Uuid,
-) -> StoreResult<Option<(SubscriptionRow, Vec<(Uuid, i32, String)>)>> {
+) -> StoreResult<Option<(SubscriptionRow, Vec<(Uuid, i32, String, i32)>)>> {
     let sub: Option<SubscriptionRow> = sqlx::query_as(
         "SELECT id, user_id, region, status FROM subscriptions WHERE id = $1 FOR UPDATE",
     )
@@ -1004,9 +911,9 @@ pub async fn lock_subscription_nodes(
     let Some(sub) = sub else {
         return Ok(None);
     };
-    let nodes: Vec<(Uuid, i32, String)> = sqlx::query_as(
-        "SELECT id, ordinal, instance_type FROM nodes WHERE subscription_id = $1 AND desired <> $2 \
-         ORDER BY ordinal FOR UPDATE",
+    let nodes: Vec<(Uuid, i32, String, i32)> = sqlx::query_as(
+        "SELECT id, ordinal, instance_type, volume_gb FROM nodes \
+         WHERE subscription_id = $1 AND desired <> $2 ORDER BY ordinal FOR UPDATE",
     )
     .bind(subscription_id)
     .bind(Desired::Gone.as_str())
@@ -1032,8 +939,8 @@ pub async fn max_ordinal(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SubscriptionRow {
     pub id: Uuid,
-    pub user_id: String,
-    pub region: String,
+    pub user_id: Option<String>,
+    pub region: Option<String>,
     pub status: String,
 }
 
@@ -1046,4 +953,162 @@ pub async fn subscription_id(pool: &PgPool, id_or_stripe_id: &str) -> StoreResul
     .fetch_optional(pool)
     .await?;
     Ok(found.map(|(id,)| id))
+}
+
+/// A subscription as billing keeps it: whose it is, and the latest Stripe snapshot applied.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionState {
+    pub id: Uuid,
+    pub stripe_subscription_id: String,
+    pub stripe_customer_id: Option<String>,
+    pub user_id: Option<String>,
+    pub plan: Option<String>,
+    pub region: Option<String>,
+    /// Ours: `active`, or `ended` once its nodes are torn down.
+    pub status: String,
+    pub stripe_status: Option<String>,
+    pub status_at: Option<i64>,
+    pub status_rank: Option<i32>,
+    pub items_at: Option<i64>,
+    pub quantity: i32,
+    pub price_id: Option<String>,
+    pub past_due_since: Option<DateTime<Utc>>,
+    pub cancel_at: Option<DateTime<Utc>>,
+    pub current_period_end: Option<DateTime<Utc>>,
+    pub nodes_entitled: Option<i32>,
+    /// Every status snapshot applied, as (Stripe time, tie rank, status), oldest first.
+    pub status_history: sqlx::types::Json<Vec<(i64, i32, String)>>,
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "id, stripe_subscription_id, stripe_customer_id, user_id, \
+    plan, region, status, stripe_status, status_at, status_rank, items_at, quantity, price_id, \
+    past_due_since, cancel_at, current_period_end, nodes_entitled, status_history";
+
+/// The subscription Stripe calls `stripe_subscription_id`, created (knowing nothing yet) if
+/// this is the first we hear of it, and locked in the caller's transaction: concurrent events
+/// of one subscription apply one after the other.
+pub async fn lock_subscription(
+    tx: &mut Transaction<'_, Postgres>,
+    stripe_subscription_id: &str,
+    stripe_event_id: &str,
+) -> StoreResult<SubscriptionState> {
+    sqlx::query(
+        "INSERT INTO subscriptions (id, stripe_subscription_id, stripe_event_id) \
+         VALUES ($1, $2, $3) ON CONFLICT (stripe_subscription_id) DO NOTHING",
+    )
+    .bind(Uuid::new_v4())
+    .bind(stripe_subscription_id)
+    .bind(stripe_event_id)
+    .execute(&mut **tx)
+    .await?;
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE"
+    );
+    Ok(sqlx::query_as::<_, SubscriptionState>(AssertSqlSafe(sql))
+        .bind(stripe_subscription_id)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+/// Writes back what billing merged into the subscription.
+pub async fn save_subscription(
+    tx: &mut Transaction<'_, Postgres>,
+    sub: &SubscriptionState,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE subscriptions SET stripe_customer_id = $2, user_id = $3, plan = $4, region = $5, \
+         status = $6, stripe_status = $7, status_at = $8, status_rank = $9, items_at = $10, \
+         quantity = $11, price_id = $12, past_due_since = $13, cancel_at = $14, \
+         current_period_end = $15, nodes_entitled = $16, status_history = $17, \
+         updated_at = now() WHERE id = $1",
+    )
+    .bind(sub.id)
+    .bind(&sub.stripe_customer_id)
+    .bind(&sub.user_id)
+    .bind(&sub.plan)
+    .bind(&sub.region)
+    .bind(&sub.status)
+    .bind(&sub.stripe_status)
+    .bind(sub.status_at)
+    .bind(sub.status_rank)
+    .bind(sub.items_at)
+    .bind(sub.quantity)
+    .bind(&sub.price_id)
+    .bind(sub.past_due_since)
+    .bind(sub.cancel_at)
+    .bind(sub.current_period_end)
+    .bind(sub.nodes_entitled)
+    .bind(&sub.status_history)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Tears down every node of the subscription (it ended), in the caller's transaction.
+pub async fn end_subscription_nodes(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+) -> StoreResult<Vec<Uuid>> {
+    let ids: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM nodes WHERE subscription_id = $1 ORDER BY ordinal")
+            .bind(subscription_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
+    tear_down(
+        tx,
+        &ids,
+        TeardownReason::SubscriptionEnded,
+        "subscription ended",
+    )
+    .await
+}
+
+/// Makes the subscription's nodes (those not going away) want `desired`, suspended at
+/// `suspend_at` if given; only nodes whose intent changes are touched, logged and enqueued (a
+/// grace end gets its job at that moment, so the worker acts on it unasked). Returns them.
+pub async fn follow_billing(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+    desired: Desired,
+    suspend_at: Option<DateTime<Utc>>,
+    detail: &str,
+) -> StoreResult<Vec<Uuid>> {
+    let changed: Vec<(Uuid, i32, String)> = sqlx::query_as(
+        "UPDATE nodes SET desired = $2, suspend_at = $3, \
+         next_run_at = COALESCE(next_run_at, now()), updated_at = now() \
+         WHERE subscription_id = $1 AND desired <> $4 \
+           AND (desired <> $2 OR suspend_at IS DISTINCT FROM $3) \
+         RETURNING id, generation, state",
+    )
+    .bind(subscription_id)
+    .bind(desired.as_str())
+    .bind(suspend_at)
+    .bind(Desired::Gone.as_str())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut ids = Vec::with_capacity(changed.len());
+    for (id, generation, state) in &changed {
+        let step = NodeState::parse(state).unwrap_or(NodeState::Ready);
+        let detail = match suspend_at {
+            Some(at) => format!("{detail}; suspended at {at} unless paid"),
+            None => detail.to_string(),
+        };
+        insert_event(
+            &mut **tx,
+            *id,
+            *generation,
+            step,
+            EventKind::Requested,
+            Some(&detail),
+        )
+        .await?;
+        ids.push(*id);
+    }
+    queue::enqueue(tx, &ids, Duration::ZERO).await?;
+    if let Some(at) = suspend_at {
+        let delay = (at - Utc::now()).to_std().unwrap_or_default();
+        queue::enqueue(tx, &ids, delay).await?;
+    }
+    Ok(ids)
 }

@@ -1,0 +1,484 @@
+//! What Stripe says about a subscription, and what that means for its nodes.
+//!
+//! Each Stripe event is read into [`SubscriptionNews`] (api/src/webhook.rs holds the table from
+//! event type to news). The news is merged into the subscription's row by Stripe's time: a
+//! subscription keeps the latest snapshot it applied, status and items apart (invoices speak of
+//! the status only), and an older snapshot never overwrites a newer one, so every delivery order
+//! ends the same. Then the subscription's nodes are made to follow it, through the request entry
+//! points of `requests.rs`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::config::Plans;
+use crate::model::Desired;
+use crate::requests::{self, NodeShape, RequestError};
+use crate::store::{self, StoreError, SubscriptionState};
+
+/// A subscription's status as Stripe names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StripeStatus {
+    Incomplete,
+    Active,
+    Trialing,
+    PastDue,
+    Paused,
+    Unpaid,
+    IncompleteExpired,
+    Canceled,
+}
+
+impl StripeStatus {
+    pub const ALL: [StripeStatus; 8] = [
+        StripeStatus::Incomplete,
+        StripeStatus::Active,
+        StripeStatus::Trialing,
+        StripeStatus::PastDue,
+        StripeStatus::Paused,
+        StripeStatus::Unpaid,
+        StripeStatus::IncompleteExpired,
+        StripeStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripeStatus::Incomplete => "incomplete",
+            StripeStatus::Active => "active",
+            StripeStatus::Trialing => "trialing",
+            StripeStatus::PastDue => "past_due",
+            StripeStatus::Paused => "paused",
+            StripeStatus::Unpaid => "unpaid",
+            StripeStatus::IncompleteExpired => "incomplete_expired",
+            StripeStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StripeStatus> {
+        StripeStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Breaks a tie between two snapshots of the same second, the same way in every order:
+    /// the one further along a subscription's life wins (an end over a lapse, a lapse over a
+    /// payment). Stripe's times are whole seconds, so ties are real.
+    pub fn rank(self) -> i32 {
+        StripeStatus::ALL
+            .iter()
+            .position(|s| *s == self)
+            .unwrap_or(0) as i32
+    }
+}
+
+/// Who a subscription belongs to (the checkout's `client_reference_id`, or the metadata our
+/// checkout put on the subscription).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub user_id: String,
+    pub region: Option<String>,
+}
+
+/// What a subscription buys: a plan (by our name) and how many of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Items {
+    pub plan: String,
+    pub quantity: i32,
+    pub price_id: Option<String>,
+}
+
+/// What one Stripe event says about a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionNews {
+    pub stripe_subscription_id: String,
+    pub stripe_customer_id: Option<String>,
+    /// Stripe's time of the news (the event's `created`, seconds). A checkout's status and
+    /// items are given time 0: they count only until the subscription itself speaks.
+    pub at: i64,
+    pub binding: Option<Binding>,
+    pub status: Option<StripeStatus>,
+    pub items: Option<Items>,
+    pub cancel_at: Option<i64>,
+    pub current_period_end: Option<i64>,
+}
+
+/// Merges `news` into the subscription's snapshot: each part only when it is newer than what
+/// the row holds. Pure, so that every delivery order can be checked to end the same.
+pub fn merge(sub: &mut SubscriptionState, news: &SubscriptionNews) {
+    if sub.stripe_customer_id.is_none() {
+        sub.stripe_customer_id = news.stripe_customer_id.clone();
+    }
+    if let (None, Some(binding)) = (&sub.user_id, &news.binding) {
+        sub.user_id = Some(binding.user_id.clone());
+        if sub.region.is_none() {
+            sub.region = binding.region.clone();
+        }
+    }
+    if let Some(status) = news.status {
+        // Every status snapshot is kept (once), so that how long it has been past due is read
+        // off the history, whatever order the snapshots came in.
+        let entry = (news.at, status.rank(), status.as_str().to_string());
+        if !sub.status_history.0.contains(&entry) {
+            sub.status_history.0.push(entry);
+            sub.status_history.0.sort();
+        }
+        if let Some((at, rank, latest)) = sub.status_history.0.last().cloned() {
+            let newest_news = (news.at, status.rank()) == (at, rank);
+            sub.stripe_status = Some(latest);
+            sub.status_at = Some(at);
+            sub.status_rank = Some(rank);
+            sub.past_due_since = past_due_since(&sub.status_history.0);
+            if newest_news && (news.cancel_at.is_some() || news.at > 0) {
+                sub.cancel_at = news.cancel_at.and_then(|t| DateTime::from_timestamp(t, 0));
+            }
+        }
+    }
+    if let Some(items) = &news.items {
+        let key = |plan: &str, quantity: i32| (plan.to_string(), quantity);
+        let newer = match (sub.items_at, &sub.plan) {
+            (Some(at), Some(plan)) => {
+                (news.at, key(&items.plan, items.quantity)) > (at, key(plan, sub.quantity))
+            }
+            _ => true,
+        };
+        if newer {
+            sub.plan = Some(items.plan.clone());
+            sub.quantity = items.quantity;
+            sub.price_id = items.price_id.clone();
+            sub.items_at = Some(news.at);
+            if let Some(end) = news.current_period_end {
+                sub.current_period_end = DateTime::from_timestamp(end, 0);
+            }
+        }
+    }
+}
+
+/// When the latest run of `past_due` snapshots began (`None` unless the latest is past due).
+fn past_due_since(history: &[(i64, i32, String)]) -> Option<DateTime<Utc>> {
+    let past_due = StripeStatus::PastDue.as_str();
+    let mut since = None;
+    for (at, _, status) in history.iter().rev() {
+        if status != past_due {
+            break;
+        }
+        since = Some(*at);
+    }
+    since.and_then(|at| DateTime::from_timestamp(at, 0))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("unknown plan `{0}`")]
+    UnknownPlan(String),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the nodes are to do, from the subscription's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodesFollow {
+    /// Nothing runs yet, and nothing changes.
+    Nothing,
+    /// Run, with a grace end when past due.
+    Run {
+        suspend_at: Option<DateTime<Utc>>,
+    },
+    Suspend,
+    TearDown,
+}
+
+/// The one table from a subscription's status to its nodes.
+pub fn nodes_follow(sub: &SubscriptionState, grace: Duration) -> NodesFollow {
+    let status = sub.stripe_status.as_deref().and_then(StripeStatus::parse);
+    match status {
+        None | Some(StripeStatus::Incomplete) => NodesFollow::Nothing,
+        Some(StripeStatus::Active | StripeStatus::Trialing) => {
+            NodesFollow::Run { suspend_at: None }
+        }
+        Some(StripeStatus::PastDue) => NodesFollow::Run {
+            suspend_at: sub
+                .past_due_since
+                .map(|since| since + chrono::TimeDelta::from_std(grace).unwrap_or_default()),
+        },
+        Some(StripeStatus::Unpaid | StripeStatus::Paused) => NodesFollow::Suspend,
+        Some(StripeStatus::IncompleteExpired | StripeStatus::Canceled) => NodesFollow::TearDown,
+    }
+}
+
+/// What applying one event did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub subscription_id: Uuid,
+    /// Nodes created.
+    pub added: Vec<Uuid>,
+    /// Nodes sent to teardown.
+    pub removed: Vec<Uuid>,
+}
+
+/// What applying news needs from the api's configuration.
+pub struct BillingRules<'a> {
+    pub plans: &'a Plans,
+    pub default_region: &'a str,
+    pub node_domain: &'a str,
+    pub past_due_grace: Duration,
+}
+
+/// Records `news` on its subscription (created if Stripe spoke of it first) and makes the
+/// subscription's nodes follow it, in the caller's transaction.
+pub async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    news: &SubscriptionNews,
+    stripe_event_id: &str,
+    rules: &BillingRules<'_>,
+) -> Result<Applied, BillingError> {
+    if let Some(items) = &news.items {
+        if !rules.plans.0.contains_key(&items.plan) {
+            return Err(BillingError::UnknownPlan(items.plan.clone()));
+        }
+    }
+    let mut sub =
+        store::lock_subscription(tx, &news.stripe_subscription_id, stripe_event_id).await?;
+    merge(&mut sub, news);
+    if sub.user_id.is_some() && sub.region.is_none() {
+        sub.region = Some(rules.default_region.to_string());
+    }
+    let mut applied = Applied {
+        subscription_id: sub.id,
+        ..Applied::default()
+    };
+    let by = format!("billing ({})", news.stripe_subscription_id);
+    match (
+        nodes_follow(&sub, rules.past_due_grace),
+        &sub.user_id,
+        &sub.plan,
+    ) {
+        (NodesFollow::TearDown, _, _) => {
+            sub.status = "ended".into();
+            applied.removed = store::end_subscription_nodes(tx, sub.id).await?;
+        }
+        // Nothing to run, or not yet known whose it is or what it buys: wait for more news.
+        (NodesFollow::Nothing, _, _) | (_, None, _) | (_, _, None) => {}
+        (follow, Some(_), Some(plan_name)) => {
+            let plan = rules
+                .plans
+                .0
+                .get(plan_name)
+                .ok_or_else(|| BillingError::UnknownPlan(plan_name.clone()))?;
+            // The entry points read the subscription's binding from its row.
+            store::save_subscription(tx, &sub).await?;
+            let entitled = plan.nodes as i32 * sub.quantity.max(0);
+            if sub.nodes_entitled != Some(entitled) {
+                // The plan is a ceiling that the checkout (or a plan change) fills.
+                let scaled = requests::set_node_count(
+                    tx,
+                    sub.id,
+                    entitled.max(0) as u32,
+                    NodeShape {
+                        instance_type: Some(&plan.instance_type),
+                        volume_gb: Some(plan.volume_gb),
+                    },
+                    rules.node_domain,
+                    &by,
+                )
+                .await?;
+                applied.added = scaled.added;
+                applied.removed = scaled.removed;
+                sub.nodes_entitled = Some(entitled);
+            }
+            requests::follow_plan(tx, sub.id, &plan.instance_type, plan.volume_gb, &by).await?;
+            let (desired, suspend_at) = match follow {
+                NodesFollow::Suspend => (Desired::Suspended, None),
+                NodesFollow::Run { suspend_at } => (Desired::Running, suspend_at),
+                NodesFollow::Nothing | NodesFollow::TearDown => (Desired::Running, None),
+            };
+            let why = format!(
+                "{by}: {}",
+                sub.stripe_status.as_deref().unwrap_or("unknown")
+            );
+            store::follow_billing(tx, sub.id, desired, suspend_at, &why).await?;
+        }
+    }
+    store::save_subscription(tx, &sub).await?;
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blank() -> SubscriptionState {
+        SubscriptionState {
+            id: Uuid::nil(),
+            stripe_subscription_id: "sub_1".into(),
+            stripe_customer_id: None,
+            user_id: None,
+            plan: None,
+            region: None,
+            status: "active".into(),
+            stripe_status: None,
+            status_at: None,
+            status_rank: None,
+            items_at: None,
+            quantity: 1,
+            price_id: None,
+            past_due_since: None,
+            cancel_at: None,
+            current_period_end: None,
+            nodes_entitled: None,
+            status_history: sqlx::types::Json(Vec::new()),
+        }
+    }
+
+    fn news(at: i64, status: Option<StripeStatus>, plan: Option<(&str, i32)>) -> SubscriptionNews {
+        SubscriptionNews {
+            stripe_subscription_id: "sub_1".into(),
+            stripe_customer_id: Some("cus_1".into()),
+            at,
+            binding: None,
+            status,
+            items: plan.map(|(plan, quantity)| Items {
+                plan: plan.into(),
+                quantity,
+                price_id: None,
+            }),
+            cancel_at: None,
+            current_period_end: None,
+        }
+    }
+
+    fn checkout() -> SubscriptionNews {
+        let mut n = news(0, Some(StripeStatus::Active), Some(("pro", 1)));
+        n.binding = Some(Binding {
+            user_id: "user-1".into(),
+            region: None,
+        });
+        n
+    }
+
+    fn permutations(items: &[SubscriptionNews]) -> Vec<Vec<SubscriptionNews>> {
+        if items.len() <= 1 {
+            return vec![items.to_vec()];
+        }
+        let mut all = Vec::new();
+        for i in 0..items.len() {
+            let mut rest = items.to_vec();
+            let first = rest.remove(i);
+            for mut tail in permutations(&rest) {
+                tail.insert(0, first.clone());
+                all.push(tail);
+            }
+        }
+        all
+    }
+
+    /// Every order of `events`, each delivered twice, ends in the same snapshot.
+    fn same_end_in_every_order(events: &[SubscriptionNews]) -> SubscriptionState {
+        let mut first: Option<SubscriptionState> = None;
+        for order in permutations(events) {
+            let mut sub = blank();
+            for event in order.iter().chain(order.iter()) {
+                merge(&mut sub, event);
+            }
+            let end = format!("{sub:?}");
+            match &first {
+                None => first = Some(sub),
+                Some(f) => assert_eq!(format!("{f:?}"), end, "order {order:#?}"),
+            }
+        }
+        first.unwrap_or_else(blank)
+    }
+
+    #[test]
+    fn every_order_of_a_subscriptions_events_ends_the_same() {
+        use StripeStatus::*;
+        let created = news(100, Some(Active), Some(("pro", 1)));
+        let mut paid = news(101, Some(Active), None);
+        paid.stripe_customer_id = None;
+        let updated = news(102, Some(Active), Some(("pro", 1)));
+        let base = vec![checkout(), created, paid, updated];
+        let end = same_end_in_every_order(&base);
+        assert_eq!(end.stripe_status.as_deref(), Some("active"));
+        assert_eq!(end.user_id.as_deref(), Some("user-1"));
+        assert_eq!(end.plan.as_deref(), Some("pro"));
+
+        let mut lapsed = base.clone();
+        lapsed.push(news(103, Some(PastDue), Some(("pro", 1))));
+        lapsed.push(news(104, Some(Unpaid), Some(("pro", 1))));
+        let end = same_end_in_every_order(&lapsed);
+        assert_eq!(end.stripe_status.as_deref(), Some("unpaid"));
+        assert_eq!(end.past_due_since, None);
+
+        let mut back = lapsed.clone();
+        back.push(news(105, Some(Active), None));
+        back.push(news(106, Some(Active), Some(("pro", 1))));
+        assert_eq!(
+            same_end_in_every_order(&back).stripe_status.as_deref(),
+            Some("active")
+        );
+
+        let mut ended = base.clone();
+        ended.push(news(103, Some(Canceled), Some(("pro", 1))));
+        assert_eq!(
+            same_end_in_every_order(&ended).stripe_status.as_deref(),
+            Some("canceled")
+        );
+    }
+
+    #[test]
+    fn ties_and_late_snapshots_never_undo_a_newer_one() {
+        use StripeStatus::*;
+        // A late `active` never overwrites a newer `canceled`; of the same second, the end wins.
+        let end = same_end_in_every_order(&[
+            news(200, Some(Canceled), None),
+            news(199, Some(Active), None),
+            news(200, Some(Active), None),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("canceled"));
+        // Past due since the first past-due snapshot, kept while it stays past due.
+        let end = same_end_in_every_order(&[
+            news(300, Some(PastDue), None),
+            news(305, Some(PastDue), None),
+        ]);
+        assert_eq!(end.past_due_since, DateTime::from_timestamp(300, 0));
+        // ... and counted again from a new lapse after a payment.
+        let end = same_end_in_every_order(&[
+            news(300, Some(PastDue), None),
+            news(302, Some(Active), None),
+            news(305, Some(PastDue), None),
+            news(306, Some(PastDue), None),
+        ]);
+        assert_eq!(end.past_due_since, DateTime::from_timestamp(305, 0));
+        // Items of the same second: one deterministic winner.
+        let end = same_end_in_every_order(&[
+            news(400, None, Some(("pro", 1))),
+            news(400, None, Some(("team", 1))),
+        ]);
+        assert_eq!(end.plan.as_deref(), Some("team"));
+    }
+
+    #[test]
+    fn the_status_decides_what_the_nodes_do() {
+        let grace = Duration::from_secs(60);
+        let with = |status: &str| {
+            let mut sub = blank();
+            sub.stripe_status = Some(status.into());
+            sub.past_due_since = DateTime::from_timestamp(1_000, 0);
+            nodes_follow(&sub, grace)
+        };
+        assert_eq!(with("active"), NodesFollow::Run { suspend_at: None });
+        assert_eq!(with("trialing"), NodesFollow::Run { suspend_at: None });
+        assert_eq!(
+            with("past_due"),
+            NodesFollow::Run {
+                suspend_at: DateTime::from_timestamp(1_060, 0)
+            }
+        );
+        assert_eq!(with("unpaid"), NodesFollow::Suspend);
+        assert_eq!(with("paused"), NodesFollow::Suspend);
+        assert_eq!(with("incomplete"), NodesFollow::Nothing);
+        assert_eq!(with("incomplete_expired"), NodesFollow::TearDown);
+        assert_eq!(with("canceled"), NodesFollow::TearDown);
+    }
+}
