@@ -169,6 +169,11 @@ impl Stack {
         env
     }
 
+    /// The options the stack was started with, to change settings of binaries started later.
+    pub fn options_mut(&mut self) -> &mut StackOptions {
+        &mut self.options
+    }
+
     pub fn cloudflare_api_base(&self) -> String {
         format!("http://{}/client/v4/", self.standin_addr)
     }
@@ -302,8 +307,15 @@ impl Stack {
         Ok(())
     }
 
+    /// Signs and posts one event; its status and answer, whatever they are.
+    pub async fn post_event(&self, event: &Value) -> anyhow::Result<(u16, Value)> {
+        let body = serde_json::to_vec(event)?;
+        let signature = crate::stripe_events::signature(&body, WEBHOOK_SECRET);
+        self.post_webhook(&body, Some(&signature)).await
+    }
+
     /// Signs and posts one event; its answer, which must be 200.
-    async fn send_event(&self, event: &Value) -> anyhow::Result<Value> {
+    pub async fn send_event(&self, event: &Value) -> anyhow::Result<Value> {
         let body = serde_json::to_vec(event)?;
         let signature = crate::stripe_events::signature(&body, WEBHOOK_SECRET);
         let (status, answer) = self.post_webhook(&body, Some(&signature)).await?;

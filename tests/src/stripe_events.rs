@@ -83,6 +83,91 @@ impl Fixtures {
     }
 }
 
+/// One subscription as Stripe would speak of it in a test: its ids, and the times of events.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: String,
+    pub customer: String,
+    pub user: String,
+}
+
+impl Subscription {
+    /// A new subscription of `user`, with fresh Stripe ids.
+    pub fn new(user: &str) -> Self {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        Subscription {
+            id: format!("sub_{}", &unique[..24]),
+            customer: format!("cus_{}", &unique[..14]),
+            user: user.to_string(),
+        }
+    }
+}
+
+impl Fixtures {
+    /// `checkout.session.completed` of `plan` for `sub`, at Stripe time `created`.
+    pub fn checkout_of(
+        &self,
+        sub: &Subscription,
+        plan: &str,
+        created: i64,
+    ) -> anyhow::Result<Value> {
+        let mut event = self.subscription_checkout(&sub.user, plan, None)?;
+        event["data"]["object"]["subscription"] = json!(sub.id);
+        event["data"]["object"]["customer"] = json!(sub.customer);
+        event["created"] = json!(created);
+        Ok(event)
+    }
+
+    /// `customer.subscription.<what>` (`created`, `updated`, `deleted`) of `sub` with `status`,
+    /// buying `quantity` of the price whose lookup key is `plan`, at Stripe time `created`.
+    pub fn subscription_event(
+        &self,
+        what: &str,
+        sub: &Subscription,
+        status: &str,
+        plan: &str,
+        quantity: u32,
+        created: i64,
+    ) -> anyhow::Result<Value> {
+        let mut object = self.object("subscription")?;
+        object["id"] = json!(sub.id);
+        object["customer"] = json!(sub.customer);
+        object["status"] = json!(status);
+        object["metadata"] = json!({});
+        object["cancel_at"] = Value::Null;
+        object["cancel_at_period_end"] = json!(false);
+        let item = &mut object["items"]["data"][0];
+        item["subscription"] = json!(sub.id);
+        item["quantity"] = json!(quantity);
+        item["price"]["id"] = json!(format!("price_{plan}_test"));
+        item["price"]["lookup_key"] = json!(plan);
+        let mut event = self.event(&format!("customer.subscription.{what}"), object)?;
+        event["created"] = json!(created);
+        Ok(event)
+    }
+
+    /// `invoice.paid` or `invoice.payment_failed` (`what`) of `sub`, at Stripe time `created`.
+    pub fn invoice_event(
+        &self,
+        what: &str,
+        sub: &Subscription,
+        created: i64,
+    ) -> anyhow::Result<Value> {
+        let mut object = self.object("invoice")?;
+        object["customer"] = json!(sub.customer);
+        object["subscription"] = json!(sub.id);
+        object["parent"] = json!({
+            "quote_details": null,
+            "subscription_details": { "metadata": {}, "subscription": sub.id },
+            "type": "subscription_details"
+        });
+        object["status"] = json!(if what == "paid" { "paid" } else { "open" });
+        let mut event = self.event(&format!("invoice.{what}"), object)?;
+        event["created"] = json!(created);
+        Ok(event)
+    }
+}
+
 /// The `Stripe-Signature` header for `body`, signed now with `secret`.
 pub fn signature(body: &[u8], secret: &str) -> String {
     hive_api::stripe_signature::sign(body, secret, chrono::Utc::now().timestamp())
