@@ -15,6 +15,7 @@ ALTER TABLE subscriptions
     ADD COLUMN price_id TEXT,
     ADD COLUMN past_due_since TIMESTAMPTZ,
     ADD COLUMN cancel_at TIMESTAMPTZ,
+    ADD COLUMN current_period_start TIMESTAMPTZ,
     ADD COLUMN current_period_end TIMESTAMPTZ,
     -- The node count last applied from the plan: the plan is a ceiling that the checkout (or
     -- a plan change) fills; the app's own deletions are not refilled by every event.

@@ -1,6 +1,8 @@
 //! hive-api: receives Stripe webhooks and serves node status to the customer's app.
 
 pub mod auth;
+pub mod billing;
+pub mod checkout;
 pub mod error;
 pub mod nodes;
 pub mod stripe_signature;
@@ -19,6 +21,8 @@ use sqlx::PgPool;
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<ApiConfig>,
+    /// Stripe's API client; `None` when no secret key is configured.
+    pub stripe: Option<Arc<stripe::Client>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -26,6 +30,10 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/stripe", post(webhook::stripe_webhook))
         .route("/api/v1/nodes", get(nodes::list_nodes))
         .route("/api/v1/nodes/{id}", get(nodes::get_node))
+        .route("/api/v1/billing", get(billing::billing))
+        .route("/api/v1/usage", get(billing::usage))
+        .route("/api/v1/billing/checkout", post(checkout::checkout))
+        .route("/api/v1/billing/portal", post(checkout::portal))
         .route("/healthz", get(healthz))
         .fallback(|| async { error::ApiError::NotFound })
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -40,9 +40,13 @@ async fn run() -> anyhow::Result<()> {
     // The first line on stdout says where we listen (tests and scripts read it).
     println!("hive-api listening on {addr}");
     tracing::info!(%addr, "hive-api started");
+    let stripe = hive_api::checkout::client(&config)
+        .context("building the Stripe client")?
+        .map(Arc::new);
     let state = AppState {
         pool,
         config: Arc::new(config),
+        stripe,
     };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(hive_jobs::telemetry::shutdown_signal())

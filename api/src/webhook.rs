@@ -59,7 +59,7 @@ enum Meaning {
     /// Recorded, nothing else.
     Record,
     /// News of a subscription, to be merged and followed by its nodes.
-    Subscription(SubscriptionNews),
+    Subscription(Box<SubscriptionNews>),
 }
 
 /// The table from event type to what it means: one function per type. Everything a 4xx could
@@ -116,7 +116,7 @@ fn checkout_completed(object: &Value, config: &ApiConfig) -> Result<Meaning, Api
         .as_ref()
         .map(expandable_id)
         .ok_or_else(|| ApiError::Unprocessable("checkout session has no subscription".into()))?;
-    Ok(Meaning::Subscription(SubscriptionNews {
+    Ok(Meaning::Subscription(Box::new(SubscriptionNews {
         stripe_subscription_id,
         stripe_customer_id: session.customer.as_ref().map(expandable_id),
         at: 0,
@@ -131,8 +131,9 @@ fn checkout_completed(object: &Value, config: &ApiConfig) -> Result<Meaning, Api
             price_id: None,
         }),
         cancel_at: None,
+        current_period_start: None,
         current_period_end: None,
-    }))
+    })))
 }
 
 /// The region asked for, if the api serves it; the default region when none is asked for.
@@ -198,7 +199,7 @@ fn subscription_changed(
         }),
         _ => None,
     };
-    Ok(Meaning::Subscription(SubscriptionNews {
+    Ok(Meaning::Subscription(Box::new(SubscriptionNews {
         stripe_subscription_id: subscription.id.to_string(),
         stripe_customer_id: Some(expandable_id(&subscription.customer)),
         at,
@@ -206,8 +207,9 @@ fn subscription_changed(
         status: Some(status),
         items,
         cancel_at: subscription.cancel_at,
+        current_period_start: item.map(|i| i.current_period_start),
         current_period_end: item.map(|i| i.current_period_end),
-    }))
+    })))
 }
 
 /// An invoice of a subscription was paid (it runs again) or not (it is past due).
@@ -227,7 +229,7 @@ fn invoice_settled(object: &Value, at: i64, status: StripeStatus) -> Result<Mean
     let Some(stripe_subscription_id) = subscription else {
         return Ok(Meaning::Record);
     };
-    Ok(Meaning::Subscription(SubscriptionNews {
+    Ok(Meaning::Subscription(Box::new(SubscriptionNews {
         stripe_subscription_id,
         stripe_customer_id: invoice.customer.as_ref().map(expandable_id),
         at,
@@ -235,8 +237,9 @@ fn invoice_settled(object: &Value, at: i64, status: StripeStatus) -> Result<Mean
         status: Some(status),
         items: None,
         cancel_at: None,
+        current_period_start: None,
         current_period_end: None,
-    }))
+    })))
 }
 
 pub async fn stripe_webhook(

@@ -99,6 +99,7 @@ pub struct SubscriptionNews {
     pub status: Option<StripeStatus>,
     pub items: Option<Items>,
     pub cancel_at: Option<i64>,
+    pub current_period_start: Option<i64>,
     pub current_period_end: Option<i64>,
 }
 
@@ -146,6 +147,9 @@ pub fn merge(sub: &mut SubscriptionState, news: &SubscriptionNews) {
             sub.quantity = items.quantity;
             sub.price_id = items.price_id.clone();
             sub.items_at = Some(news.at);
+            if let Some(start) = news.current_period_start {
+                sub.current_period_start = DateTime::from_timestamp(start, 0);
+            }
             if let Some(end) = news.current_period_end {
                 sub.current_period_end = DateTime::from_timestamp(end, 0);
             }
@@ -325,6 +329,7 @@ mod tests {
             price_id: None,
             past_due_since: None,
             cancel_at: None,
+            current_period_start: None,
             current_period_end: None,
             nodes_entitled: None,
             status_history: sqlx::types::Json(Vec::new()),
@@ -344,6 +349,7 @@ mod tests {
                 price_id: None,
             }),
             cancel_at: None,
+            current_period_start: None,
             current_period_end: None,
         }
     }

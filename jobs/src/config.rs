@@ -290,6 +290,10 @@ pub struct ApiConfig {
     pub stripe_webhook_secrets: Vec<String>,
     pub stripe_tolerance: Duration,
     pub jwt_secret: String,
+    /// Stripe's API, for the app's checkout and portal sessions (`STRIPE_SECRET_KEY`; unset:
+    /// those two answer 503), at `STRIPE_API_BASE` (default Stripe's own).
+    pub stripe_secret_key: Option<String>,
+    pub stripe_api_base: String,
     pub plans: Plans,
     /// How long a past-due subscription's nodes keep running before they are suspended
     /// (`HIVE_PAST_DUE_GRACE_SECS`, default 3 days).
@@ -359,6 +363,8 @@ impl ApiConfig {
             stripe_webhook_secrets,
             stripe_tolerance: env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
             jwt_secret,
+            stripe_secret_key: env.optional("STRIPE_SECRET_KEY"),
+            stripe_api_base: http_base(env, "STRIPE_API_BASE", STRIPE_PRODUCTION_API)?,
             plans: ConfigFile::from_env(env)?.plans(env)?,
             past_due_grace: env.secs_or("HIVE_PAST_DUE_GRACE_SECS", 3 * 24 * 3600)?,
             default_region,
@@ -507,23 +513,30 @@ impl std::fmt::Debug for WorkerConfig {
 }
 
 pub const CLOUDFLARE_PRODUCTION_API: &str = "https://api.cloudflare.com/client/v4/";
+pub const STRIPE_PRODUCTION_API: &str = "https://api.stripe.com/";
+
+/// An http(s) base URL setting, ending with `/`.
+fn http_base<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    name: &'static str,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let mut base = env.optional(name).unwrap_or_else(|| default.to_string());
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(ConfigError::Malformed {
+            name,
+            reason: "not an http(s) URL".into(),
+        });
+    }
+    if !base.ends_with('/') {
+        base.push('/');
+    }
+    Ok(base)
+}
 
 impl WorkerConfig {
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
-        let mut cloudflare_api_base = env
-            .optional("CLOUDFLARE_API_BASE")
-            .unwrap_or_else(|| CLOUDFLARE_PRODUCTION_API.to_string());
-        if !(cloudflare_api_base.starts_with("http://")
-            || cloudflare_api_base.starts_with("https://"))
-        {
-            return Err(ConfigError::Malformed {
-                name: "CLOUDFLARE_API_BASE",
-                reason: "not an http(s) URL".into(),
-            });
-        }
-        if !cloudflare_api_base.ends_with('/') {
-            cloudflare_api_base.push('/');
-        }
+        let cloudflare_api_base = http_base(env, "CLOUDFLARE_API_BASE", CLOUDFLARE_PRODUCTION_API)?;
         // AWS_REGION is read by the SDK; we insist on it so a worker never guesses its region.
         region_setting(env)?;
         // Every binary reads the configuration file, so a malformed one stops each at start.

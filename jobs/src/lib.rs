@@ -15,5 +15,6 @@ pub mod requests;
 pub mod steps;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod user_data;
 pub mod workflows;

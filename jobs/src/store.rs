@@ -974,6 +974,7 @@ pub struct SubscriptionState {
     pub price_id: Option<String>,
     pub past_due_since: Option<DateTime<Utc>>,
     pub cancel_at: Option<DateTime<Utc>>,
+    pub current_period_start: Option<DateTime<Utc>>,
     pub current_period_end: Option<DateTime<Utc>>,
     pub nodes_entitled: Option<i32>,
     /// Every status snapshot applied, as (Stripe time, tie rank, status), oldest first.
@@ -982,7 +983,8 @@ pub struct SubscriptionState {
 
 const SUBSCRIPTION_COLUMNS: &str = "id, stripe_subscription_id, stripe_customer_id, user_id, \
     plan, region, status, stripe_status, status_at, status_rank, items_at, quantity, price_id, \
-    past_due_since, cancel_at, current_period_end, nodes_entitled, status_history";
+    past_due_since, cancel_at, current_period_start, current_period_end, nodes_entitled, \
+    status_history";
 
 /// The subscription Stripe calls `stripe_subscription_id`, created (knowing nothing yet) if
 /// this is the first we hear of it, and locked in the caller's transaction: concurrent events
@@ -1020,7 +1022,7 @@ pub async fn save_subscription(
          status = $6, stripe_status = $7, status_at = $8, status_rank = $9, items_at = $10, \
          quantity = $11, price_id = $12, past_due_since = $13, cancel_at = $14, \
          current_period_end = $15, nodes_entitled = $16, status_history = $17, \
-         updated_at = now() WHERE id = $1",
+         current_period_start = $18, updated_at = now() WHERE id = $1",
     )
     .bind(sub.id)
     .bind(&sub.stripe_customer_id)
@@ -1039,6 +1041,7 @@ pub async fn save_subscription(
     .bind(sub.current_period_end)
     .bind(sub.nodes_entitled)
     .bind(&sub.status_history)
+    .bind(sub.current_period_start)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -1111,4 +1114,60 @@ pub async fn follow_billing(
         queue::enqueue(tx, &ids, delay).await?;
     }
     Ok(ids)
+}
+
+/// The user's subscriptions (bound to them), newest first, each with how many of its nodes
+/// are not going away.
+pub async fn user_subscriptions(
+    pool: &PgPool,
+    user_id: &str,
+) -> StoreResult<Vec<(SubscriptionState, i64)>> {
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1 ORDER BY created_at DESC"
+    );
+    let subs: Vec<SubscriptionState> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(user_id)
+        .fetch_all(pool)
+        .await?;
+    let mut out = Vec::with_capacity(subs.len());
+    for sub in subs {
+        let (live,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM nodes WHERE subscription_id = $1 AND desired <> $2",
+        )
+        .bind(sub.id)
+        .bind(Desired::Gone.as_str())
+        .fetch_one(pool)
+        .await?;
+        out.push((sub, live));
+    }
+    Ok(out)
+}
+
+/// Every move of the user's nodes up to `until`, as (node, when, `from -> to`), in order.
+pub async fn user_transitions(
+    pool: &PgPool,
+    user_id: &str,
+    until: DateTime<Utc>,
+) -> StoreResult<Vec<(Uuid, DateTime<Utc>, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT e.node_id, e.at, e.detail FROM node_events e JOIN nodes n ON n.id = e.node_id \
+         WHERE n.user_id = $1 AND e.kind = $2 AND e.at <= $3 ORDER BY e.node_id, e.id",
+    )
+    .bind(user_id)
+    .bind(EventKind::Transition.as_str())
+    .bind(until)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The user's Stripe customer (of their newest subscription that has one).
+pub async fn user_customer(pool: &PgPool, user_id: &str) -> StoreResult<Option<String>> {
+    let found: Option<(String,)> = sqlx::query_as(
+        "SELECT stripe_customer_id FROM subscriptions \
+         WHERE user_id = $1 AND stripe_customer_id IS NOT NULL ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|(c,)| c))
 }

@@ -1,0 +1,133 @@
+//! The app's view of its billing: `GET /api/v1/billing` (its subscriptions and what they
+//! entitle) and `GET /api/v1/usage` (node-hours).
+
+use axum::extract::{Query, State};
+use axum::Json;
+use chrono::{DateTime, TimeDelta, Utc};
+use hive_jobs::{store, usage};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// One subscription as the app sees it.
+#[derive(Debug, Serialize)]
+pub struct SubscriptionView {
+    /// Stripe's id (`sub_...`).
+    pub id: String,
+    pub plan: Option<String>,
+    /// Stripe's status (`active`, `past_due`, ...).
+    pub status: Option<String>,
+    pub quantity: i32,
+    /// Nodes it has (not being torn down), and how many its plan entitles.
+    pub nodes: i64,
+    pub nodes_entitled: Option<i32>,
+    pub current_period_start: Option<DateTime<Utc>>,
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// When Stripe will end it (`cancel_at_period_end` or a set end); nothing changes before.
+    pub cancel_at: Option<DateTime<Utc>>,
+    pub past_due_since: Option<DateTime<Utc>>,
+    /// When its nodes will be suspended unless it is paid.
+    pub suspends_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BillingView {
+    pub subscriptions: Vec<SubscriptionView>,
+}
+
+pub async fn billing(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<BillingView>, ApiError> {
+    let grace = TimeDelta::from_std(state.config.past_due_grace).unwrap_or_default();
+    let subscriptions = store::user_subscriptions(&state.pool, &user)
+        .await?
+        .into_iter()
+        .map(|(sub, nodes)| SubscriptionView {
+            suspends_at: sub.past_due_since.map(|since| since + grace),
+            id: sub.stripe_subscription_id,
+            plan: sub.plan,
+            status: sub.stripe_status,
+            quantity: sub.quantity,
+            nodes,
+            nodes_entitled: sub.nodes_entitled,
+            current_period_start: sub.current_period_start,
+            current_period_end: sub.current_period_end,
+            cancel_at: sub.cancel_at,
+            past_due_since: sub.past_due_since,
+        })
+        .collect();
+    Ok(Json(BillingView { subscriptions }))
+}
+
+/// Read as text, so that a malformed time is our JSON 400, not the extractor's.
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+fn time(name: &str, raw: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    raw.map(|r| {
+        DateTime::parse_from_rfc3339(r)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::BadRequest(format!("`{name}` is not an RFC 3339 time")))
+    })
+    .transpose()
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeUsage {
+    pub node_id: Uuid,
+    pub hours: f64,
+}
+
+/// Node-hours: the time each node was `ready` in the window.
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub nodes: Vec<NodeUsage>,
+    pub total_hours: f64,
+}
+
+/// `from`..`to` (RFC 3339); by default the current billing period of the user's newest
+/// subscription (else the last 30 days) until now.
+pub async fn usage(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Query(query): Query<UsageQuery>,
+) -> Result<Json<UsageView>, ApiError> {
+    let now = Utc::now();
+    let to = time("to", query.to.as_deref())?.unwrap_or(now);
+    let from = match time("from", query.from.as_deref())? {
+        Some(from) => from,
+        None => store::user_subscriptions(&state.pool, &user)
+            .await?
+            .into_iter()
+            .find_map(|(sub, _)| sub.current_period_start)
+            .unwrap_or(to - TimeDelta::days(30)),
+    };
+    if from >= to {
+        return Err(ApiError::BadRequest("`from` must be before `to`".into()));
+    }
+    let moves = store::user_transitions(&state.pool, &user, to).await?;
+    let used = usage::ready_time(&moves, from, to);
+    let hours = |d: TimeDelta| d.num_milliseconds() as f64 / 3_600_000.0;
+    let total = used.values().fold(TimeDelta::zero(), |a, b| a + *b);
+    Ok(Json(UsageView {
+        from,
+        to,
+        nodes: used
+            .into_iter()
+            .map(|(node_id, d)| NodeUsage {
+                node_id,
+                hours: hours(d),
+            })
+            .collect(),
+        total_hours: hours(total),
+    }))
+}
