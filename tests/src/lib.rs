@@ -7,6 +7,7 @@ pub mod cloudflare_standin;
 pub mod process;
 pub mod stack;
 pub mod stripe_events;
+pub mod stripe_standin;
 
 /// Serves `app` on `addr` (port 0 picks one); returns the bound address and the server task,
 /// which the owner aborts to stop it.

@@ -12,12 +12,14 @@ use crate::aws_fixture::{sdk_config, AwsFixture};
 use crate::aws_proxy::AwsProxy;
 use crate::cloudflare_standin::StandIn;
 use crate::process::{spawn_ours, Managed, Moto, Postgres};
+use crate::stripe_standin::StripeStandIn;
 
 pub const WEBHOOK_SECRET: &str = "whsec_local_stack_0123456789";
 /// A second, older secret that is still accepted (rotation).
 pub const OLD_WEBHOOK_SECRET: &str = "whsec_local_stack_old_987654";
 pub const JWT_SECRET: &str = "local-stack-jwt-secret-0123456789";
 pub const CLOUDFLARE_TOKEN: &str = "local-stack-cloudflare-token";
+pub const STRIPE_SECRET_KEY: &str = "sk_test_local_stack_0123456789";
 pub const CLOUDFLARE_ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
 pub const CLOUDFLARE_ZONE: &str = "fedcba9876543210fedcba9876543210";
 pub const NODE_DOMAIN: &str = "nodes.hive.test";
@@ -77,6 +79,9 @@ pub struct Stack {
     pub aws_proxy_addr: SocketAddr,
     pub aws: AwsFixture,
     pub sdk: aws_config::SdkConfig,
+    /// Stripe's API for the api's checkout and portal sessions.
+    pub stripe: StripeStandIn,
+    pub stripe_addr: SocketAddr,
     pub database_url: String,
     pub apis: Vec<(Managed, SocketAddr)>,
     pub workers: Vec<Managed>,
@@ -84,6 +89,7 @@ pub struct Stack {
     http: reqwest::Client,
     standin_task: tokio::task::JoinHandle<()>,
     aws_proxy_task: tokio::task::JoinHandle<()>,
+    stripe_task: tokio::task::JoinHandle<()>,
 }
 
 impl Stack {
@@ -107,6 +113,11 @@ impl Stack {
             .clone()
             .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await?;
+        let stripe = StripeStandIn::new(STRIPE_SECRET_KEY)?;
+        let (stripe_addr, stripe_task) = stripe
+            .clone()
+            .serve(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await?;
         // The tests' own view of AWS goes to moto directly, past any injected fault.
         let sdk = sdk_config(&moto.endpoint(), REGION).await;
         let aws = AwsFixture::create(&sdk, NODE_DOMAIN, INSTANCE_PROFILE).await?;
@@ -119,6 +130,8 @@ impl Stack {
             aws_proxy_addr,
             aws,
             sdk,
+            stripe,
+            stripe_addr,
             database_url,
             apis: Vec::new(),
             workers: Vec::new(),
@@ -126,6 +139,7 @@ impl Stack {
             http: reqwest::Client::new(),
             standin_task,
             aws_proxy_task,
+            stripe_task,
         })
     }
 
@@ -139,6 +153,8 @@ impl Stack {
                 format!("{WEBHOOK_SECRET},{OLD_WEBHOOK_SECRET}"),
             ),
             ("HIVE_JWT_SECRET", JWT_SECRET.into()),
+            ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.into()),
+            ("STRIPE_API_BASE", format!("http://{}/", self.stripe_addr)),
             ("AWS_REGION", REGION.into()),
             (
                 "AWS_ENDPOINT_URL",
@@ -353,6 +369,27 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// POSTs a JSON body to an api path with `token` and extra headers.
+    pub async fn post_as(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.post(self.api_url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
     }
 
     /// GETs an api path as `user` (no token when `None`).
@@ -628,5 +665,6 @@ impl Drop for Stack {
         self.apis.clear();
         self.standin_task.abort();
         self.aws_proxy_task.abort();
+        self.stripe_task.abort();
     }
 }
