@@ -298,29 +298,13 @@ async fn harness(flow: Flow, user: &str) {
         run_once(&mut stack, &node, &instance, flow, round, chaos).await;
         round += 1;
     }
-    for &step in flow.steps() {
-        run_once(
-            &mut stack,
-            &node,
-            &instance,
-            flow,
-            round,
-            Some(("fail_after", step)),
-        )
-        .await;
-        round += 1;
-    }
-    for &step in flow.steps() {
-        run_once(
-            &mut stack,
-            &node,
-            &instance,
-            flow,
-            round,
-            Some(("crash_after", step)),
-        )
-        .await;
-        round += 1;
+    // A failure after each step (kept, then replayed), then a crash after each step.
+    for fault in ["fail_after", "crash_after"] {
+        for &step in flow.steps() {
+            let chaos = Some((fault, step));
+            run_once(&mut stack, &node, &instance, flow, round, chaos).await;
+            round += 1;
+        }
     }
     // One instance all along: no workflow launched another.
     let of_node: Vec<_> = stack

@@ -67,6 +67,25 @@ async fn bad_settings_stop_the_binaries_with_one_line_and_several_start_at_once(
         "HIVE_RECONCILE_SCHEDULE",
     );
 
+    // A malformed configuration file stops every binary, naming the file and the key.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hive.toml");
+    std::fs::write(
+        &file,
+        "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 0\n",
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    for bin in ["hive-api", "hive-worker"] {
+        let out = run_with(bin, &with("HIVE_CONFIG_FILE", &file));
+        one_line_naming(&out, &file);
+        one_line_naming(&out, "plans.pro.nodes");
+    }
+    one_line_naming(
+        &run_with("hive-api", &with("STRIPE_API_BASE", "stripe.com")),
+        "STRIPE_API_BASE",
+    );
+
     // Three workers and two apis on a database nobody has migrated yet, all at once.
     for _ in 0..3 {
         stack.start_worker().unwrap();
