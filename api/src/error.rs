@@ -14,6 +14,9 @@ pub enum ApiError {
     NotFound,
     #[error("{0}")]
     Unprocessable(String),
+    /// The resource's state does not allow it; nothing was done.
+    #[error("{0}")]
+    Conflict(String),
     /// Stripe (or another service we call) failed; the message is theirs, never a secret.
     #[error("{0}")]
     Upstream(String),
@@ -30,6 +33,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -46,5 +50,19 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "error": { "code": code, "message": self.to_string() } });
         (status, Json(body)).into_response()
+    }
+}
+
+impl From<hive_jobs::requests::RequestError> for ApiError {
+    fn from(e: hive_jobs::requests::RequestError) -> Self {
+        use hive_jobs::requests::RequestError;
+        match e {
+            RequestError::NodeNotFound(_) | RequestError::SubscriptionNotFound(_) => {
+                ApiError::NotFound
+            }
+            RequestError::NotAllowed { reason, .. } => ApiError::Conflict(reason),
+            RequestError::Invalid(reason) => ApiError::Unprocessable(reason),
+            RequestError::Store(e) => ApiError::Internal(e),
+        }
     }
 }

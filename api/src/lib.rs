@@ -28,8 +28,17 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/stripe", post(webhook::stripe_webhook))
-        .route("/api/v1/nodes", get(nodes::list_nodes))
-        .route("/api/v1/nodes/{id}", get(nodes::get_node))
+        .route(
+            "/api/v1/nodes",
+            get(nodes::list_nodes).post(nodes::create_node),
+        )
+        .route(
+            "/api/v1/nodes/{id}",
+            get(nodes::get_node).delete(nodes::delete_node),
+        )
+        .route("/api/v1/nodes/{id}/restart", post(nodes::restart_node))
+        .route("/api/v1/nodes/{id}/stop", post(nodes::stop_node))
+        .route("/api/v1/nodes/{id}/start", post(nodes::start_node))
         .route("/api/v1/billing", get(billing::billing))
         .route("/api/v1/usage", get(billing::usage))
         .route("/api/v1/billing/checkout", post(checkout::checkout))

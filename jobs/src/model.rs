@@ -5,7 +5,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub use crate::workflows::{
-    NodeState, NodeStatus, Workflow, PROVISIONING, RESIZE, RESTART, RESUME, SUSPEND, TEARDOWN,
+    NodeState, NodeStatus, Workflow, PROVISIONING, RESIZE, RESTART, RESUME, STOP, SUSPEND, TEARDOWN,
 };
 
 /// Why a node is torn down, stored in `nodes.teardown_reason`.
@@ -56,17 +56,26 @@ impl TeardownReason {
 #[serde(rename_all = "snake_case")]
 pub enum Desired {
     Running,
+    /// Stopped by billing (the subscription is not paid); only billing undoes it.
     Suspended,
+    /// Stopped by its user; only they undo it.
+    Stopped,
     Gone,
 }
 
 impl Desired {
-    pub const ALL: [Desired; 3] = [Desired::Running, Desired::Suspended, Desired::Gone];
+    pub const ALL: [Desired; 4] = [
+        Desired::Running,
+        Desired::Suspended,
+        Desired::Stopped,
+        Desired::Gone,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Desired::Running => "running",
             Desired::Suspended => "suspended",
+            Desired::Stopped => "stopped",
             Desired::Gone => "gone",
         }
     }

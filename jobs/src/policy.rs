@@ -187,7 +187,8 @@ pub fn workflow_for(intent: &Intent<'_>) -> Option<Workflow> {
             .is_some_and(|v| v < intent.volume_gb);
     match (intent.state, intent.desired) {
         (NodeState::Ready, Desired::Suspended) => Some(Workflow::Suspend),
-        (NodeState::Suspended, Desired::Running) => Some(Workflow::Resume),
+        (NodeState::Ready, Desired::Stopped) => Some(Workflow::Stop),
+        (NodeState::Suspended | NodeState::Stopped, Desired::Running) => Some(Workflow::Resume),
         (NodeState::Ready, Desired::Running) if resize_needed => Some(Workflow::Resize),
         (NodeState::Ready, Desired::Running)
             if intent.restarts_requested > intent.restarts_done =>

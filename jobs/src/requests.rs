@@ -88,6 +88,62 @@ pub async fn resume(
     Ok(())
 }
 
+/// Stop the node's instance because its user asks (the app's stop): the node ends
+/// `stopped`, and only its user starts it again. A node billing suspended is refused.
+pub async fn stop(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    by: &str,
+) -> RequestResult<()> {
+    let row = live_node(tx, node_id, "stop").await?;
+    if row.desired == Desired::Stopped.as_str() {
+        return Ok(());
+    }
+    if row.desired == Desired::Suspended.as_str() || row.billing_hold {
+        return Err(RequestError::NotAllowed {
+            id: node_id,
+            reason: "cannot stop: the node is suspended for its subscription's billing".into(),
+        });
+    }
+    let detail = format!("stop, asked by {by}");
+    store::change_intent(
+        tx,
+        node_id,
+        IntentChange::Desired(Desired::Stopped),
+        &detail,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Start a node its user stopped. A node billing holds (suspended, unpaid) is refused: paying
+/// is what starts it.
+pub async fn start(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    by: &str,
+) -> RequestResult<()> {
+    let row = live_node(tx, node_id, "start").await?;
+    if row.desired == Desired::Suspended.as_str() || row.billing_hold {
+        return Err(RequestError::NotAllowed {
+            id: node_id,
+            reason: "cannot start: the node is suspended for its subscription's billing".into(),
+        });
+    }
+    if row.desired == Desired::Running.as_str() {
+        return Ok(());
+    }
+    let detail = format!("start, asked by {by}");
+    store::change_intent(
+        tx,
+        node_id,
+        IntentChange::Desired(Desired::Running),
+        &detail,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Reboot the node's instance once more (carried out once it is ready).
 pub async fn restart(
     tx: &mut Transaction<'_, Postgres>,
@@ -95,11 +151,16 @@ pub async fn restart(
     by: &str,
 ) -> RequestResult<()> {
     let row = live_node(tx, node_id, "restart").await?;
-    if row.desired == Desired::Suspended.as_str() {
-        return Err(RequestError::NotAllowed {
-            id: node_id,
-            reason: "cannot restart: the node is suspended".into(),
-        });
+    for (desired, what) in [
+        (Desired::Suspended, "suspended"),
+        (Desired::Stopped, "stopped"),
+    ] {
+        if row.desired == desired.as_str() {
+            return Err(RequestError::NotAllowed {
+                id: node_id,
+                reason: format!("cannot restart: the node is {what}"),
+            });
+        }
     }
     let detail = format!("restart #{}, asked by {by}", row.restarts_requested + 1);
     store::change_intent(tx, node_id, IntentChange::Restart, &detail).await?;
@@ -286,4 +347,60 @@ pub async fn follow_plan(
         }
     }
     Ok(())
+}
+
+/// One more node for the subscription, if its plan has room (the plan is a ceiling: nodes the
+/// app deleted may be made again, never more than the plan's count). In `region`, else the
+/// subscription's; shaped like its newest node, else like `plan_shape` (type, volume).
+/// Returns the new node.
+pub async fn add_node(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+    region: Option<&str>,
+    plan_shape: (&str, i32),
+    node_domain: &str,
+    by: &str,
+) -> RequestResult<Uuid> {
+    let sub = store::lock_subscription_by_id(tx, subscription_id)
+        .await?
+        .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
+    let Some((_, nodes)) = store::lock_subscription_nodes(tx, subscription_id).await? else {
+        return Err(RequestError::SubscriptionNotFound(subscription_id));
+    };
+    let entitled = sub.nodes_entitled.unwrap_or(0).max(0) as usize;
+    if sub.status == "ended" || nodes.len() >= entitled {
+        return Err(RequestError::NotAllowed {
+            id: subscription_id,
+            reason: format!(
+                "the subscription's plan has room for {entitled} node(s), and it has {}",
+                nodes.len()
+            ),
+        });
+    }
+    let (Some(user_id), Some(sub_region)) = (&sub.user_id, &sub.region) else {
+        return Err(RequestError::NotAllowed {
+            id: subscription_id,
+            reason: "the subscription is not bound to a user yet".into(),
+        });
+    };
+    let (instance_type, volume_gb) = match nodes.last() {
+        Some((_, _, t, v)) => (t.clone(), *v),
+        None => (plan_shape.0.to_string(), plan_shape.1),
+    };
+    let next = store::max_ordinal(tx, subscription_id).await? + 1;
+    let spec = NodeSpec {
+        subscription_id,
+        user_id,
+        region: region.unwrap_or(sub_region),
+        instance_type: &instance_type,
+        volume_gb,
+        node_domain,
+    };
+    let ids = store::add_nodes(tx, &spec, next..next + 1).await?;
+    let id = ids
+        .first()
+        .copied()
+        .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
+    tracing::info!(node_id = %id, %subscription_id, by, "node added on request");
+    Ok(id)
 }

@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::billing::StripeStatus;
 use crate::model::{Desired, EventKind, Node, NodeEvent, NodeState, TeardownReason, Workflow};
 use crate::queue;
 
@@ -812,6 +813,9 @@ pub struct IntentRow {
     pub instance_type: String,
     pub volume_gb: i32,
     pub restarts_requested: i32,
+    /// Billing wants it stopped (its subscription is unpaid or paused, or a past-due grace
+    /// has run out).
+    pub billing_hold: bool,
 }
 
 /// Locks the node's row for a change of intent; `None` when there is no such node.
@@ -819,21 +823,31 @@ pub async fn lock_intent(
     tx: &mut Transaction<'_, Postgres>,
     node_id: Uuid,
 ) -> StoreResult<Option<IntentRow>> {
-    let row: Option<(Uuid, String, String, String, i32, i32)> = sqlx::query_as(
-        "SELECT id, state, desired, instance_type, volume_gb, restarts_requested \
-         FROM nodes WHERE id = $1 FOR UPDATE",
+    let row: Option<(Uuid, String, String, String, i32, i32, bool)> = sqlx::query_as(
+        "SELECT n.id, n.state, n.desired, n.instance_type, n.volume_gb, n.restarts_requested, \
+           COALESCE(n.suspend_at <= now(), false) OR COALESCE(s.stripe_status = ANY($2), false) \
+         FROM nodes n JOIN subscriptions s ON s.id = n.subscription_id \
+         WHERE n.id = $1 FOR UPDATE OF n",
     )
     .bind(node_id)
+    .bind(
+        [StripeStatus::Unpaid, StripeStatus::Paused]
+            .map(StripeStatus::as_str)
+            .to_vec(),
+    )
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row.map(
-        |(id, state, desired, instance_type, volume_gb, restarts_requested)| IntentRow {
-            id,
-            state,
-            desired,
-            instance_type,
-            volume_gb,
-            restarts_requested,
+        |(id, state, desired, instance_type, volume_gb, restarts_requested, billing_hold)| {
+            IntentRow {
+                id,
+                state,
+                desired,
+                instance_type,
+                volume_gb,
+                restarts_requested,
+                billing_hold,
+            }
         },
     ))
 }
@@ -1012,6 +1026,18 @@ pub async fn lock_subscription(
         .await?)
 }
 
+/// Our subscription `id`, locked in the caller's transaction.
+pub async fn lock_subscription_by_id(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+) -> StoreResult<Option<SubscriptionState>> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE");
+    Ok(sqlx::query_as::<_, SubscriptionState>(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
 /// Writes back what billing merged into the subscription.
 pub async fn save_subscription(
     tx: &mut Transaction<'_, Postgres>,
@@ -1069,7 +1095,8 @@ pub async fn end_subscription_nodes(
 
 /// Makes the subscription's nodes (those not going away) want `desired`, suspended at
 /// `suspend_at` if given; only nodes whose intent changes are touched, logged and enqueued (a
-/// grace end gets its job at that moment, so the worker acts on it unasked). Returns them.
+/// grace end gets its job at that moment, so the worker acts on it unasked). A node its user
+/// stopped keeps that (only its grace end is recorded). Returns them.
 pub async fn follow_billing(
     tx: &mut Transaction<'_, Postgres>,
     subscription_id: Uuid,
@@ -1078,16 +1105,17 @@ pub async fn follow_billing(
     detail: &str,
 ) -> StoreResult<Vec<Uuid>> {
     let changed: Vec<(Uuid, i32, String)> = sqlx::query_as(
-        "UPDATE nodes SET desired = $2, suspend_at = $3, \
-         next_run_at = COALESCE(next_run_at, now()), updated_at = now() \
+        "UPDATE nodes SET desired = CASE WHEN desired = $5 THEN desired ELSE $2 END, \
+         suspend_at = $3, next_run_at = COALESCE(next_run_at, now()), updated_at = now() \
          WHERE subscription_id = $1 AND desired <> $4 \
-           AND (desired <> $2 OR suspend_at IS DISTINCT FROM $3) \
+           AND ((desired <> $2 AND desired <> $5) OR suspend_at IS DISTINCT FROM $3) \
          RETURNING id, generation, state",
     )
     .bind(subscription_id)
     .bind(desired.as_str())
     .bind(suspend_at)
     .bind(Desired::Gone.as_str())
+    .bind(Desired::Stopped.as_str())
     .fetch_all(&mut **tx)
     .await?;
     let mut ids = Vec::with_capacity(changed.len());

@@ -145,6 +145,7 @@ declare_workflows! {
         Ready = "ready" => Ready,
         Failed = "failed" => Failed,
         Suspended = "suspended" => Suspended,
+        Stopped = "stopped" => Stopped,
         Terminated = "terminated" => Terminated,
     ]
 
@@ -180,8 +181,16 @@ declare_workflows! {
         WaitingForStop = "waiting_for_stop" => instance::wait_stopped;
     }
 
-    /// They paid again: the same instance runs and its tunnel reconnects.
-    workflow Resume = RESUME, from [Suspended], ends Ready, shown as Resuming {
+    /// The user stopped the node from their app: as suspend, but theirs to undo (billing
+    /// neither starts nor suspends a node its user stopped).
+    workflow Stop = STOP, from [Ready], ends Stopped, shown as Stopping {
+        StoppingForUser = "stopping_for_user" => instance::stop;
+        WaitingForUserStop = "waiting_for_user_stop" => instance::wait_stopped;
+    }
+
+    /// They paid again, or the user started it: the same instance runs and its tunnel
+    /// reconnects.
+    workflow Resume = RESUME, from [Suspended, Stopped], ends Ready, shown as Resuming {
         StartingInstance = "starting_instance" => instance::start;
         WaitingForStart = "waiting_for_start" => instance::wait_running;
         WaitingForReconnect = "waiting_for_reconnect" => tunnel::wait_healthy;
@@ -215,6 +224,8 @@ pub enum NodeStatus {
     Failed,
     Suspending,
     Suspended,
+    Stopping,
+    Stopped,
     Resuming,
     Restarting,
     Resizing,
