@@ -1,0 +1,229 @@
+//! The app's node controls: restart, stop, start, delete and create, each `202` with the node
+//! and logged with who asked; what the node's state does not allow is a `409` that enqueues
+//! nothing; another user's node is a `404`.
+
+use std::time::Duration;
+
+use hive_tests::stack::{Stack, StackOptions};
+use hive_tests::stripe_events::{Fixtures, Subscription};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+fn options() -> StackOptions {
+    let mut options = StackOptions::default();
+    options.extra_env.extend(
+        [
+            ("HIVE_HEARTBEAT_MS", "500"),
+            ("HIVE_STALL_AFTER_MS", "3000"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    options
+}
+
+async fn jobs(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM apalis.jobs")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn post(stack: &Stack, token: &str, path: &str) -> (u16, Value) {
+    stack
+        .post_as(path, Some(token), &[], &json!({}))
+        .await
+        .unwrap()
+}
+
+fn assert_conflict(status: u16, body: &Value, what: &str) {
+    assert_eq!(status, 409, "{what}: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_app_stops_starts_restarts_deletes_and_recreates_its_node() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let pool = stack.pool().await.unwrap();
+    let user = "user-controls";
+    let token = Stack::jwt(user, 600);
+    let fixtures = Fixtures::load().unwrap();
+    let sub = Subscription::new(user);
+    let t0 = chrono::Utc::now().timestamp() - 100;
+    stack
+        .send_event(&fixtures.checkout_of(&sub, "pro", t0).unwrap())
+        .await
+        .unwrap();
+    let nodes = stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let node = nodes[0]["id"].as_str().unwrap().to_string();
+    let instance = stack.instance_of(&node).await.unwrap().unwrap();
+    let base = format!("/api/v1/nodes/{node}");
+
+    // Another user's node is a 404 for every control, and nothing is enqueued.
+    let stranger = Stack::jwt("someone-else", 600);
+    let before = jobs(&pool).await;
+    for control in ["restart", "stop", "start"] {
+        let (status, body) = post(&stack, &stranger, &format!("{base}/{control}")).await;
+        assert_eq!(status, 404, "{control}: {body}");
+    }
+    let resp = reqwest::Client::new()
+        .delete(stack.api_url(&base))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(jobs(&pool).await, before);
+
+    // Stop: 202 with the node, then `stopped` with its instance stopped; asked again, nothing more.
+    let (status, body) = post(&stack, &token, &format!("{base}/stop")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["id"], json!(node));
+    assert_eq!(body["desired"], "stopped");
+    stack
+        .wait_for_state(&node, "stopped", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.instance_shape(&instance).await.unwrap().state,
+        "stopped"
+    );
+    let stops = stack.aws_proxy.calls("StopInstances");
+    let (status, body) = post(&stack, &token, &format!("{base}/stop")).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("stopped")));
+    // A stopped node cannot restart.
+    let before = jobs(&pool).await;
+    let (status, body) = post(&stack, &token, &format!("{base}/restart")).await;
+    assert_conflict(status, &body, "restart while stopped");
+    assert_eq!(
+        jobs(&pool).await,
+        before,
+        "a refused control enqueued a job"
+    );
+
+    // Billing leaves a node its user stopped alone: an unpaid-then-paid subscription does not
+    // start it.
+    let unpaid = fixtures
+        .subscription_event("updated", &sub, "unpaid", "pro", 1, t0 + 10)
+        .unwrap();
+    stack.send_event(&unpaid).await.unwrap();
+    // ... and while billing holds it, the user cannot start it either.
+    let (status, body) = post(&stack, &token, &format!("{base}/start")).await;
+    assert_conflict(status, &body, "start while unpaid");
+    let active = fixtures
+        .subscription_event("updated", &sub, "active", "pro", 1, t0 + 20)
+        .unwrap();
+    stack.send_event(&active).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stack.instance_shape(&instance).await.unwrap().state,
+        "stopped"
+    );
+    assert_eq!(stack.aws_proxy.calls("StopInstances"), stops);
+
+    // Start: the same instance runs again, the node is ready.
+    let (status, body) = post(&stack, &token, &format!("{base}/start")).await;
+    assert_eq!(status, 202, "{body}");
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.instance_shape(&instance).await.unwrap().state,
+        "running"
+    );
+
+    // Restart: ready again after one reboot.
+    let reboots = stack.aws_proxy.calls("RebootInstances");
+    let (status, _) = post(&stack, &token, &format!("{base}/restart")).await;
+    assert_eq!(status, 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stack.aws_proxy.calls("RebootInstances") == reboots {
+        assert!(std::time::Instant::now() < deadline, "no reboot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(stack.aws_proxy.calls("RebootInstances"), reboots + 1);
+
+    // The plan (pro: one node) has no room for another.
+    let (status, body) = stack
+        .post_as("/api/v1/nodes", Some(&token), &[], &json!({}))
+        .await
+        .unwrap();
+    assert_conflict(status, &body, "a node over the plan");
+
+    // Delete: torn down, nothing left; a deleted node cannot be started.
+    let resp = reqwest::Client::new()
+        .delete(stack.api_url(&base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    stack
+        .wait_for_state(&node, "terminated", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(stack.leftovers().await.unwrap(), Vec::<String>::new());
+    let (status, body) = post(&stack, &token, &format!("{base}/start")).await;
+    assert_conflict(status, &body, "start a terminated node");
+
+    // The log says who asked for each.
+    let asked: Vec<String> = sqlx::query_scalar(
+        "SELECT detail FROM node_events WHERE node_id = $1::uuid AND kind IN ('requested', 'teardown_requested') ORDER BY id",
+    )
+    .bind(&node)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for control in ["stop", "start", "restart #1", "terminate (requested)"] {
+        assert!(
+            asked
+                .iter()
+                .any(|d| d.starts_with(control) && d.ends_with(&format!("asked by user {user}"))),
+            "{control} not logged with its user: {asked:#?}"
+        );
+    }
+
+    // The deletion made room under the plan: the app creates a node, and it becomes ready.
+    let (status, body) = stack
+        .post_as(
+            "/api/v1/nodes",
+            Some(&token),
+            &[],
+            &json!({ "region": "eu-west-1" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let new = body["id"].as_str().unwrap().to_string();
+    assert_ne!(new, node);
+    assert_eq!(body["instance_type"], "t4g.small");
+    stack
+        .wait_for_state(&new, "ready", Duration::from_secs(90))
+        .await
+        .unwrap();
+    // A region nobody serves, and an unknown field, change nothing.
+    for (body, expected) in [
+        (json!({ "region": "mars-north-1" }), 422),
+        (json!({ "colour": "blue" }), 400),
+    ] {
+        let (status, answer) = stack
+            .post_as("/api/v1/nodes", Some(&token), &[], &body)
+            .await
+            .unwrap();
+        assert_eq!(status, expected, "{answer}");
+    }
+}
