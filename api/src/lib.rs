@@ -6,6 +6,7 @@ pub mod checkout;
 pub mod error;
 pub mod nodes;
 pub mod stripe_signature;
+pub mod wait;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Stripe's API client; `None` when no secret key is configured.
     pub stripe: Option<Arc<stripe::Client>>,
+    /// Node moves, for the waiters of `/wait`.
+    pub changes: wait::NodeChanges,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -36,6 +39,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/nodes/{id}",
             get(nodes::get_node).delete(nodes::delete_node),
         )
+        .route("/api/v1/nodes/{id}/wait", get(wait::wait_for_status))
         .route("/api/v1/nodes/{id}/restart", post(nodes::restart_node))
         .route("/api/v1/nodes/{id}/stop", post(nodes::stop_node))
         .route("/api/v1/nodes/{id}/start", post(nodes::start_node))

@@ -43,10 +43,13 @@ async fn run() -> anyhow::Result<()> {
     let stripe = hive_api::checkout::client(&config)
         .context("building the Stripe client")?
         .map(Arc::new);
+    let changes = hive_api::wait::NodeChanges::default();
+    tokio::spawn(changes.clone().listen(pool.clone()));
     let state = AppState {
         pool,
         config: Arc::new(config),
         stripe,
+        changes,
     };
     axum::serve(listener, router(state))
         .with_graceful_shutdown(hive_jobs::telemetry::shutdown_signal())

@@ -227,3 +227,112 @@ async fn the_app_stops_starts_restarts_deletes_and_recreates_its_node() {
         assert_eq!(status, expected, "{answer}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiters_wake_when_the_node_gets_there_on_one_listener() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    let pool = stack.pool().await.unwrap();
+    let user = "user-waits";
+    let token = Stack::jwt(user, 600);
+    let node = stack.send_checkout(user, "pro").await.unwrap().remove(0);
+    let wait = format!("/api/v1/nodes/{node}/wait?status=ready&timeout=120");
+
+    // More waiters than the api has database connections, before any worker runs.
+    let mut waiters = Vec::new();
+    for _ in 0..24 {
+        let url = stack.api_url(&wait);
+        let token = token.clone();
+        waiters.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.json::<Value>().await?))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "a waiter answered before the node moved"
+    );
+    // They cost one listening connection, and the api still answers others meanwhile.
+    let listeners: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE '%LISTEN%hive_node_changed%' \
+         AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(listeners, 1);
+    let (status, _) = stack
+        .get_as(&format!("/api/v1/nodes/{node}"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    stack.start_worker().unwrap();
+    for waiter in waiters {
+        let (status, body) = waiter.await.unwrap().unwrap();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ready")),
+            "{body}"
+        );
+    }
+
+    // Already there: at once. Not there in time: 408 with the node as it is.
+    let (status, body) = stack.get_as(&wait, Some(&token)).await.unwrap();
+    assert_eq!((status, body["id"].as_str()), (200, Some(node.as_str())));
+    let (status, body) = stack
+        .get_as(
+            &format!("/api/v1/nodes/{node}/wait?status=suspended&timeout=1"),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (408, Some("ready")),
+        "{body}"
+    );
+    // Bad input is a JSON 400; another user's node a 404.
+    for query in ["status=bogus", "timeout=5", "status=ready&timeout=soon"] {
+        let (status, body) = stack
+            .get_as(&format!("/api/v1/nodes/{node}/wait?{query}"), Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"]["message"].is_string(), "{query}: {body}");
+    }
+    let (status, _) = stack
+        .get_as(&wait, Some(&Stack::jwt("someone-else", 600)))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    // Being deleted, it can never be ready again: 409 at once; waiting for `terminated` works.
+    let resp = reqwest::Client::new()
+        .delete(stack.api_url(&format!("/api/v1/nodes/{node}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let (status, body) = stack.get_as(&wait, Some(&token)).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = stack
+        .get_as(
+            &format!("/api/v1/nodes/{node}/wait?status=terminated&timeout=60"),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("terminated")),
+        "{body}"
+    );
+}

@@ -1,0 +1,175 @@
+//! `GET /api/v1/nodes/{id}/wait?status=ready&timeout=60`: answers as soon as the node reaches
+//! the status. One `LISTEN hive_node_changed` per api process (the node guard's `pg_notify` on
+//! every move) is fanned out to every waiter, so many waiters cost one connection, and none of
+//! them polls.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use hive_jobs::model::{Desired, Node, NodeStatus};
+use hive_jobs::store;
+use serde::Deserialize;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::nodes::NodeView;
+use crate::AppState;
+
+/// The channel the node guard announces moves on.
+const CHANNEL: &str = "hive_node_changed";
+/// The longest a caller may wait.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Node moves, for the api's waiters. `Uuid::nil()` means "moves may have been missed (the
+/// listener reconnected): look again".
+#[derive(Clone)]
+pub struct NodeChanges {
+    sender: broadcast::Sender<Uuid>,
+}
+
+impl Default for NodeChanges {
+    fn default() -> Self {
+        Self {
+            sender: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl NodeChanges {
+    fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.sender.subscribe()
+    }
+
+    /// Listens for node moves for as long as the api runs, reconnecting when Postgres goes
+    /// away (the waiters then look again, since moves may have been missed meanwhile).
+    pub async fn listen(self, pool: PgPool) {
+        loop {
+            match PgListener::connect_with(&pool).await {
+                Ok(mut listener) => match listener.listen(CHANNEL).await {
+                    Ok(()) => loop {
+                        match listener.try_recv().await {
+                            Ok(Some(n)) => {
+                                if let Ok(id) = Uuid::parse_str(n.payload()) {
+                                    // No waiter at all is not an error.
+                                    let _no_waiters = self.sender.send(id);
+                                }
+                            }
+                            Ok(None) => {
+                                let _no_waiters = self.sender.send(Uuid::nil());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "node listener failed; listening again");
+                                break;
+                            }
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "node listener could not connect"),
+            }
+            let _no_waiters = self.sender.send(Uuid::nil());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Read as text, so that a bad value is our JSON 400.
+#[derive(Debug, Deserialize)]
+pub struct WaitQuery {
+    pub status: Option<String>,
+    pub timeout: Option<String>,
+}
+
+fn parse_status(raw: &str) -> Option<NodeStatus> {
+    serde_json::from_value(serde_json::Value::String(raw.to_string())).ok()
+}
+
+/// Whether the node can still reach `wanted` without anyone acting.
+fn reachable(node: &Node, wanted: NodeStatus) -> bool {
+    let now = node.status();
+    let resting_by_intent = matches!(
+        (now, node.desired()),
+        (NodeStatus::Stopped, Desired::Stopped) | (NodeStatus::Suspended, Desired::Suspended)
+    );
+    match now {
+        _ if now == wanted => true,
+        NodeStatus::Terminated | NodeStatus::Failed => false,
+        _ if node.desired() == Desired::Gone => {
+            matches!(wanted, NodeStatus::Terminating | NodeStatus::Terminated)
+        }
+        _ if resting_by_intent => false,
+        _ => true,
+    }
+}
+
+pub async fn wait_for_status(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    let raw = query
+        .status
+        .ok_or_else(|| ApiError::BadRequest("`status` is required".into()))?;
+    let wanted = parse_status(&raw)
+        .ok_or_else(|| ApiError::BadRequest(format!("unknown status `{raw}`")))?;
+    let timeout = match query.timeout {
+        None => Duration::from_secs(60),
+        Some(t) => Duration::from_secs(
+            t.parse()
+                .map_err(|_| ApiError::BadRequest("`timeout` is not a number of seconds".into()))?,
+        ),
+    }
+    .min(MAX_WAIT);
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    // Subscribe before the first read, so that no move between the two is missed.
+    let mut changes = state.changes.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let node = store::node_for_user(&state.pool, &user, id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        if node.status() == wanted {
+            return Ok((StatusCode::OK, Json(node.into())));
+        }
+        if !reachable(&node, wanted) {
+            return Err(ApiError::Conflict(format!(
+                "node {id} is {:?} and cannot become {raw} unless someone acts",
+                node.status()
+            )));
+        }
+        // Until a move of this node (or a missed one) or the deadline.
+        let woke = tokio::time::timeout_at(deadline, async {
+            loop {
+                match changes.recv().await {
+                    Ok(changed) if changed == id || changed.is_nil() => return true,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        })
+        .await;
+        match woke {
+            Ok(true) => continue,
+            // The deadline passed (or the api is stopping): the node as it is now.
+            Ok(false) | Err(_) => {
+                let node = store::node_for_user(&state.pool, &user, id)
+                    .await?
+                    .ok_or(ApiError::NotFound)?;
+                let code = if node.status() == wanted {
+                    StatusCode::OK
+                } else {
+                    StatusCode::REQUEST_TIMEOUT
+                };
+                return Ok((code, Json(node.into())));
+            }
+        }
+    }
+}
