@@ -4,6 +4,7 @@ pub mod auth;
 pub mod billing;
 pub mod checkout;
 pub mod error;
+pub mod idempotency;
 pub mod nodes;
 pub mod stripe_signature;
 pub mod wait;
@@ -49,6 +50,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/billing/portal", post(checkout::portal))
         .route("/healthz", get(healthz))
         .fallback(|| async { error::ApiError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

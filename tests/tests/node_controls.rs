@@ -336,3 +336,77 @@ async fn waiters_wake_when_the_node_gets_there_on_one_listener() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_gives_the_first_answer_again() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    let pool = stack.pool().await.unwrap();
+    let user = "user-keys";
+    let token = Stack::jwt(user, 600);
+    let nodes = stack.send_checkout(user, "team").await.unwrap();
+    let node = &nodes[0];
+    let http = reqwest::Client::new();
+    let send = |path: String, key: &'static str| {
+        let req = http
+            .post(stack.api_url(&path))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", key)
+            .json(&json!({}));
+        async move {
+            let resp = req.send().await.unwrap();
+            let replayed = resp.headers().contains_key("idempotent-replayed");
+            let status = resp.status().as_u16();
+            (status, replayed, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let restarts = || async {
+        let n: i32 = sqlx::query_scalar("SELECT restarts_requested FROM nodes WHERE id = $1::uuid")
+            .bind(node)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+
+    let restart = format!("/api/v1/nodes/{node}/restart");
+    let (status, replayed, first) = send(restart.clone(), "restart-1").await;
+    assert_eq!((status, replayed), (202, false), "{first}");
+    let (status, replayed, again) = send(restart.clone(), "restart-1").await;
+    assert_eq!((status, replayed), (202, true));
+    assert_eq!(again, first);
+    assert_eq!(restarts().await, 1, "the repeated request ran again");
+    // A new key is a new request.
+    let (status, _, _) = send(restart.clone(), "restart-2").await;
+    assert_eq!(status, 202);
+    assert_eq!(restarts().await, 2);
+    // The same key with another request is refused, and runs nothing.
+    let (status, _, body) = send(format!("/api/v1/nodes/{node}/stop"), "restart-1").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Idempotency-Key"));
+    let desired: String = sqlx::query_scalar("SELECT desired FROM nodes WHERE id = $1::uuid")
+        .bind(node)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(desired, "running");
+    // A refusal is an answer too: the same again.
+    let (status, replayed, _) = send("/api/v1/nodes".into(), "create-1").await;
+    assert_eq!((status, replayed), (409, false));
+    let (status, replayed, _) = send("/api/v1/nodes".into(), "create-1").await;
+    assert_eq!((status, replayed), (409, true));
+    // Keys are the user's own: another user's same key is theirs, and meets their own 404.
+    let resp = http
+        .post(stack.api_url(&restart))
+        .bearer_auth(Stack::jwt("someone-else", 600))
+        .header("Idempotency-Key", "restart-1")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert_eq!(restarts().await, 2);
+}
