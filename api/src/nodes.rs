@@ -4,10 +4,14 @@
 //! asked; what the node's state does not allow is a `409` and nothing is enqueued.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use base64::Engine;
 use chrono::{DateTime, Utc};
+use hive_jobs::conditions::{self, Condition};
 use hive_jobs::model::TeardownReason;
 use hive_jobs::model::{Desired, Node, NodeState, NodeStatus};
 use hive_jobs::{requests, store};
@@ -25,7 +29,7 @@ pub struct NodeView {
     pub subscription_id: Uuid,
     pub status: NodeStatus,
     pub step: NodeState,
-    /// What the node was last asked to be (`running`, `suspended`, `gone`).
+    /// What the node was last asked to be (`running`, `suspended`, `stopped`, `gone`).
     pub desired: Desired,
     pub region: String,
     pub instance_type: String,
@@ -41,14 +45,36 @@ pub struct NodeView {
     /// The last transient error of the current step, which is being retried.
     pub last_error: Option<String>,
     pub volume_gb: i32,
+    /// `InstanceRunning`, `TunnelHealthy`, `DnsRouted`: true, false or unknown, and since when.
+    pub conditions: Vec<Condition>,
+    /// Its last 20 log entries, oldest first.
+    pub events: Vec<EventView>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-impl From<Node> for NodeView {
-    fn from(node: Node) -> Self {
+/// One entry of a node's log.
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub at: DateTime<Utc>,
+    pub step: String,
+    pub kind: String,
+    pub message: Option<String>,
+}
+
+/// How many log entries a node view carries.
+const EVENTS_SHOWN: i64 = 20;
+
+impl NodeView {
+    fn build(node: Node, events: Vec<EventView>, moves: &[(DateTime<Utc>, String)]) -> Self {
         let state = node.state();
         let status = node.status();
+        let message = node
+            .error
+            .as_deref()
+            .or(node.waiting_for.as_deref())
+            .or(node.last_error.as_deref());
+        let conditions = conditions::conditions(state, message, node.created_at, moves);
         NodeView {
             url: (state == NodeState::Ready).then(|| node.url()),
             id: node.id,
@@ -65,24 +91,125 @@ impl From<Node> for NodeView {
             waiting_for: node.waiting_for,
             last_error: node.last_error,
             volume_gb: node.volume_gb,
+            conditions,
+            events,
             created_at: node.created_at,
             updated_at: node.updated_at,
         }
     }
 }
 
+/// The views of `nodes`, with their conditions and recent events (two queries in all).
+pub async fn views(pool: &sqlx::PgPool, nodes: Vec<Node>) -> Result<Vec<NodeView>, ApiError> {
+    let ids: Vec<Uuid> = nodes.iter().map(|n| n.id).collect();
+    let (events, moves) = store::recent_history(pool, &ids, EVENTS_SHOWN).await?;
+    let mut events_of: HashMap<Uuid, Vec<EventView>> = HashMap::new();
+    for (id, e) in events {
+        events_of.entry(id).or_default().push(EventView {
+            at: e.at,
+            step: e.step,
+            kind: e.kind,
+            message: e.detail,
+        });
+    }
+    let mut moves_of: HashMap<Uuid, Vec<(DateTime<Utc>, String)>> = HashMap::new();
+    for (id, at, detail) in moves {
+        moves_of.entry(id).or_default().push((at, detail));
+    }
+    Ok(nodes
+        .into_iter()
+        .map(|node| {
+            let events = events_of.remove(&node.id).unwrap_or_default();
+            let moves = moves_of.remove(&node.id).unwrap_or_default();
+            NodeView::build(node, events, &moves)
+        })
+        .collect())
+}
+
+/// The view of one node.
+pub async fn view(pool: &sqlx::PgPool, node: Node) -> Result<NodeView, ApiError> {
+    views(pool, vec![node])
+        .await?
+        .pop()
+        .ok_or(ApiError::NotFound)
+}
+
 #[derive(Debug, Serialize)]
 pub struct NodeList {
     pub nodes: Vec<NodeView>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    pub next_cursor: Option<String>,
 }
 
+/// Read as text, so that a bad value is our JSON 400.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    pub status: Option<String>,
+}
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+/// The user's nodes in creation order, `limit` at a time (default 50, at most 200), after an
+/// opaque `cursor`, of one `status` when given.
 pub async fn list_nodes(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<NodeList>, ApiError> {
-    let nodes = store::list_nodes_for_user(&state.pool, &user).await?;
+    let limit = match &query.limit {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| ApiError::BadRequest(format!("`limit` must be 1 to {MAX_PAGE}")))?,
+    };
+    let cursor = query
+        .cursor
+        .as_deref()
+        .map(|raw| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(raw)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<store::NodeCursor>(&bytes).ok())
+                .ok_or_else(|| ApiError::BadRequest("`cursor` is not one we gave".into()))
+        })
+        .transpose()?;
+    let wanted = query
+        .status
+        .as_deref()
+        .map(|raw| {
+            serde_json::from_value::<NodeStatus>(serde_json::Value::String(raw.to_string()))
+                .map_err(|_| ApiError::BadRequest(format!("unknown status `{raw}`")))
+        })
+        .transpose()?;
+    // The states that can show the status (an undone provisioning shows `failed` from its
+    // teardown steps too); the exact status is checked on each node.
+    let states: Option<Vec<NodeState>> = wanted.map(|wanted| {
+        NodeState::ALL
+            .into_iter()
+            .filter(|s| s.status() == wanted || (wanted == NodeStatus::Failed && s.is_teardown()))
+            .collect()
+    });
+    let page =
+        store::page_nodes_for_user(&state.pool, &user, cursor, states.as_deref(), limit).await?;
+    let next_cursor = (page.len() as i64 == limit)
+        .then(|| page.last().map(store::NodeCursor::after))
+        .flatten()
+        .map(|c| {
+            let json = serde_json::to_vec(&c).unwrap_or_default();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+        });
+    let nodes: Vec<Node> = page
+        .into_iter()
+        .filter(|n| wanted.is_none_or(|w| n.status() == w))
+        .collect();
     Ok(Json(NodeList {
-        nodes: nodes.into_iter().map(NodeView::from).collect(),
+        nodes: views(&state.pool, nodes).await?,
+        next_cursor,
     }))
 }
 
@@ -96,7 +223,7 @@ pub async fn get_node(
     let node = store::node_for_user(&state.pool, &user, id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok(Json(node.into()))
+    Ok(Json(view(&state.pool, node).await?))
 }
 
 /// The user's node `id` (a malformed id names no node of theirs: 404 like any other).
@@ -139,7 +266,7 @@ async fn control(
     let node = store::node_for_user(&state.pool, user, node.id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok((StatusCode::ACCEPTED, Json(node.into())))
+    Ok((StatusCode::ACCEPTED, Json(view(&state.pool, node).await?)))
 }
 
 pub async fn restart_node(
@@ -238,5 +365,5 @@ pub async fn create_node(
     let node = store::node_for_user(&state.pool, &user, id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok((StatusCode::ACCEPTED, Json(node.into())))
+    Ok((StatusCode::ACCEPTED, Json(view(&state.pool, node).await?)))
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::ApiError;
-use crate::nodes::NodeView;
+use crate::nodes::{view, NodeView};
 use crate::AppState;
 
 /// The channel the node guard announces moves on.
@@ -136,7 +136,7 @@ pub async fn wait_for_status(
             .await?
             .ok_or(ApiError::NotFound)?;
         if node.status() == wanted {
-            return Ok((StatusCode::OK, Json(node.into())));
+            return Ok((StatusCode::OK, Json(view(&state.pool, node).await?)));
         }
         if !reachable(&node, wanted) {
             return Err(ApiError::Conflict(format!(
@@ -168,7 +168,7 @@ pub async fn wait_for_status(
                 } else {
                     StatusCode::REQUEST_TIMEOUT
                 };
-                return Ok((code, Json(node.into())));
+                return Ok((code, Json(view(&state.pool, node).await?)));
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod billing;
 pub mod cloud;
+pub mod conditions;
 pub mod config;
 pub mod engine;
 pub mod model;

@@ -224,14 +224,84 @@ where
     Ok(())
 }
 
-pub async fn list_nodes_for_user(pool: &PgPool, user_id: &str) -> StoreResult<Vec<Node>> {
+/// Where a page of a user's nodes starts: after this node (in creation order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeCursor {
+    pub created_at: DateTime<Utc>,
+    pub subscription_id: Uuid,
+    pub ordinal: i32,
+}
+
+impl NodeCursor {
+    pub fn after(node: &Node) -> Self {
+        NodeCursor {
+            created_at: node.created_at,
+            subscription_id: node.subscription_id,
+            ordinal: node.ordinal,
+        }
+    }
+}
+
+/// A page of the user's nodes in creation order, after `cursor`, of the given states (all when
+/// `None`), at most `limit`.
+pub async fn page_nodes_for_user(
+    pool: &PgPool,
+    user_id: &str,
+    cursor: Option<NodeCursor>,
+    states: Option<&[NodeState]>,
+    limit: i64,
+) -> StoreResult<Vec<Node>> {
     let sql = format!(
-        "SELECT {NODE_COLUMNS} FROM nodes WHERE user_id = $1 ORDER BY created_at, subscription_id, ordinal"
+        "SELECT {NODE_COLUMNS} FROM nodes WHERE user_id = $1 \
+         AND ($2::timestamptz IS NULL OR (created_at, subscription_id, ordinal) > ($2, $3, $4)) \
+         AND ($5::text[] IS NULL OR state = ANY($5)) \
+         ORDER BY created_at, subscription_id, ordinal LIMIT $6"
     );
+    let states: Option<Vec<&str>> = states.map(|s| s.iter().map(|s| s.as_str()).collect());
     Ok(sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
         .bind(user_id)
+        .bind(cursor.map(|c| c.created_at))
+        .bind(cursor.map(|c| c.subscription_id))
+        .bind(cursor.map(|c| c.ordinal))
+        .bind(states)
+        .bind(limit)
         .fetch_all(pool)
         .await?)
+}
+
+/// The last `per_node` log entries of each node, oldest first, and every move of each (for
+/// its conditions), in two queries whatever the number of nodes.
+pub async fn recent_history(
+    pool: &PgPool,
+    node_ids: &[Uuid],
+    per_node: i64,
+) -> StoreResult<(Vec<(Uuid, NodeEvent)>, Vec<(Uuid, DateTime<Utc>, String)>)> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        node_id: Uuid,
+        #[sqlx(flatten)]
+        event: NodeEvent,
+    }
+    let events: Vec<Row> = sqlx::query_as(
+        "SELECT node_id, at, generation, step, kind, detail FROM ( \
+           SELECT e.*, row_number() OVER (PARTITION BY node_id ORDER BY id DESC) AS recent \
+           FROM node_events e WHERE node_id = ANY($1)) r \
+         WHERE recent <= $2 ORDER BY node_id, id",
+    )
+    .bind(node_ids)
+    .bind(per_node)
+    .fetch_all(pool)
+    .await?;
+    let moves: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT node_id, at, detail FROM node_events WHERE node_id = ANY($1) AND kind = $2 \
+         ORDER BY node_id, id",
+    )
+    .bind(node_ids)
+    .bind(EventKind::Transition.as_str())
+    .fetch_all(pool)
+    .await?;
+    let events = events.into_iter().map(|r| (r.node_id, r.event)).collect();
+    Ok((events, moves))
 }
 
 pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResult<Option<Node>> {

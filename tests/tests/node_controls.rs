@@ -410,3 +410,117 @@ async fn an_idempotency_key_gives_the_first_answer_again() {
     assert_eq!(resp.status().as_u16(), 404);
     assert_eq!(restarts().await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_view_tells_what_a_node_waits_for_and_the_list_pages() {
+    let mut stack = Stack::start(options()).await.expect("stack");
+    stack.start_api().unwrap();
+    stack.aws_proxy.hold_pending(true);
+    stack.start_worker().unwrap();
+    let user = "user-views";
+    let token = Stack::jwt(user, 600);
+    let nodes = stack.send_checkout(user, "team").await.unwrap();
+
+    // Waiting for its instance: not an error, and the conditions say why.
+    stack
+        .wait_for_state(&nodes[0], "waiting_for_instance", Duration::from_secs(60))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (status, node) = stack
+        .get_as(&format!("/api/v1/nodes/{}", nodes[0]), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(node["status"], "provisioning");
+    assert!(node["error"].is_null(), "{node}");
+    assert_eq!(node["waiting_for"], "instance is pending", "{node}");
+    let running = &node["conditions"][0];
+    assert_eq!(running["type"], "InstanceRunning");
+    assert_eq!(running["status"], "false");
+    assert_eq!(running["reason"], "waiting_for_instance");
+    assert_eq!(running["message"], "instance is pending");
+    let events = node["events"].as_array().unwrap();
+    assert!(!events.is_empty() && events.len() <= 20, "{events:?}");
+    assert!(events
+        .iter()
+        .any(|e| e["kind"] == "waiting" && e["step"] == "waiting_for_instance"));
+
+    stack.aws_proxy.release_pending();
+    stack
+        .wait_all_status(&token, "ready", 5, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let (_, node) = stack
+        .get_as(&format!("/api/v1/nodes/{}", nodes[0]), Some(&token))
+        .await
+        .unwrap();
+    for condition in node["conditions"].as_array().unwrap() {
+        assert_eq!(condition["status"], "true", "{condition}");
+    }
+    assert_eq!(node["events"].as_array().unwrap().len(), 20);
+
+    // Pages of two, in creation order, each node once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/api/v1/nodes?limit=2".to_string(),
+            Some(c) => format!("/api/v1/nodes?limit=2&cursor={c}"),
+        };
+        let (status, page) = stack.get_as(&path, Some(&token)).await.unwrap();
+        assert_eq!(status, 200, "{page}");
+        let got = page["nodes"].as_array().unwrap();
+        assert!(got.len() <= 2);
+        seen.extend(got.iter().map(|n| n["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, nodes);
+
+    // The status filter: one node stopped.
+    let (status, _) = post(&stack, &token, &format!("/api/v1/nodes/{}/stop", nodes[1])).await;
+    assert_eq!(status, 202);
+    stack
+        .wait_for_state(&nodes[1], "stopped", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (_, stopped) = stack
+        .get_as("/api/v1/nodes?status=stopped", Some(&token))
+        .await
+        .unwrap();
+    let stopped = stopped["nodes"].as_array().unwrap();
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0]["id"], json!(nodes[1]));
+    let conditions: Vec<(&str, &str)> = stopped[0]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("InstanceRunning", "false"),
+            ("TunnelHealthy", "false"),
+            ("DnsRouted", "true")
+        ]
+    );
+    let (_, ready) = stack
+        .get_as("/api/v1/nodes?status=ready", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(ready["nodes"].as_array().unwrap().len(), 4);
+
+    // Bad paging input is a JSON 400.
+    for query in ["limit=0", "limit=many", "cursor=not-ours", "status=asleep"] {
+        let (status, body) = stack
+            .get_as(&format!("/api/v1/nodes?{query}"), Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"]["message"].is_string(), "{query}: {body}");
+    }
+}
