@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use hive_jobs::model::{Desired, Node, NodeStatus};
+use hive_jobs::policy::Intent;
 use hive_jobs::store;
 use serde::Deserialize;
 use sqlx::postgres::PgListener;
@@ -93,14 +94,16 @@ fn parse_status(raw: &str) -> Option<NodeStatus> {
 /// Whether the node can still reach `wanted` without anyone acting.
 fn reachable(node: &Node, wanted: NodeStatus) -> bool {
     let now = node.status();
+    // What the node is to be now (a past-due grace that ran out counts as suspended).
+    let desired = Intent::of(node, chrono::Utc::now()).desired;
     let resting_by_intent = matches!(
-        (now, node.desired()),
+        (now, desired),
         (NodeStatus::Stopped, Desired::Stopped) | (NodeStatus::Suspended, Desired::Suspended)
     );
     match now {
         _ if now == wanted => true,
         NodeStatus::Terminated | NodeStatus::Failed => false,
-        _ if node.desired() == Desired::Gone => {
+        _ if desired == Desired::Gone => {
             matches!(wanted, NodeStatus::Terminating | NodeStatus::Terminated)
         }
         _ if resting_by_intent => false,
