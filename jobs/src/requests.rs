@@ -51,6 +51,19 @@ async fn live_node(
     Ok(row)
 }
 
+/// Records that the node should be `desired`, logging who asked for `verb`.
+async fn want(
+    tx: &mut Transaction<'_, Postgres>,
+    node_id: Uuid,
+    desired: Desired,
+    verb: &str,
+    by: &str,
+) -> RequestResult<()> {
+    let detail = format!("{verb}, asked by {by}");
+    store::change_intent(tx, node_id, IntentChange::Desired(desired), &detail).await?;
+    Ok(())
+}
+
 /// Stop the node's instance and keep it stopped (billing's suspension); tunnel, DNS and
 /// secret stay.
 pub async fn suspend(
@@ -59,15 +72,7 @@ pub async fn suspend(
     by: &str,
 ) -> RequestResult<()> {
     live_node(tx, node_id, "suspend").await?;
-    let detail = format!("suspend, asked by {by}");
-    store::change_intent(
-        tx,
-        node_id,
-        IntentChange::Desired(Desired::Suspended),
-        &detail,
-    )
-    .await?;
-    Ok(())
+    want(tx, node_id, Desired::Suspended, "suspend", by).await
 }
 
 /// Run the node again.
@@ -77,15 +82,7 @@ pub async fn resume(
     by: &str,
 ) -> RequestResult<()> {
     live_node(tx, node_id, "resume").await?;
-    let detail = format!("resume, asked by {by}");
-    store::change_intent(
-        tx,
-        node_id,
-        IntentChange::Desired(Desired::Running),
-        &detail,
-    )
-    .await?;
-    Ok(())
+    want(tx, node_id, Desired::Running, "resume", by).await
 }
 
 /// Stop the node's instance because its user asks (the app's stop): the node ends
@@ -105,15 +102,7 @@ pub async fn stop(
             reason: "cannot stop: the node is suspended for its subscription's billing".into(),
         });
     }
-    let detail = format!("stop, asked by {by}");
-    store::change_intent(
-        tx,
-        node_id,
-        IntentChange::Desired(Desired::Stopped),
-        &detail,
-    )
-    .await?;
-    Ok(())
+    want(tx, node_id, Desired::Stopped, "stop", by).await
 }
 
 /// Start a node its user stopped. A node billing holds (suspended, unpaid) is refused: paying
@@ -133,15 +122,7 @@ pub async fn start(
     if row.desired == Desired::Running.as_str() {
         return Ok(());
     }
-    let detail = format!("start, asked by {by}");
-    store::change_intent(
-        tx,
-        node_id,
-        IntentChange::Desired(Desired::Running),
-        &detail,
-    )
-    .await?;
-    Ok(())
+    want(tx, node_id, Desired::Running, "start", by).await
 }
 
 /// Reboot the node's instance once more (carried out once it is ready).
