@@ -342,12 +342,9 @@ pub async fn add_node(
     node_domain: &str,
     by: &str,
 ) -> RequestResult<Uuid> {
-    let sub = store::lock_subscription_by_id(tx, subscription_id)
+    let (sub, nodes) = store::lock_subscription_nodes(tx, subscription_id)
         .await?
         .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
-    let Some((_, nodes)) = store::lock_subscription_nodes(tx, subscription_id).await? else {
-        return Err(RequestError::SubscriptionNotFound(subscription_id));
-    };
     let entitled = sub.nodes_entitled.unwrap_or(0).max(0) as usize;
     if sub.status == "ended" || nodes.len() >= entitled {
         return Err(RequestError::NotAllowed {

@@ -979,19 +979,17 @@ pub async fn change_intent(
     Ok(())
 }
 
-/// A subscription's nodes that still count (not torn down nor being torn down), oldest
-/// first, as (id, ordinal, instance type, volume), locked in the caller's transaction; and what
-/// new nodes of it need.
+/// The subscription and its nodes that still count (not torn down nor being torn down),
+/// oldest first, as (id, ordinal, instance type, volume), locked in the caller's transaction.
 pub async fn lock_subscription_nodes(
     tx: &mut Transaction<'_, Postgres>,
     subscription_id: Uuid,
-) -> StoreResult<Option<(SubscriptionRow, Vec<(Uuid, i32, String, i32)>)>> {
-    let sub: Option<SubscriptionRow> = sqlx::query_as(
-        "SELECT id, user_id, region, status FROM subscriptions WHERE id = $1 FOR UPDATE",
-    )
-    .bind(subscription_id)
-    .fetch_optional(&mut **tx)
-    .await?;
+) -> StoreResult<Option<(SubscriptionState, Vec<(Uuid, i32, String, i32)>)>> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE");
+    let sub: Option<SubscriptionState> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(subscription_id)
+        .fetch_optional(&mut **tx)
+        .await?;
     let Some(sub) = sub else {
         return Ok(None);
     };
@@ -1017,15 +1015,6 @@ pub async fn max_ordinal(
             .fetch_one(&mut **tx)
             .await?;
     Ok(max.unwrap_or(-1))
-}
-
-/// The subscription fields a change of its node count needs.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct SubscriptionRow {
-    pub id: Uuid,
-    pub user_id: Option<String>,
-    pub region: Option<String>,
-    pub status: String,
 }
 
 /// Our id of a subscription, from ours or Stripe's (`sub_...`).
@@ -1093,18 +1082,6 @@ pub async fn lock_subscription(
     Ok(sqlx::query_as::<_, SubscriptionState>(AssertSqlSafe(sql))
         .bind(stripe_subscription_id)
         .fetch_one(&mut **tx)
-        .await?)
-}
-
-/// Our subscription `id`, locked in the caller's transaction.
-pub async fn lock_subscription_by_id(
-    tx: &mut Transaction<'_, Postgres>,
-    id: Uuid,
-) -> StoreResult<Option<SubscriptionState>> {
-    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE");
-    Ok(sqlx::query_as::<_, SubscriptionState>(AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_optional(&mut **tx)
         .await?)
 }
 
