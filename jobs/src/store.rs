@@ -1197,25 +1197,23 @@ pub async fn user_subscriptions(
     pool: &PgPool,
     user_id: &str,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        sub: SubscriptionState,
+        live: i64,
+    }
     let sql = format!(
-        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE user_id = $1 ORDER BY created_at DESC"
+        "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
+           WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
+         FROM subscriptions WHERE user_id = $1 ORDER BY created_at DESC"
     );
-    let subs: Vec<SubscriptionState> = sqlx::query_as(AssertSqlSafe(sql))
+    let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
         .bind(user_id)
+        .bind(Desired::Gone.as_str())
         .fetch_all(pool)
         .await?;
-    let mut out = Vec::with_capacity(subs.len());
-    for sub in subs {
-        let (live,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM nodes WHERE subscription_id = $1 AND desired <> $2",
-        )
-        .bind(sub.id)
-        .bind(Desired::Gone.as_str())
-        .fetch_one(pool)
-        .await?;
-        out.push((sub, live));
-    }
-    Ok(out)
+    Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
 }
 
 /// Every move of the user's nodes up to `until`, as (node, when, `from -> to`), in order.
