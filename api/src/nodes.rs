@@ -182,8 +182,8 @@ pub async fn list_nodes(
         .status
         .as_deref()
         .map(|raw| {
-            serde_json::from_value::<NodeStatus>(serde_json::Value::String(raw.to_string()))
-                .map_err(|_| ApiError::BadRequest(format!("unknown status `{raw}`")))
+            NodeStatus::parse(raw)
+                .ok_or_else(|| ApiError::BadRequest(format!("unknown status `{raw}`")))
         })
         .transpose()?;
     // The states that can show the status (an undone provisioning shows `failed` from its

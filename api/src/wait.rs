@@ -87,10 +87,6 @@ pub struct WaitQuery {
     pub timeout: Option<String>,
 }
 
-fn parse_status(raw: &str) -> Option<NodeStatus> {
-    serde_json::from_value(serde_json::Value::String(raw.to_string())).ok()
-}
-
 /// Whether the node can still reach `wanted` without anyone acting.
 fn reachable(node: &Node, wanted: NodeStatus) -> bool {
     let now = node.status();
@@ -120,7 +116,7 @@ pub async fn wait_for_status(
     let raw = query
         .status
         .ok_or_else(|| ApiError::BadRequest("`status` is required".into()))?;
-    let wanted = parse_status(&raw)
+    let wanted = NodeStatus::parse(&raw)
         .ok_or_else(|| ApiError::BadRequest(format!("unknown status `{raw}`")))?;
     let timeout = match query.timeout {
         None => Duration::from_secs(60),

@@ -233,6 +233,13 @@ pub enum NodeStatus {
     Terminated,
 }
 
+impl NodeStatus {
+    /// A status by its snake_case name, as the app writes it.
+    pub fn parse(s: &str) -> Option<NodeStatus> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
 impl NodeState {
     /// A provisioning step.
     pub fn is_provisioning(self) -> bool {
@@ -355,6 +362,8 @@ mod tests {
         assert_eq!(NodeState::DeletingSecret.status(), NodeStatus::Terminating);
         assert_eq!(NodeState::WaitingForStop.status(), NodeStatus::Suspending);
         assert_eq!(NodeState::Suspended.status(), NodeStatus::Suspended);
+        assert_eq!(NodeStatus::parse("stopped"), Some(NodeStatus::Stopped));
+        assert_eq!(NodeStatus::parse("asleep"), None);
         assert_eq!(
             NodeState::Terminating.next_teardown(),
             Some(NodeState::DeletingRoute53Record)
