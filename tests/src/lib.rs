@@ -25,3 +25,14 @@ pub async fn serve_router(
     });
     Ok((bound, handle))
 }
+
+/// The api answered `expected` with its JSON error shape: `{"error": {"message": "..."}}`.
+pub fn assert_json_error(status: u16, body: &serde_json::Value, expected: u16, what: &str) {
+    assert_eq!(status, expected, "{what}: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: error body is not JSON with a message: {body}"
+    );
+}

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hive_tests::assert_json_error;
 use hive_tests::stack::{Stack, StackOptions, NODE_DOMAIN};
 use hive_tests::stripe_events::{Fixtures, Subscription};
 use serde_json::{json, Value};
@@ -42,16 +43,6 @@ fn checkout_body() -> Value {
         "success_url": "https://app.example.com/welcome",
         "cancel_url": "https://app.example.com/pricing"
     })
-}
-
-fn assert_json_error(status: u16, body: &Value, expected: u16, what: &str) {
-    assert_eq!(status, expected, "{what}: {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{what}: not a JSON error: {body}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

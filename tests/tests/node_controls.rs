@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hive_tests::assert_json_error;
 use hive_tests::stack::{Stack, StackOptions};
 use hive_tests::stripe_events::{Fixtures, Subscription};
 use serde_json::{json, Value};
@@ -36,13 +37,7 @@ async fn post(stack: &Stack, token: &str, path: &str) -> (u16, Value) {
 }
 
 fn assert_conflict(status: u16, body: &Value, what: &str) {
-    assert_eq!(status, 409, "{what}: {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{what}: {body}"
-    );
+    assert_json_error(status, body, 409, what);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! The api alone against a real Postgres: Stripe's signature scheme, idempotent recording, and
 //! what the app may see.
 
+use hive_tests::assert_json_error;
 use hive_tests::stack::{Stack, StackOptions, OLD_WEBHOOK_SECRET, WEBHOOK_SECRET};
 use hive_tests::stripe_events::{signature, Fixtures};
 use serde_json::{json, Value};
@@ -21,16 +22,6 @@ async fn api_only() -> Stack {
     let mut stack = Stack::start(StackOptions::default()).await.expect("stack");
     stack.start_api().expect("hive-api");
     stack
-}
-
-fn assert_json_error(status: u16, body: &Value, expected_status: u16, what: &str) {
-    assert_eq!(status, expected_status, "{what}: {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{what}: error body is not JSON with a message: {body}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
