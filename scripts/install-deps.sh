@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local stack need and this machine lacks:
-# moto and checkov (PyPI), cloud-init and shellcheck (Debian). PostgreSQL's binaries come with the machine.
+# moto, checkov and schemathesis (PyPI), cloud-init, shellcheck and openssl (Debian). PostgreSQL's binaries come with the machine.
 set -euo pipefail
 
 # shellcheck source=scripts/tools.env
@@ -13,6 +13,8 @@ as_root() {
 missing=()
 command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+# The api tests make an identity provider's keys with it.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
 fi
@@ -31,4 +33,11 @@ if [ ! -x "${CHECKOV_VENV}/bin/checkov" ]; then
   echo "installing checkov ${CHECKOV_VERSION} from PyPI into ${CHECKOV_VENV}"
   python3 -m venv "${CHECKOV_VENV}"
   "${CHECKOV_VENV}/bin/python" -m pip install --quiet --disable-pip-version-check "checkov==${CHECKOV_VERSION}"
+fi
+
+if [ ! -x "${SCHEMATHESIS_VENV}/bin/schemathesis" ] || [ ! -x "${SCHEMATHESIS_VENV}/bin/openapi-spec-validator" ]; then
+  echo "installing schemathesis ${SCHEMATHESIS_VERSION} and openapi-spec-validator ${OPENAPI_SPEC_VALIDATOR_VERSION} from PyPI into ${SCHEMATHESIS_VENV}"
+  python3 -m venv "${SCHEMATHESIS_VENV}"
+  "${SCHEMATHESIS_VENV}/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "schemathesis==${SCHEMATHESIS_VERSION}" "openapi-spec-validator==${OPENAPI_SPEC_VALIDATOR_VERSION}"
 fi

@@ -1,19 +1,21 @@
 //! The app's view of its billing: `GET /api/v1/billing` (its subscriptions and what they
 //! entitle) and `GET /api/v1/usage` (node-hours).
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use chrono::{DateTime, TimeDelta, Utc};
 use hive_jobs::{store, usage};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 
 /// One subscription as the app sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SubscriptionView {
     /// Stripe's id (`sub_...`).
     pub id: String,
@@ -33,11 +35,19 @@ pub struct SubscriptionView {
     pub suspends_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+/// The user's subscriptions.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BillingView {
     pub subscriptions: Vec<SubscriptionView>,
 }
 
+/// The user's subscriptions and what they entitle.
+#[utoipa::path(
+    get,
+    path = "/api/v1/billing",
+    tag = "billing",
+    responses((status = 200, description = "The user's subscriptions", body = BillingView))
+)]
 pub async fn billing(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -64,9 +74,14 @@ pub async fn billing(
 }
 
 /// Read as text, so that a malformed time is our JSON 400, not the extractor's.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
+    /// Start of the window (RFC 3339); by default the current billing period's start.
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub from: Option<String>,
+    /// End of the window (RFC 3339); by default now.
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub to: Option<String>,
 }
 
@@ -79,14 +94,15 @@ fn time(name: &str, raw: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError
     .transpose()
 }
 
-#[derive(Debug, Serialize)]
+/// The time one node was `ready` in the window.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NodeUsage {
     pub node_id: Uuid,
     pub hours: f64,
 }
 
 /// Node-hours: the time each node was `ready` in the window.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UsageView {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
@@ -96,11 +112,22 @@ pub struct UsageView {
 
 /// `from`..`to` (RFC 3339); by default the current billing period of the user's newest
 /// subscription (else the last 30 days) until now.
+#[utoipa::path(
+    get,
+    path = "/api/v1/usage",
+    tag = "billing",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "Node-hours in the window", body = UsageView),
+        (status = 400, description = "A malformed time, or `from` not before `to`", body = ErrorBody),
+    )
+)]
 pub async fn usage(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Query(query): Query<UsageQuery>,
+    query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Json<UsageView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let now = Utc::now();
     let to = time("to", query.to.as_deref())?.unwrap_or(now);
     let from = match time("from", query.from.as_deref())? {

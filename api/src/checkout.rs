@@ -16,7 +16,8 @@ use stripe_checkout::checkout_session::{
 use stripe_shared::CheckoutSessionMode;
 
 use crate::auth::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::IdempotencyKey as IdempotencyKeyHeader;
 use crate::AppState;
 
 /// The Stripe client of the api's settings; `None` when no secret key is configured.
@@ -93,17 +94,23 @@ fn stripe_client(state: &AppState) -> Result<&stripe::Client, ApiError> {
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// A subscription to buy.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutRequest {
+    /// A plan of the api's settings (`starter`, `pro`, `team` by default).
     pub plan: String,
+    /// Where its nodes run; by default the api's default region.
     pub region: Option<String>,
+    /// How many of the plan (1 to 100, default 1).
+    #[schema(minimum = 1, maximum = 100)]
     pub quantity: Option<u32>,
     pub success_url: String,
     pub cancel_url: String,
 }
 
-#[derive(Debug, Serialize)]
+/// The Checkout Session to send the user to.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CheckoutAnswer {
     pub id: String,
     pub url: Option<String>,
@@ -111,6 +118,22 @@ pub struct CheckoutAnswer {
 
 /// A Checkout Session in subscription mode for the plan's price, bound to the user
 /// (`client_reference_id`, and metadata on the session and on the subscription it makes).
+#[utoipa::path(
+    post,
+    path = "/api/v1/billing/checkout",
+    tag = "billing",
+    params(IdempotencyKeyHeader),
+    request_body = CheckoutRequest,
+    responses(
+        (status = 200, description = "The Checkout Session", body = CheckoutAnswer),
+        (status = 400, description = "The body is not a `CheckoutRequest`", body = ErrorBody),
+        (status = 409, description = "A request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "An unknown plan or region, a quantity out of range, \
+            or this `Idempotency-Key` was used with another request", body = ErrorBody),
+        (status = 502, description = "Stripe refused or failed", body = ErrorBody),
+        (status = 503, description = "Billing is not configured", body = ErrorBody),
+    )
+)]
 pub async fn checkout(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -183,18 +206,36 @@ pub async fn checkout(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// Where the portal sends the user back to.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortalRequest {
     pub return_url: String,
 }
 
-#[derive(Debug, Serialize)]
+/// The Billing Portal session to send the user to.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PortalAnswer {
     pub url: String,
 }
 
 /// A Billing Portal session for the user's Stripe customer; 404 when the user has none.
+#[utoipa::path(
+    post,
+    path = "/api/v1/billing/portal",
+    tag = "billing",
+    params(IdempotencyKeyHeader),
+    request_body = PortalRequest,
+    responses(
+        (status = 200, description = "The Billing Portal session", body = PortalAnswer),
+        (status = 400, description = "The body is not a `PortalRequest`", body = ErrorBody),
+        (status = 404, description = "The user has no Stripe customer yet", body = ErrorBody),
+        (status = 409, description = "A request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "This `Idempotency-Key` was used with another request", body = ErrorBody),
+        (status = 502, description = "Stripe refused or failed", body = ErrorBody),
+        (status = 503, description = "Billing is not configured", body = ErrorBody),
+    )
+)]
 pub async fn portal(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

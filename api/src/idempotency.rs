@@ -15,6 +15,15 @@ use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::AppState;
 
+/// The `Idempotency-Key` header, as the contract shows it.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("Idempotency-Key"), parameter_in = Header)]
+pub struct IdempotencyKey(
+    /// The same key and request within 24 h answers the first answer again.
+    #[param(min_length = 1, max_length = 255)]
+    pub Option<String>,
+);
+
 /// The largest body a keyed request may have.
 const MAX_BODY: usize = 1024 * 1024;
 

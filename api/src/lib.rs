@@ -2,10 +2,13 @@
 
 pub mod auth;
 pub mod billing;
+pub mod body_limit;
 pub mod checkout;
 pub mod error;
 pub mod idempotency;
 pub mod nodes;
+pub mod openapi;
+pub mod rate_limit;
 pub mod stripe_signature;
 pub mod wait;
 pub mod webhook;
@@ -13,11 +16,16 @@ pub mod webhook;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use hive_jobs::config::ApiConfig;
 use sqlx::PgPool;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa_scalar::{Scalar, Servable};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -27,10 +35,18 @@ pub struct AppState {
     pub stripe: Option<Arc<stripe::Client>>,
     /// Node moves, for the waiters of `/wait`.
     pub changes: wait::NodeChanges,
+    /// Checks the app's bearer tokens.
+    pub tokens: Arc<auth::Tokens>,
+    /// Per-user and per-address limits; `None` when off.
+    pub limits: Option<Arc<rate_limit::RateLimits>>,
 }
 
+/// The header that carries a request's id, on the way in (a caller's own is kept) and out.
+const REQUEST_ID: &str = "x-request-id";
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let request_id = HeaderName::from_static(REQUEST_ID);
+    let routes = Router::new()
         .route("/webhooks/stripe", post(webhook::stripe_webhook))
         .route(
             "/api/v1/nodes",
@@ -49,21 +65,96 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/billing/checkout", post(checkout::checkout))
         .route("/api/v1/billing/portal", post(checkout::portal))
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi::document))
+        .merge(Scalar::with_url(
+            "/docs",
+            <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+        ))
         .fallback(|| async { error::ApiError::NotFound })
-        .layer(axum::middleware::from_fn_with_state(
+        .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed });
+    // Outermost last: the id is set first, so the trace span and every log line carry it.
+    routes
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::by_address,
+        ))
+        .layer(middleware::from_fn(body_limit::layer))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    let id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %id,
+                        user = tracing::field::Empty,
+                    )
+                })
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(cors(&state.config.cors_origins))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }
 
-async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+/// Browsers may call the api from the allowed origins only (none unless configured).
+fn cors(origins: &[String]) -> CorsLayer {
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(allowed))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static(REQUEST_ID),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            HeaderName::from_static(REQUEST_ID),
+            HeaderName::from_static("idempotent-replayed"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Whether the api is up and reaches its database.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Up", body = Health),
+        (status = 503, description = "The database is unreachable", body = Health),
+    )
+)]
+pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))),
+        Ok(_) => (StatusCode::OK, Json(Health { status: "ok" })),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "database unreachable" })),
+            Json(Health {
+                status: "database unreachable",
+            }),
         ),
     }
+}
+
+/// The api's health.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, or what is wrong.
+    pub status: &'static str,
 }

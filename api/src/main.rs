@@ -45,13 +45,28 @@ async fn run() -> anyhow::Result<()> {
         .map(Arc::new);
     let changes = hive_api::wait::NodeChanges::default();
     tokio::spawn(changes.clone().listen(pool.clone()));
+    let tokens = Arc::new(
+        hive_api::auth::Tokens::new(&config.tokens).context("building the token checker")?,
+    );
+    tokio::spawn({
+        let tokens = tokens.clone();
+        async move { tokens.warm().await }
+    });
+    let limits =
+        hive_api::rate_limit::RateLimits::new(config.rate_limit, config.client_ip_header.clone());
+    if let Some(limits) = &limits {
+        tokio::spawn(limits.clone().sweep());
+    }
     let state = AppState {
         pool,
         config: Arc::new(config),
         stripe,
         changes,
+        tokens,
+        limits,
     };
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(hive_jobs::telemetry::shutdown_signal())
         .await
         .context("serving")?;

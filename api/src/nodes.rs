@@ -6,6 +6,7 @@
 use axum::body::Bytes;
 use std::collections::HashMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -16,14 +17,16 @@ use hive_jobs::model::TeardownReason;
 use hive_jobs::model::{Desired, Node, NodeState, NodeStatus};
 use hive_jobs::{requests, store};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
+use crate::idempotency::IdempotencyKey;
 use crate::AppState;
 
 /// A node as the app sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NodeView {
     pub id: Uuid,
     pub subscription_id: Uuid,
@@ -54,7 +57,7 @@ pub struct NodeView {
 }
 
 /// One entry of a node's log.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {
     pub at: DateTime<Utc>,
     pub step: String,
@@ -134,18 +137,25 @@ pub async fn view(pool: &sqlx::PgPool, node: Node) -> Result<NodeView, ApiError>
         .ok_or(ApiError::NotFound)
 }
 
-#[derive(Debug, Serialize)]
+/// One page of the user's nodes.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NodeList {
     pub nodes: Vec<NodeView>,
     /// Pass as `cursor` for the next page; absent on the last.
     pub next_cursor: Option<String>,
 }
 
-/// Read as text, so that a bad value is our JSON 400.
-#[derive(Debug, Deserialize)]
+/// Read as text, so that a bad value is our JSON 400; the contract gives the real types.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Nodes per page (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 200)]
     pub limit: Option<String>,
+    /// `next_cursor` of the page before.
     pub cursor: Option<String>,
+    /// Only nodes of this status.
+    #[param(value_type = Option<NodeStatus>)]
     pub status: Option<String>,
 }
 
@@ -154,11 +164,22 @@ const MAX_PAGE: i64 = 200;
 
 /// The user's nodes in creation order, `limit` at a time (default 50, at most 200), after an
 /// opaque `cursor`, of one `status` when given.
+#[utoipa::path(
+    get,
+    path = "/api/v1/nodes",
+    tag = "nodes",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of the user's nodes", body = NodeList),
+        (status = 400, description = "A malformed `limit`, `cursor` or `status`", body = ErrorBody),
+    )
+)]
 pub async fn list_nodes(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<NodeList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = match &query.limit {
         None => DEFAULT_PAGE,
         Some(raw) => raw
@@ -213,6 +234,17 @@ pub async fn list_nodes(
     }))
 }
 
+/// One of the user's nodes.
+#[utoipa::path(
+    get,
+    path = "/api/v1/nodes/{id}",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+    )
+)]
 pub async fn get_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -269,6 +301,20 @@ async fn control(
     Ok((StatusCode::ACCEPTED, Json(view(&state.pool, node).await?)))
 }
 
+/// Reboots the node's instance; it is `restarting`, then `ready` again.
+#[utoipa::path(
+    post,
+    path = "/api/v1/nodes/{id}/restart",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id"), IdempotencyKey),
+    responses(
+        (status = 202, description = "Recorded; the node as it is now", body = NodeView),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+        (status = 409, description = "The node's state does not allow it (nothing was done), \
+            or a request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "This `Idempotency-Key` was used with another request", body = ErrorBody),
+    )
+)]
 pub async fn restart_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -277,6 +323,20 @@ pub async fn restart_node(
     control(&state, &user, &id, Control::Restart).await
 }
 
+/// Stops the node until its user starts it (`stopped`, not billing's `suspended`).
+#[utoipa::path(
+    post,
+    path = "/api/v1/nodes/{id}/stop",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id"), IdempotencyKey),
+    responses(
+        (status = 202, description = "Recorded; the node as it is now", body = NodeView),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+        (status = 409, description = "The node's state does not allow it (nothing was done), \
+            or a request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "This `Idempotency-Key` was used with another request", body = ErrorBody),
+    )
+)]
 pub async fn stop_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -285,6 +345,20 @@ pub async fn stop_node(
     control(&state, &user, &id, Control::Stop).await
 }
 
+/// Starts a node its user stopped.
+#[utoipa::path(
+    post,
+    path = "/api/v1/nodes/{id}/start",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id"), IdempotencyKey),
+    responses(
+        (status = 202, description = "Recorded; the node as it is now", body = NodeView),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+        (status = 409, description = "The node's state does not allow it (nothing was done), \
+            or a request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "This `Idempotency-Key` was used with another request", body = ErrorBody),
+    )
+)]
 pub async fn start_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -293,6 +367,20 @@ pub async fn start_node(
     control(&state, &user, &id, Control::Start).await
 }
 
+/// Tears the node down (`terminating`, then `terminated`); the plan's room it used is freed.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/nodes/{id}",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id"), IdempotencyKey),
+    responses(
+        (status = 202, description = "Recorded; the node as it is now", body = NodeView),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+        (status = 409, description = "The node is already gone (nothing was done), \
+            or a request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "This `Idempotency-Key` was used with another request", body = ErrorBody),
+    )
+)]
 pub async fn delete_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -301,7 +389,7 @@ pub async fn delete_node(
     control(&state, &user, &id, Control::Delete).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNode {
     /// Ours (a node's `subscription_id`); else the user's first subscription with room.
@@ -310,6 +398,22 @@ pub struct CreateNode {
 }
 
 /// One more node, while the user's subscription has room under its plan's count.
+#[utoipa::path(
+    post,
+    path = "/api/v1/nodes",
+    tag = "nodes",
+    params(IdempotencyKey),
+    request_body(content = Option<CreateNode>, description = "Empty: the user's first subscription with room, in its region"),
+    responses(
+        (status = 202, description = "Recorded; the new node", body = NodeView),
+        (status = 400, description = "The body is not a `CreateNode`", body = ErrorBody),
+        (status = 404, description = "The user has no subscription with this id", body = ErrorBody),
+        (status = 409, description = "No room under the plan, no subscription, \
+            or a request with this `Idempotency-Key` is still running", body = ErrorBody),
+        (status = 422, description = "A region not served, \
+            or this `Idempotency-Key` was used with another request", body = ErrorBody),
+    )
+)]
 pub async fn create_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

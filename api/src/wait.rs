@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -18,7 +19,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::nodes::{view, NodeView};
 use crate::AppState;
 
@@ -80,10 +81,15 @@ impl NodeChanges {
     }
 }
 
-/// Read as text, so that a bad value is our JSON 400.
-#[derive(Debug, Deserialize)]
+/// Read as text, so that a bad value is our JSON 400; the contract gives the real types.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
+    /// The status to wait for.
+    #[param(required = true, value_type = NodeStatus)]
     pub status: Option<String>,
+    /// Seconds to wait at most (default 60, at most 300).
+    #[param(value_type = Option<u64>, minimum = 0)]
     pub timeout: Option<String>,
 }
 
@@ -107,12 +113,28 @@ fn reachable(node: &Node, wanted: NodeStatus) -> bool {
     }
 }
 
+/// Answers as soon as the node has the status, or when the timeout passes.
+#[utoipa::path(
+    get,
+    path = "/api/v1/nodes/{id}/wait",
+    tag = "nodes",
+    params(("id" = Uuid, Path, description = "The node's id"), WaitQuery),
+    responses(
+        (status = 200, description = "The node has the status", body = NodeView),
+        (status = 400, description = "A missing or unknown `status`, a malformed `timeout`", body = ErrorBody),
+        (status = 404, description = "No node of this user has this id", body = ErrorBody),
+        (status = 408, description = "The timeout passed first; the node as it is", body = NodeView),
+        (status = 409, description = "The node cannot reach the status unless someone acts \
+            (it failed, it is gone, its user stopped it)", body = ErrorBody),
+    )
+)]
 pub async fn wait_for_status(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
-    Query(query): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let raw = query
         .status
         .ok_or_else(|| ApiError::BadRequest("`status` is required".into()))?;

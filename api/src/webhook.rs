@@ -19,7 +19,7 @@ use serde_json::Value;
 use stripe_shared::{CheckoutSession, CheckoutSessionMode, Invoice, Subscription};
 use stripe_types::Expandable;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::stripe_signature;
 use crate::AppState;
 
@@ -242,6 +242,20 @@ fn invoice_settled(object: &Value, at: i64, status: StripeStatus) -> Result<Mean
     })))
 }
 
+/// A Stripe event, signed with one of the endpoint's secrets: recorded once, and what it means
+/// for the subscription's nodes enqueued in the same transaction.
+#[utoipa::path(
+    post,
+    path = "/webhooks/stripe",
+    tag = "stripe",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the body")),
+    request_body(content = serde_json::Value, description = "A Stripe event", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Recorded (or a duplicate delivery of one recorded)", body = serde_json::Value),
+        (status = 400, description = "No valid signature, or not a Stripe event", body = ErrorBody),
+        (status = 422, description = "An event this api cannot apply (an unknown plan or price)", body = ErrorBody),
+    )
+)]
 pub async fn stripe_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,

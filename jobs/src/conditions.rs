@@ -11,7 +11,7 @@ use crate::model::NodeState;
 pub const KINDS: [&str; 3] = ["InstanceRunning", "TunnelHealthy", "DnsRouted"];
 
 /// A condition's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConditionStatus {
     True,
@@ -30,9 +30,11 @@ impl From<Option<bool>> for ConditionStatus {
 }
 
 /// One condition of a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Condition {
+    /// `InstanceRunning`, `TunnelHealthy` or `DnsRouted`.
     #[serde(rename = "type")]
+    #[schema(value_type = String, example = "InstanceRunning")]
     pub kind: &'static str,
     pub status: ConditionStatus,
     /// The state the node is in (why the condition has its value).

@@ -289,7 +289,18 @@ pub struct ApiConfig {
     /// Every secret that may have signed a webhook (more than one while rotating).
     pub stripe_webhook_secrets: Vec<String>,
     pub stripe_tolerance: Duration,
-    pub jwt_secret: String,
+    /// How the app's bearer tokens are checked.
+    pub tokens: TokenConfig,
+    /// Requests per minute per user and per client address (`HIVE_RATE_LIMIT`, default 600;
+    /// `off`: no limit). The webhook is limited per address only.
+    pub rate_limit: Option<std::num::NonZeroU32>,
+    /// The header a trusted proxy in front of the api writes the client's address into
+    /// (`HIVE_CLIENT_IP_HEADER`, e.g. `x-forwarded-for`: its last entry counts); unset, the
+    /// connection's peer address is the client's.
+    pub client_ip_header: Option<String>,
+    /// Origins whose pages may call the api from a browser (`HIVE_CORS_ORIGINS`, comma-separated
+    /// `https://app.example.com`); none by default.
+    pub cors_origins: Vec<String>,
     /// Stripe's API, for the app's checkout and portal sessions (`STRIPE_SECRET_KEY`; unset:
     /// those two answer 503), at `STRIPE_API_BASE` (default Stripe's own).
     pub stripe_secret_key: Option<String>,
@@ -316,6 +327,88 @@ impl std::fmt::Debug for ApiConfig {
     }
 }
 
+/// The bearer tokens the api accepts: HS256 signed with `HIVE_JWT_SECRET`, and/or RS256 or
+/// ES256 signed by an identity provider's keys at `HIVE_JWKS_URL`; `HIVE_JWT_ISSUER` and
+/// `HIVE_JWT_AUDIENCE`, when set, must match the token's `iss` and `aud`.
+#[derive(Clone)]
+pub struct TokenConfig {
+    pub hs256_secret: Option<String>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl TokenConfig {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let hs256_secret = env.optional("HIVE_JWT_SECRET");
+        if hs256_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_JWT_SECRET",
+                reason: "shorter than 16 bytes".into(),
+            });
+        }
+        let jwks_url = env.optional("HIVE_JWKS_URL");
+        if let Some(url) = &jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(ConfigError::Malformed {
+                    name: "HIVE_JWKS_URL",
+                    reason: "not an http(s) URL".into(),
+                });
+            }
+        }
+        if hs256_secret.is_none() && jwks_url.is_none() {
+            return Err(ConfigError::Missing("HIVE_JWT_SECRET (or HIVE_JWKS_URL)"));
+        }
+        Ok(Self {
+            hs256_secret,
+            jwks_url,
+            issuer: env.optional("HIVE_JWT_ISSUER"),
+            audience: env.optional("HIVE_JWT_AUDIENCE"),
+        })
+    }
+}
+
+fn rate_limit_setting<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> Result<Option<std::num::NonZeroU32>, ConfigError> {
+    match env.optional("HIVE_RATE_LIMIT").as_deref().map(str::trim) {
+        None => Ok(std::num::NonZeroU32::new(600)),
+        Some("off") => Ok(None),
+        Some(raw) => {
+            raw.parse::<std::num::NonZeroU32>()
+                .map(Some)
+                .map_err(|_| ConfigError::Malformed {
+                    name: "HIVE_RATE_LIMIT",
+                    reason: format!("`{raw}` is not a number of requests per minute (or `off`)"),
+                })
+        }
+    }
+}
+
+fn cors_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Vec<String>, ConfigError> {
+    let origins: Vec<String> = env
+        .optional("HIVE_CORS_ORIGINS")
+        .map(|list| {
+            list.split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for origin in &origins {
+        let rest = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        if !rest.is_some_and(|host| !host.is_empty() && !host.contains('/')) {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_CORS_ORIGINS",
+                reason: format!("`{origin}` is not an origin (scheme://host[:port])"),
+            });
+        }
+    }
+    Ok(origins)
+}
+
 impl ApiConfig {
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let stripe_webhook_secrets: Vec<String> = env
@@ -330,13 +423,7 @@ impl ApiConfig {
                 reason: "no secret in the list".into(),
             });
         }
-        let jwt_secret = env.required("HIVE_JWT_SECRET")?;
-        if jwt_secret.len() < 16 {
-            return Err(ConfigError::Malformed {
-                name: "HIVE_JWT_SECRET",
-                reason: "shorter than 16 bytes".into(),
-            });
-        }
+        let tokens = TokenConfig::from_env(env)?;
         let default_region = region_setting(env)?;
         let mut regions: Vec<String> = env
             .optional("HIVE_REGIONS")
@@ -362,7 +449,13 @@ impl ApiConfig {
                 .parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             stripe_webhook_secrets,
             stripe_tolerance: env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
-            jwt_secret,
+            tokens,
+            rate_limit: rate_limit_setting(env)?,
+            client_ip_header: env
+                .optional("HIVE_CLIENT_IP_HEADER")
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty()),
+            cors_origins: cors_setting(env)?,
             stripe_secret_key: env.optional("STRIPE_SECRET_KEY"),
             stripe_api_base: http_base(env, "STRIPE_API_BASE", STRIPE_PRODUCTION_API)?,
             plans: ConfigFile::from_env(env)?.plans(env)?,

@@ -52,7 +52,7 @@ impl TeardownReason {
 }
 
 /// What the node should be, as last asked for (`nodes.desired`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Desired {
     Running,

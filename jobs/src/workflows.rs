@@ -24,7 +24,7 @@ macro_rules! declare_workflows {
         )+
     ) => {
         /// Where a node is in its life. Stored as its snake_case name in `nodes.state`.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
         #[serde(rename_all = "snake_case")]
         pub enum NodeState {
             $( $rest, )*
@@ -215,7 +215,9 @@ declare_workflows! {
 }
 
 /// What the customer's app sees of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStatus {
     Pending,

@@ -35,4 +35,10 @@ pub fn assert_json_error(status: u16, body: &serde_json::Value, expected: u16, w
             .is_some_and(|m| !m.is_empty()),
         "{what}: error body is not JSON with a message: {body}"
     );
+    assert!(
+        body["error"]["code"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty() && c.chars().all(|c| c.is_ascii_lowercase() || c == '_')),
+        "{what}: error body has no stable code: {body}"
+    );
 }
