@@ -1,53 +1,264 @@
-//! hivectl: the operator's view of the nodes, over the same database as api and worker.
+//! hivectl: the operator's console over the same database as the api and the worker.
 //!
-//!   hivectl nodes [--state STATE] [--user USER]   list nodes
-//!   hivectl node ID                               one node and its event log
-//!   hivectl replay ID                             resume a failed node from its failed step
-//!   hivectl reconcile [--grace-secs N]            remove orphans, re-provision vanished nodes
-//!                                                 (reads the worker's settings)
-//!   hivectl suspend|resume|restart|terminate ID   ask a node to change (done by the worker)
-//!   hivectl resize ID --type T [--volume-gb N]    another t4g type and/or a larger volume
-//!   hivectl scale SUBSCRIPTION COUNT [--type T]   provision or tear down whole nodes
-//!
-//! Requests are logged in the node's events with the operator's name (`HIVE_OPERATOR`, else
-//! the login name).
+//! Exit codes: 0 done; 1 refused or failed (one line on stderr saying why); 2 a usage error.
+//! Every request is recorded in the node's log with the operator's name (`HIVE_OPERATOR`, else
+//! the login name), and carried out by the worker through the same entry points as the api's.
+
+mod view;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use hive_jobs::model::{Node, NodeState, TeardownReason};
+use chrono::{DateTime, Utc};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use hive_jobs::model::{NodeState, NodeStatus, TeardownReason};
 use hive_jobs::operator::replay_failed_node;
 use hive_jobs::requests;
+use hive_jobs::store::{self, NodeFilter};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const USAGE: &str = "usage: hivectl nodes [--state STATE] [--user USER] | node ID | replay ID | \
-reconcile [--grace-secs N] | suspend ID | resume ID | restart ID | terminate ID | \
-resize ID --type T [--volume-gb N] | scale SUBSCRIPTION COUNT [--type T]";
+use crate::view::{NodeDetailJson, NodeJson, Style};
 
-#[tokio::main]
-async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args).await {
-        Ok(()) => {}
+#[derive(Debug, Parser)]
+#[command(
+    name = "hivectl",
+    version,
+    about = "The operator's console of Hive Provisioner",
+    long_about = "The operator's console of Hive Provisioner: inspect nodes, replay failed ones, \
+        ask nodes to change, reconcile the clouds with the database.\n\n\
+        Reads DATABASE_URL (and, for reconcile, the worker's settings).\n\n\
+        Exit codes: 0 done; 1 refused or failed; 2 usage error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List nodes, oldest first.
+    Nodes {
+        #[command(flatten)]
+        filter: Filter,
+        /// Only nodes in this exact state (`waiting_for_instance`, ...).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only nodes of this status (`ready`, `failed`, `suspended`, ...).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One node: what it is, what it should be, its conditions and its log.
+    Node {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume failed nodes from their failed step (or redo an undone provisioning).
+    Replay {
+        /// The nodes to replay.
+        ids: Vec<String>,
+        /// Every failed node matching the filters instead.
+        #[arg(long, conflicts_with = "ids")]
+        all_failed: bool,
+        #[command(flatten)]
+        filter: Filter,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
+    /// Tear a node down; a provisioning under way is stopped and undone.
+    Cancel { id: String },
+    /// Stop a node for billing (only billing or `resume` undoes it).
+    Suspend { id: String },
+    /// Start a suspended node again.
+    Resume { id: String },
+    /// Reboot a node's instance.
+    Restart { id: String },
+    /// Tear a node down.
+    Terminate { id: String },
+    /// Give a node another instance type and/or a larger volume.
+    Resize {
+        id: String,
+        /// A t4g instance type.
+        #[arg(long = "type")]
+        instance_type: Option<String>,
+        #[arg(long)]
+        volume_gb: Option<i32>,
+    },
+    /// Provision or tear down whole nodes of a subscription (ours or Stripe's id).
+    Scale {
+        subscription: String,
+        count: u32,
+        /// The instance type of nodes added (default: the subscription's).
+        #[arg(long = "type")]
+        instance_type: Option<String>,
+    },
+    /// Remove orphans from the clouds and send back ready nodes whose resources vanished.
+    Reconcile {
+        /// Only print what would be removed and healed.
+        #[arg(long)]
+        dry_run: bool,
+        /// How old an orphan must be to be removed.
+        #[arg(long, default_value_t = 600)]
+        grace_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Which nodes (for `nodes` and `replay --all-failed`).
+#[derive(Debug, Args)]
+struct Filter {
+    /// Only this user's nodes.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only this subscription's nodes (ours or Stripe's `sub_...`).
+    #[arg(long)]
+    subscription: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// Only nodes that failed at this step.
+    #[arg(long)]
+    failed_step: Option<String>,
+    /// Only nodes changed since: RFC 3339, or an age such as `30m`, `2h`, `7d`.
+    #[arg(long)]
+    since: Option<String>,
+}
+
+/// For commands that change more than one node.
+#[derive(Debug, Args)]
+struct Confirm {
+    /// Do it without asking.
+    #[arg(long)]
+    yes: bool,
+    /// Only print what would be done.
+    #[arg(long, conflicts_with = "yes")]
+    dry_run: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print and exit 0; a usage error prints and exits 2.
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hivectl: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, no backtrace: the chain of contexts joined.
             eprintln!("hivectl: {e:#}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
 }
 
-fn flag<'a>(args: &'a [String], name: &str) -> anyhow::Result<Option<&'a str>> {
-    match args.iter().position(|a| a == name) {
-        None => Ok(None),
-        Some(i) => match args.get(i + 1) {
-            Some(v) => Ok(Some(v.as_str())),
-            None => bail!("{name} needs a value"),
-        },
+async fn run(command: Command) -> anyhow::Result<()> {
+    let style = Style::of_stdout();
+    match command {
+        Command::Nodes {
+            filter,
+            state,
+            status,
+            json,
+        } => {
+            let mut filter = filter.resolve()?;
+            filter.states = states_of(state.as_deref(), status.as_deref())?;
+            let nodes = store::find_nodes(&pool().await?, &filter)
+                .await
+                .context("listing nodes")?;
+            if json {
+                let out: Vec<NodeJson> = nodes.iter().map(NodeJson::from).collect();
+                print_json(&out)
+            } else {
+                println!("{}", view::nodes_table(&style, &nodes));
+                println!("{} node(s)", nodes.len());
+                Ok(())
+            }
+        }
+        Command::Node { id, json } => {
+            let id = node_id(&id)?;
+            let pool = pool().await?;
+            let node = store::node(&pool, id)
+                .await
+                .context("reading the node")?
+                .with_context(|| format!("no node {id}"))?;
+            let events = store::node_events(&pool, id)
+                .await
+                .context("reading the node's events")?;
+            let detail = NodeDetailJson::new(&node, &events);
+            if json {
+                print_json(&detail)
+            } else {
+                println!("{}", view::node_detail(&style, &detail));
+                Ok(())
+            }
+        }
+        Command::Replay {
+            ids,
+            all_failed,
+            filter,
+            confirm,
+        } => replay(ids, all_failed, filter, confirm).await,
+        Command::Cancel { id } => request(&id, Request::Terminate).await,
+        Command::Suspend { id } => request(&id, Request::Suspend).await,
+        Command::Resume { id } => request(&id, Request::Resume).await,
+        Command::Restart { id } => request(&id, Request::Restart).await,
+        Command::Terminate { id } => request(&id, Request::Terminate).await,
+        Command::Resize {
+            id,
+            instance_type,
+            volume_gb,
+        } => {
+            request(
+                &id,
+                Request::Resize {
+                    instance_type,
+                    volume_gb,
+                },
+            )
+            .await
+        }
+        Command::Scale {
+            subscription,
+            count,
+            instance_type,
+        } => scale(&subscription, count, instance_type.as_deref()).await,
+        Command::Reconcile {
+            dry_run,
+            grace_secs,
+            json,
+        } => reconcile(dry_run, grace_secs, json).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "hivectl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
 }
 
-fn node_id(args: &[String]) -> anyhow::Result<Uuid> {
-    let raw = args.get(1).with_context(|| USAGE.to_string())?;
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("writing JSON")?;
+    println!("{text}");
+    Ok(())
+}
+
+fn node_id(raw: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(raw).with_context(|| format!("`{raw}` is not a node id"))
 }
 
@@ -58,134 +269,59 @@ async fn pool() -> anyhow::Result<PgPool> {
         .context("connecting to the database")
 }
 
-async fn run(args: &[String]) -> anyhow::Result<()> {
-    match args.first().map(String::as_str) {
-        Some("nodes") => {
-            let state = flag(args, "--state")?;
-            if let Some(s) = state {
-                NodeState::parse(s).with_context(|| format!("`{s}` is not a node state"))?;
-            }
-            let user = flag(args, "--user")?;
-            list(&pool().await?, state, user).await
+/// The states a `--state` or `--status` names (both: those of the state that show the status).
+fn states_of(state: Option<&str>, status: Option<&str>) -> anyhow::Result<Option<Vec<NodeState>>> {
+    let state = state
+        .map(|s| NodeState::parse(s).with_context(|| format!("`{s}` is not a node state")))
+        .transpose()?;
+    let status = status
+        .map(|s| NodeStatus::parse(s).with_context(|| format!("`{s}` is not a node status")))
+        .transpose()?;
+    Ok(match (state, status) {
+        (None, None) => None,
+        (Some(state), None) => Some(vec![state]),
+        (state, Some(status)) => Some(
+            NodeState::ALL
+                .into_iter()
+                .filter(|s| s.status() == status && state.is_none_or(|only| only == *s))
+                .collect(),
+        ),
+    })
+}
+
+impl Filter {
+    fn resolve(self) -> anyhow::Result<NodeFilter> {
+        if let Some(step) = &self.failed_step {
+            NodeState::parse(step).with_context(|| format!("`{step}` is not a step"))?;
         }
-        Some("node") => {
-            let id = node_id(args)?;
-            show(&pool().await?, id).await
-        }
-        Some("replay") => {
-            let id = node_id(args)?;
-            let replayed = replay_failed_node(&pool().await?, id).await?;
-            println!(
-                "node {} resumes at {} (generation {})",
-                replayed.node_id, replayed.step, replayed.generation
-            );
-            Ok(())
-        }
-        Some("reconcile") => {
-            let grace: u64 = match flag(args, "--grace-secs")? {
-                None => 600,
-                Some(raw) => raw
-                    .parse()
-                    .with_context(|| format!("`{raw}` is not a number of seconds"))?,
-            };
-            let config =
-                hive_jobs::config::WorkerConfig::from_env(&hive_jobs::config::process_env())?;
-            let pool = pool().await?;
-            let (clouds, _region) = hive_jobs::cloud::Clouds::from_config(&config).await?;
-            let report = hive_jobs::reconcile::reconcile(
-                &pool,
-                &clouds,
-                &config.node_domain,
-                std::time::Duration::from_secs(grace),
-            )
-            .await?;
-            for removed in &report.removed {
-                println!("removed {removed}");
-            }
-            for node in &report.reprovisioned {
-                println!("re-provisioning {node}");
-            }
-            println!(
-                "{} orphan(s) removed, {} node(s) re-provisioned",
-                report.removed.len(),
-                report.reprovisioned.len()
-            );
-            Ok(())
-        }
-        Some(verb @ ("suspend" | "resume" | "restart" | "terminate" | "resize")) => {
-            let id = node_id(args)?;
-            let pool = pool().await?;
-            let by = operator();
-            let mut tx = pool.begin().await.context("starting a transaction")?;
-            match verb {
-                "suspend" => requests::suspend(&mut tx, id, &by).await?,
-                "resume" => requests::resume(&mut tx, id, &by).await?,
-                "restart" => requests::restart(&mut tx, id, &by).await?,
-                "terminate" => {
-                    requests::terminate(&mut tx, id, TeardownReason::Requested, &by).await?
-                }
-                _ => {
-                    let node = hive_jobs::store::node(&pool, id)
-                        .await?
-                        .with_context(|| format!("no node {id}"))?;
-                    let instance_type = flag(args, "--type")?.unwrap_or(&node.instance_type);
-                    let volume_gb = match flag(args, "--volume-gb")? {
-                        None => node.volume_gb,
-                        Some(raw) => raw
-                            .parse()
-                            .with_context(|| format!("`{raw}` is not a number of GiB"))?,
-                    };
-                    requests::resize(&mut tx, id, instance_type, volume_gb, &by).await?
-                }
-            }
-            tx.commit().await.context("recording the request")?;
-            println!("node {id}: {verb} requested by {by}");
-            Ok(())
-        }
-        Some("scale") => {
-            let (subscription, count) = match (args.get(1), args.get(2)) {
-                (Some(s), Some(c)) => (s, c),
-                _ => bail!(USAGE),
-            };
-            let count: u32 = count
-                .parse()
-                .with_context(|| format!("`{count}` is not a node count"))?;
-            let domain =
-                std::env::var("HIVE_NODE_DOMAIN").context("HIVE_NODE_DOMAIN is not set")?;
-            let pool = pool().await?;
-            let id = hive_jobs::store::subscription_id(&pool, subscription)
-                .await?
-                .with_context(|| format!("no subscription {subscription}"))?;
-            let by = operator();
-            let mut tx = pool.begin().await.context("starting a transaction")?;
-            let scaled = requests::set_node_count(
-                &mut tx,
-                id,
-                count,
-                requests::NodeShape {
-                    instance_type: flag(args, "--type")?,
-                    volume_gb: None,
-                },
-                &domain,
-                &by,
-            )
-            .await?;
-            tx.commit().await.context("recording the request")?;
-            for node in &scaled.added {
-                println!("provisioning {node}");
-            }
-            for node in &scaled.removed {
-                println!("tearing down {node}");
-            }
-            println!(
-                "subscription {id}: {} node(s) added, {} torn down",
-                scaled.added.len(),
-                scaled.removed.len()
-            );
-            Ok(())
-        }
-        _ => bail!(USAGE),
+        Ok(NodeFilter {
+            states: None,
+            user_id: self.user,
+            subscription: self.subscription,
+            region: self.region,
+            failed_step: self.failed_step,
+            since: self.since.as_deref().map(since).transpose()?,
+        })
     }
+}
+
+/// RFC 3339, or an age back from now (`90s`, `30m`, `2h`, `7d`).
+fn since(raw: &str) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let bad = || format!("`{raw}` is neither an RFC 3339 time nor an age like 30m, 2h or 7d");
+    let split = raw.len().checked_sub(1).with_context(bad)?;
+    let (number, unit) = raw.split_at(split);
+    let n: i64 = number.parse().ok().with_context(bad)?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!(bad()),
+    };
+    Ok(Utc::now() - chrono::TimeDelta::seconds(n.saturating_mul(secs)))
 }
 
 /// Who is asking, for the node's log.
@@ -197,82 +333,249 @@ fn operator() -> String {
     format!("operator {name}")
 }
 
-async fn list(pool: &PgPool, state: Option<&str>, user: Option<&str>) -> anyhow::Result<()> {
-    let state = state.and_then(NodeState::parse);
-    let nodes = hive_jobs::store::list_nodes(pool, state, user)
-        .await
-        .context("listing nodes")?;
-    println!(
-        "{:<36}  {:<20}  {:<20}  {:<20}  {:<19}  error",
-        "node", "user", "state", "instance", "updated"
-    );
-    for n in &nodes {
-        println!(
-            "{}  {:<20}  {:<20}  {:<20}  {:<19}  {}",
-            n.id,
-            n.user_id,
-            n.state(),
-            n.instance_id.as_deref().unwrap_or("-"),
-            n.updated_at.format("%Y-%m-%d %H:%M:%S"),
-            n.error.as_deref().unwrap_or("")
-        );
+/// Asks on the terminal before a change of many nodes; refuses without a terminal.
+fn confirmed(confirm: &Confirm, what: &str) -> anyhow::Result<bool> {
+    if confirm.yes {
+        return Ok(true);
     }
-    println!("{} node(s)", nodes.len());
+    if !std::io::stdin().is_terminal() {
+        bail!("{what}: refusing without a terminal to ask on; pass --yes (or --dry-run)");
+    }
+    print!("{what}? [y/N] ");
+    std::io::stdout().flush().context("writing the question")?;
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+async fn replay(
+    ids: Vec<String>,
+    all_failed: bool,
+    filter: Filter,
+    confirm: Confirm,
+) -> anyhow::Result<()> {
+    let pool = pool().await?;
+    let targets: Vec<Uuid> = if all_failed {
+        let mut filter = filter.resolve()?;
+        filter.states = Some(vec![NodeState::Failed]);
+        store::find_nodes(&pool, &filter)
+            .await
+            .context("listing failed nodes")?
+            .into_iter()
+            .map(|n| n.id)
+            .collect()
+    } else {
+        if ids.is_empty() {
+            bail!("name the nodes to replay, or pass --all-failed");
+        }
+        ids.iter().map(|id| node_id(id)).collect::<Result<_, _>>()?
+    };
+    if targets.len() > 1 || all_failed {
+        for id in &targets {
+            println!("would replay {id}");
+        }
+        if confirm.dry_run {
+            println!(
+                "{} node(s) would be replayed (dry run: nothing done)",
+                targets.len()
+            );
+            return Ok(());
+        }
+        if targets.is_empty() {
+            println!("no failed node matches");
+            return Ok(());
+        }
+        if !confirmed(&confirm, &format!("replay {} node(s)", targets.len()))? {
+            bail!("not confirmed; nothing done");
+        }
+    } else if confirm.dry_run {
+        println!("would replay {} (dry run: nothing done)", targets[0]);
+        return Ok(());
+    }
+    let mut failures = 0;
+    for id in &targets {
+        match replay_failed_node(&pool, *id).await {
+            Ok(replayed) => println!(
+                "node {} resumes at {} (generation {})",
+                replayed.node_id, replayed.step, replayed.generation
+            ),
+            Err(e) if targets.len() == 1 => return Err(e.into()),
+            Err(e) => {
+                failures += 1;
+                eprintln!("hivectl: node {id}: {e}");
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {} replays refused", targets.len());
+    }
     Ok(())
 }
 
-async fn show(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
-    let node = hive_jobs::store::node(pool, id)
-        .await
-        .context("reading the node")?
-        .with_context(|| format!("no node {id}"))?;
-    print_node(&node);
-    let events = hive_jobs::store::node_events(pool, id)
-        .await
-        .context("reading the node's events")?;
-    println!("events:");
-    for e in events {
-        println!(
-            "  {}  g{}  {:<22} {:<16} {}",
-            e.at.format("%Y-%m-%d %H:%M:%S%.3f"),
-            e.generation,
-            e.step,
-            e.kind,
-            e.detail.unwrap_or_default()
-        );
+enum Request {
+    Suspend,
+    Resume,
+    Restart,
+    Terminate,
+    Resize {
+        instance_type: Option<String>,
+        volume_gb: Option<i32>,
+    },
+}
+
+impl Request {
+    fn verb(&self) -> &'static str {
+        match self {
+            Request::Suspend => "suspend",
+            Request::Resume => "resume",
+            Request::Restart => "restart",
+            Request::Terminate => "terminate",
+            Request::Resize { .. } => "resize",
+        }
     }
+}
+
+/// Records a request of one node, in one transaction with its job.
+async fn request(id: &str, request: Request) -> anyhow::Result<()> {
+    let id = node_id(id)?;
+    let pool = pool().await?;
+    let by = operator();
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    match &request {
+        Request::Suspend => requests::suspend(&mut tx, id, &by).await?,
+        Request::Resume => requests::resume(&mut tx, id, &by).await?,
+        Request::Restart => requests::restart(&mut tx, id, &by).await?,
+        Request::Terminate => {
+            requests::terminate(&mut tx, id, TeardownReason::Requested, &by).await?
+        }
+        Request::Resize {
+            instance_type,
+            volume_gb,
+        } => {
+            let node = store::node(&pool, id)
+                .await?
+                .with_context(|| format!("no node {id}"))?;
+            let instance_type = instance_type.as_deref().unwrap_or(&node.instance_type);
+            let volume_gb = volume_gb.unwrap_or(node.volume_gb);
+            requests::resize(&mut tx, id, instance_type, volume_gb, &by).await?
+        }
+    }
+    tx.commit().await.context("recording the request")?;
+    println!("node {id}: {} requested by {by}", request.verb());
     Ok(())
 }
 
-fn print_node(node: &Node) {
-    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    println!("node           {}", node.id);
-    println!("user           {}", node.user_id);
-    println!("subscription   {}", node.subscription_id);
+async fn scale(subscription: &str, count: u32, instance_type: Option<&str>) -> anyhow::Result<()> {
+    let domain = std::env::var("HIVE_NODE_DOMAIN").context("HIVE_NODE_DOMAIN is not set")?;
+    let pool = pool().await?;
+    let id = store::subscription_id(&pool, subscription)
+        .await?
+        .with_context(|| format!("no subscription {subscription}"))?;
+    let by = operator();
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    let scaled = requests::set_node_count(
+        &mut tx,
+        id,
+        count,
+        requests::NodeShape {
+            instance_type,
+            volume_gb: None,
+        },
+        &domain,
+        &by,
+    )
+    .await?;
+    tx.commit().await.context("recording the request")?;
+    for node in &scaled.added {
+        println!("provisioning {node}");
+    }
+    for node in &scaled.removed {
+        println!("tearing down {node}");
+    }
     println!(
-        "state          {} ({:?})",
-        node.state(),
-        node.state().status()
+        "subscription {id}: {} node(s) added, {} torn down",
+        scaled.added.len(),
+        scaled.removed.len()
     );
-    println!("desired        {}", node.desired);
-    println!("generation     {}", node.generation);
-    println!("hostname       {}", node.hostname);
+    Ok(())
+}
+
+async fn reconcile(dry_run: bool, grace_secs: u64, json: bool) -> anyhow::Result<()> {
+    let config = hive_jobs::config::WorkerConfig::from_env(&hive_jobs::config::process_env())?;
+    let pool = pool().await?;
+    let (clouds, _region) = hive_jobs::cloud::Clouds::from_config(&config).await?;
+    let grace = std::time::Duration::from_secs(grace_secs);
+    let report = if dry_run {
+        hive_jobs::reconcile::dry_run(&pool, &clouds, &config.node_domain, grace).await?
+    } else {
+        hive_jobs::reconcile::reconcile(&pool, &clouds, &config.node_domain, grace).await?
+    };
+    if json {
+        return print_json(&serde_json::json!({
+            "dry_run": dry_run,
+            "removed": report.removed,
+            "reprovisioned": report.reprovisioned,
+        }));
+    }
+    let (remove, heal) = if dry_run {
+        ("would remove", "would re-provision")
+    } else {
+        ("removed", "re-provisioning")
+    };
+    for removed in &report.removed {
+        println!("{remove} {removed}");
+    }
+    for node in &report.reprovisioned {
+        println!("{heal} {node}");
+    }
     println!(
-        "region         {} {} {} GiB (applied: {} {} GiB)",
-        node.region,
-        node.instance_type,
-        node.volume_gb,
-        opt(&node.applied_instance_type),
-        node.applied_volume_gb
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "-".into())
+        "{} orphan(s) {}, {} node(s) {}{}",
+        report.removed.len(),
+        if dry_run { "found" } else { "removed" },
+        report.reprovisioned.len(),
+        if dry_run {
+            "to re-provision"
+        } else {
+            "re-provisioned"
+        },
+        if dry_run {
+            " (dry run: nothing done)"
+        } else {
+            ""
+        }
     );
-    println!("tunnel         {}", opt(&node.tunnel_id));
-    println!("secret         {}", opt(&node.secret_arn));
-    println!("instance       {}", opt(&node.instance_id));
-    println!("dns record     {}", opt(&node.dns_record_id));
-    println!("failed step    {}", opt(&node.failed_step));
-    println!("waiting for    {}", opt(&node.waiting_for));
-    println!("last error     {}", opt(&node.last_error));
-    println!("error          {}", opt(&node.error));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arguments_are_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn since_reads_times_and_ages() {
+        let t = since("2026-11-01T00:00:00Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-01T00:00:00+00:00");
+        let two_hours = Utc::now() - since("2h").unwrap();
+        assert!((7190..=7210).contains(&two_hours.num_seconds()));
+        for bad in ["", "h", "2y", "yesterday"] {
+            assert!(since(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_status_names_every_state_that_shows_it() {
+        let states = states_of(None, Some("ready")).unwrap().unwrap();
+        assert!(states.contains(&NodeState::Ready));
+        assert!(states.iter().all(|s| s.status() == NodeStatus::Ready));
+        assert!(states_of(Some("nope"), None).is_err());
+        assert!(states_of(None, Some("nope")).is_err());
+    }
 }

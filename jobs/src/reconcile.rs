@@ -71,6 +71,24 @@ pub async fn reconcile(
         .unwrap_or_default())
 }
 
+/// What a pass would remove and send back, without doing it (`hivectl reconcile --dry-run`);
+/// no run is recorded.
+pub async fn dry_run(
+    pool: &PgPool,
+    clouds: &Clouds,
+    node_domain: &str,
+    grace: Duration,
+) -> Result<Report, ReconcileError> {
+    pass(pool, clouds, node_domain, grace, Mode::DryRun).await
+}
+
+/// Whether a pass changes what it finds or only reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Act,
+    DryRun,
+}
+
 /// The pass of a scheduled tick, unless another worker has claimed that tick (`None`).
 pub async fn reconcile_tick(
     pool: &PgPool,
@@ -93,7 +111,12 @@ async fn claim_and_run(
     match store::claim_reconcile_run(pool, tick).await? {
         None => Ok(None),
         Some(run) => Ok(Some(
-            record_pass(pool, run, pass(pool, clouds, node_domain, grace).await).await?,
+            record_pass(
+                pool,
+                run,
+                pass(pool, clouds, node_domain, grace, Mode::Act).await,
+            )
+            .await?,
         )),
     }
 }
@@ -127,7 +150,9 @@ async fn pass(
     clouds: &Clouds,
     node_domain: &str,
     grace: Duration,
+    mode: Mode,
 ) -> Result<Report, ReconcileError> {
+    let act = mode == Mode::Act;
     let started = Utc::now();
     let grace = chrono::TimeDelta::from_std(grace).unwrap_or_default();
     let owners = owning_nodes(pool).await?;
@@ -135,7 +160,9 @@ async fn pass(
 
     for (instance, node_id) in clouds.compute.list_tagged().await? {
         if orphan(&owners, &node_id) {
-            clouds.compute.terminate(&instance.id).await?;
+            if act {
+                clouds.compute.terminate(&instance.id).await?;
+            }
             report
                 .removed
                 .push(format!("instance {} (node {node_id})", instance.id));
@@ -144,10 +171,12 @@ async fn pass(
     for tunnel in clouds.cloudflare.list_tunnels("hive-").await? {
         let node_id = tunnel.name.trim_start_matches("hive-");
         if orphan(&owners, node_id) && started - tunnel.created_at > grace {
-            clouds
-                .cloudflare
-                .delete_tunnel(&tunnel.id.to_string())
-                .await?;
+            if act {
+                clouds
+                    .cloudflare
+                    .delete_tunnel(&tunnel.id.to_string())
+                    .await?;
+            }
             report.removed.push(format!("tunnel {}", tunnel.name));
         }
     }
@@ -158,7 +187,9 @@ async fn pass(
             .next()
             .unwrap_or_default();
         if orphan(&owners, node_id) {
-            clouds.secrets.delete(&name).await?;
+            if act {
+                clouds.secrets.delete(&name).await?;
+            }
             report.removed.push(format!("secret {name}"));
         }
     }
@@ -166,7 +197,9 @@ async fn pass(
     for record in clouds.cloudflare.list_cnames().await? {
         if let Some(node_id) = record.name.strip_suffix(&suffix) {
             if orphan(&owners, node_id) {
-                clouds.cloudflare.delete_dns_record(&record.id).await?;
+                if act {
+                    clouds.cloudflare.delete_dns_record(&record.id).await?;
+                }
                 report
                     .removed
                     .push(format!("cloudflare record {}", record.name));
@@ -176,7 +209,9 @@ async fn pass(
     for name in clouds.route53.list_cnames().await? {
         if let Some(node_id) = name.strip_suffix(&suffix) {
             if orphan(&owners, node_id) {
-                clouds.route53.delete(&name).await?;
+                if act {
+                    clouds.route53.delete(&name).await?;
+                }
                 report.removed.push(format!("route53 record {name}"));
             }
         }
@@ -212,7 +247,9 @@ async fn pass(
         } else {
             "instance vanished"
         };
-        if store::send_back_to(pool, id, restart_at, tunnel_gone, why).await? {
+        if !act {
+            report.reprovisioned.push(id);
+        } else if store::send_back_to(pool, id, restart_at, tunnel_gone, why).await? {
             tracing::warn!(node_id = %id, why, "ready node sent back to provisioning");
             report.reprovisioned.push(id);
         }

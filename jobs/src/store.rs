@@ -313,19 +313,43 @@ pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResul
         .await?)
 }
 
-/// Nodes for the operator, optionally of one state and one user.
-pub async fn list_nodes(
-    pool: &PgPool,
-    state: Option<NodeState>,
-    user_id: Option<&str>,
-) -> StoreResult<Vec<Node>> {
+/// Which nodes an operator asks for; every field unset matches all.
+#[derive(Debug, Default, Clone)]
+pub struct NodeFilter {
+    /// Any of these states (a status names several).
+    pub states: Option<Vec<NodeState>>,
+    pub user_id: Option<String>,
+    /// Ours (a uuid) or Stripe's (`sub_...`).
+    pub subscription: Option<String>,
+    pub region: Option<String>,
+    pub failed_step: Option<String>,
+    /// Changed at or after this time.
+    pub since: Option<DateTime<Utc>>,
+}
+
+/// The nodes matching `filter`, oldest first.
+pub async fn find_nodes(pool: &PgPool, filter: &NodeFilter) -> StoreResult<Vec<Node>> {
     let sql = format!(
-        "SELECT {NODE_COLUMNS} FROM nodes WHERE ($1::text IS NULL OR state = $1) \
-         AND ($2::text IS NULL OR user_id = $2) ORDER BY created_at, subscription_id, ordinal"
+        "SELECT {NODE_COLUMNS} FROM nodes WHERE ($1::text[] IS NULL OR state = ANY($1)) \
+         AND ($2::text IS NULL OR user_id = $2) \
+         AND ($3::text IS NULL OR subscription_id::text = $3 OR subscription_id IN \
+              (SELECT id FROM subscriptions WHERE stripe_subscription_id = $3)) \
+         AND ($4::text IS NULL OR region = $4) \
+         AND ($5::text IS NULL OR failed_step = $5) \
+         AND ($6::timestamptz IS NULL OR updated_at >= $6) \
+         ORDER BY created_at, subscription_id, ordinal"
     );
+    let states: Option<Vec<&str>> = filter
+        .states
+        .as_ref()
+        .map(|s| s.iter().map(|s| s.as_str()).collect());
     Ok(sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
-        .bind(state.map(NodeState::as_str))
-        .bind(user_id)
+        .bind(states)
+        .bind(filter.user_id.as_deref())
+        .bind(filter.subscription.as_deref())
+        .bind(filter.region.as_deref())
+        .bind(filter.failed_step.as_deref())
+        .bind(filter.since)
         .fetch_all(pool)
         .await?)
 }

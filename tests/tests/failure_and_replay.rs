@@ -69,10 +69,10 @@ async fn a_kept_failed_node_is_visible_and_replay_resumes_it_without_duplicates(
     stack.workers.clear();
     stack.start_worker().unwrap();
     let id = uuid::Uuid::parse_str(&node_id).unwrap();
-    let shown = stack.hivectl(&["node", &node_id]).unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
-    assert!(
-        shown.contains("failed step    launching_instance"),
+    let shown = stack.hivectl(&["node", &node_id, "--json"]).unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        shown["node"]["failed_step"], "launching_instance",
         "{shown}"
     );
     let listed = stack.hivectl(&["nodes", "--state", "failed"]).unwrap();

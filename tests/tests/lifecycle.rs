@@ -579,10 +579,6 @@ async fn requests_a_node_cannot_take_are_refused_with_one_line_and_change_nothin
             vec!["resize", node.as_str(), "--type", "m5.large"],
             "not a t4g",
         ),
-        (
-            vec!["resize", node.as_str(), "--volume-gb", "lots"],
-            "not a number",
-        ),
         (vec!["suspend", missing.as_str()], "no node"),
         (vec!["suspend", "not-a-node"], "not a node id"),
         (vec!["scale", "sub_missing", "2"], "no subscription"),
@@ -593,6 +589,12 @@ async fn requests_a_node_cannot_take_are_refused_with_one_line_and_change_nothin
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // A value of the wrong kind is a usage error (exit 2), told before anything is asked.
+    let out = stack
+        .hivectl(&["resize", node.as_str(), "--volume-gb", "lots"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'lots'"));
     assert_eq!(log_length().await, before, "a refused request was logged");
 
     // Restart is refused while suspended; anything is refused once the node is gone.

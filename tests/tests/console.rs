@@ -1,0 +1,318 @@
+//! hivectl as the operator's console: `--help` and usage errors (exit 2), `--json` of every
+//! read command holding what the table shows, filters, bulk replay that asks (and refuses
+//! without a terminal), `--dry-run` that changes nothing, `reconcile --dry-run`, and `cancel`
+//! of a node stuck waiting for its instance leaving nothing in the clouds.
+
+use std::time::Duration;
+
+use hive_tests::stack::{Stack, StackOptions};
+use serde_json::Value;
+use sqlx::PgPool;
+
+fn json_of(out: &std::process::Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+async fn states(pool: &PgPool) -> Vec<(String, String, String)> {
+    sqlx::query_as("SELECT id::text, user_id, state FROM nodes ORDER BY created_at, id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    stack.start_api().unwrap();
+    let pool = stack.pool().await.unwrap();
+
+    // Usage: --help is exit 0 on stdout; an unknown flag or command is exit 2.
+    let help = stack.hivectl(&["--help"]).unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    for command in [
+        "nodes",
+        "node",
+        "replay",
+        "cancel",
+        "reconcile",
+        "completions",
+    ] {
+        assert!(
+            help.contains(command),
+            "{command} missing from --help: {help}"
+        );
+    }
+    let sub_help = stack.hivectl(&["replay", "--help"]).unwrap();
+    assert_eq!(sub_help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&sub_help.stdout).contains("--all-failed"));
+    for bad in [vec!["nodes", "--bogus"], vec!["frobnicate"], vec!["node"]] {
+        let out = stack.hivectl(&bad).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
+    let completions = stack.hivectl(&["completions", "bash"]).unwrap();
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("hivectl"));
+
+    // Three failed nodes (two of one user), kept failed for inspection.
+    stack
+        .start_worker_with(&[
+            ("HIVE_AMI_ID", "ami-0000000000000dead"),
+            ("HIVE_UNDO_FAILED", "false"),
+        ])
+        .unwrap();
+    let mut failed = Vec::new();
+    for user in ["u-fail", "u-fail", "u-other"] {
+        failed.extend(stack.send_checkout(user, "pro").await.unwrap());
+    }
+    for user in ["u-fail", "u-other"] {
+        let n = if user == "u-fail" { 2 } else { 1 };
+        stack
+            .wait_all_status(&Stack::jwt(user, 600), "failed", n, Duration::from_secs(90))
+            .await
+            .unwrap();
+    }
+    // A good worker from now on: two ready nodes, one of them suspended by the operator.
+    stack.workers.clear();
+    stack.start_worker().unwrap();
+    let ready_token = Stack::jwt("u-ready", 600);
+    stack.send_checkout("u-ready", "pro").await.unwrap();
+    stack.send_checkout("u-ready", "pro").await.unwrap();
+    let ready = stack
+        .wait_all_status(&ready_token, "ready", 2, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let suspended = ready[1]["id"].as_str().unwrap().to_string();
+    stack.hivectl_ok(&["suspend", &suspended]).unwrap();
+    let token = ready_token.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, node) = stack
+            .get_as(&format!("/api/v1/nodes/{suspended}"), Some(&token))
+            .await
+            .unwrap();
+        if node["status"] == "suspended" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not suspended: {node}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // `nodes --json` holds every node, with what the table shows.
+    let all = json_of(
+        &stack.hivectl(&["nodes", "--json"]).unwrap(),
+        "nodes --json",
+    );
+    let all = all.as_array().unwrap().clone();
+    assert_eq!(all.len(), 5);
+    let count = |status: &str| all.iter().filter(|n| n["status"] == status).count();
+    assert_eq!(
+        (count("failed"), count("ready"), count("suspended")),
+        (3, 1, 1)
+    );
+    let table = stack.hivectl_ok(&["nodes"]).unwrap();
+    for node in &all {
+        let id = node["id"].as_str().unwrap();
+        let line = table
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} not in the table:\n{table}"));
+        for field in ["user", "status", "state", "region"] {
+            assert!(
+                line.contains(node[field].as_str().unwrap()),
+                "{field} of {id} not in its row: {line}"
+            );
+        }
+    }
+    // Piped, the table has no borders.
+    assert!(!table.contains('│') && !table.contains('─'), "{table}");
+
+    // Filters.
+    let filtered = json_of(
+        &stack
+            .hivectl(&["nodes", "--status", "failed", "--user", "u-fail", "--json"])
+            .unwrap(),
+        "filtered nodes",
+    );
+    assert_eq!(filtered.as_array().unwrap().len(), 2);
+    let by_step = json_of(
+        &stack
+            .hivectl(&["nodes", "--failed-step", "launching_instance", "--json"])
+            .unwrap(),
+        "by failed step",
+    );
+    assert_eq!(by_step.as_array().unwrap().len(), 3);
+    let recent = json_of(
+        &stack
+            .hivectl(&["nodes", "--since", "1h", "--json"])
+            .unwrap(),
+        "since",
+    );
+    assert_eq!(recent.as_array().unwrap().len(), 5);
+    let future = json_of(
+        &stack
+            .hivectl(&["nodes", "--since", "2099-01-01T00:00:00Z", "--json"])
+            .unwrap(),
+        "since the future",
+    );
+    assert_eq!(future.as_array().unwrap().len(), 0);
+    let bad = stack.hivectl(&["nodes", "--status", "sleepy"]).unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim().lines().count(),
+        1
+    );
+
+    // `node ID --json`: the node, its conditions and its log, as the table shows them.
+    let one = json_of(
+        &stack.hivectl(&["node", &failed[0], "--json"]).unwrap(),
+        "node --json",
+    );
+    assert_eq!(one["node"]["id"], failed[0].as_str());
+    assert_eq!(one["node"]["failed_step"], "launching_instance");
+    assert_eq!(one["conditions"].as_array().unwrap().len(), 3);
+    assert!(!one["events"].as_array().unwrap().is_empty());
+    let shown = stack.hivectl_ok(&["node", &failed[0]]).unwrap();
+    assert!(
+        shown.contains("launching_instance") && shown.contains("InstanceRunning"),
+        "{shown}"
+    );
+
+    // Bulk replay: without --yes and without a terminal it refuses and changes nothing;
+    // --dry-run changes nothing; --yes replays exactly the failed nodes of the filter.
+    let before = states(&pool).await;
+    let refused = stack
+        .hivectl(&["replay", "--all-failed", "--user", "u-fail"])
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    let dry = stack
+        .hivectl_ok(&["replay", "--all-failed", "--user", "u-fail", "--dry-run"])
+        .unwrap();
+    assert_eq!(
+        dry.lines()
+            .filter(|l| l.starts_with("would replay"))
+            .count(),
+        2
+    );
+    assert_eq!(
+        states(&pool).await,
+        before,
+        "a refused or dry replay changed something"
+    );
+    let done = stack
+        .hivectl_ok(&["replay", "--all-failed", "--user", "u-fail", "--yes"])
+        .unwrap();
+    assert_eq!(
+        done.lines().filter(|l| l.contains("resumes at")).count(),
+        2,
+        "{done}"
+    );
+    stack
+        .wait_all_status(
+            &Stack::jwt("u-fail", 600),
+            "ready",
+            2,
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    let other: String = sqlx::query_scalar("SELECT state FROM nodes WHERE user_id = 'u-other'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(other, "failed", "a node outside the filter was replayed");
+
+    // reconcile --dry-run names the orphan and leaves it; reconcile removes it.
+    let ghost = uuid::Uuid::new_v4().to_string();
+    stack.plant_cloudflare_orphans(&ghost).await.unwrap();
+    let planned = json_of(
+        &stack
+            .hivectl(&["reconcile", "--dry-run", "--grace-secs", "0", "--json"])
+            .unwrap(),
+        "reconcile --dry-run",
+    );
+    let would: Vec<String> = planned["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(would.iter().any(|r| r.contains(&ghost)), "{planned}");
+    assert!(planned["reprovisioned"].as_array().unwrap().is_empty());
+    let of_ghost = |left: Vec<String>| -> Vec<String> {
+        left.into_iter().filter(|l| l.contains(&ghost)).collect()
+    };
+    assert_eq!(
+        of_ghost(stack.leftovers().await.unwrap()).len(),
+        2,
+        "the dry run removed the orphan's tunnel or record"
+    );
+    let removed = stack.reconcile_now().unwrap();
+    assert!(removed.contains(&ghost), "{removed}");
+    assert!(of_ghost(stack.leftovers().await.unwrap()).is_empty());
+
+    // cancel of a node stuck waiting for its instance: torn down, nothing left behind.
+    stack.aws_proxy.hold_pending(true);
+    let stuck = stack
+        .send_checkout("u-stuck", "pro")
+        .await
+        .unwrap()
+        .remove(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM nodes WHERE id = $1::uuid")
+            .bind(&stuck)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if state == "waiting_for_instance" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck node is {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.hivectl_ok(&["cancel", &stuck]).unwrap();
+    stack
+        .wait_all_status(
+            &Stack::jwt("u-stuck", 600),
+            "terminated",
+            1,
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    stack.aws_proxy.hold_pending(false);
+    let stuck_left: Vec<String> = stack
+        .leftovers()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.contains(&stuck))
+        .collect();
+    assert!(stuck_left.is_empty(), "left behind: {stuck_left:?}");
+    let (by,): (String,) = sqlx::query_as(
+        "SELECT detail FROM node_events WHERE node_id = $1::uuid AND detail LIKE '%operator%' \
+         ORDER BY id LIMIT 1",
+    )
+    .bind(&stuck)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(by.contains("operator"), "{by}");
+}
