@@ -5,10 +5,12 @@ pub mod billing;
 pub mod body_limit;
 pub mod checkout;
 pub mod error;
+pub mod http_metrics;
 pub mod idempotency;
 pub mod nodes;
 pub mod openapi;
 pub mod rate_limit;
+pub mod request_id;
 pub mod stripe_signature;
 pub mod wait;
 pub mod webhook;
@@ -42,7 +44,7 @@ pub struct AppState {
 }
 
 /// The header that carries a request's id, on the way in (a caller's own is kept) and out.
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID: &str = request_id::HEADER;
 
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID);
@@ -104,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors(&state.config.cors_origins))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(http_metrics::layer))
         .with_state(state)
 }
 

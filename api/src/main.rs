@@ -33,6 +33,13 @@ async fn run() -> anyhow::Result<()> {
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
         .await
         .context("connecting to the database")?;
+    if let Some(addr) = config.metrics_addr {
+        let handle = hive_jobs::metrics::install().context("installing the metrics recorder")?;
+        let bound = hive_jobs::metrics::serve(addr, handle, pool.clone())
+            .await
+            .context("serving metrics")?;
+        tracing::info!(addr = %bound, "metrics at GET /metrics");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorBody};
 use crate::idempotency::IdempotencyKey;
+use crate::request_id::RequestId;
 use crate::AppState;
 
 /// A node as the app sees it.
@@ -281,10 +282,12 @@ async fn control(
     user: &str,
     id: &str,
     control: Control,
+    request: RequestId,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
     let node = own_node(state, user, id).await?;
     let by = format!("user {user}");
     let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    request.tag(&mut tx).await?;
     match control {
         Control::Restart => requests::restart(&mut tx, node.id, &by).await?,
         Control::Stop => requests::stop(&mut tx, node.id, &by).await?,
@@ -319,8 +322,9 @@ pub async fn restart_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    request: RequestId,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    control(&state, &user, &id, Control::Restart).await
+    control(&state, &user, &id, Control::Restart, request).await
 }
 
 /// Stops the node until its user starts it (`stopped`, not billing's `suspended`).
@@ -341,8 +345,9 @@ pub async fn stop_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    request: RequestId,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    control(&state, &user, &id, Control::Stop).await
+    control(&state, &user, &id, Control::Stop, request).await
 }
 
 /// Starts a node its user stopped.
@@ -363,8 +368,9 @@ pub async fn start_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    request: RequestId,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    control(&state, &user, &id, Control::Start).await
+    control(&state, &user, &id, Control::Start, request).await
 }
 
 /// Tears the node down (`terminating`, then `terminated`); the plan's room it used is freed.
@@ -385,8 +391,9 @@ pub async fn delete_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    request: RequestId,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    control(&state, &user, &id, Control::Delete).await
+    control(&state, &user, &id, Control::Delete, request).await
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -417,6 +424,7 @@ pub struct CreateNode {
 pub async fn create_node(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    request_id: RequestId,
     body: Bytes,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
     let request: CreateNode = if body.is_empty() {
@@ -456,6 +464,7 @@ pub async fn create_node(
         .ok_or_else(|| ApiError::Conflict("the subscription's plan is not known yet".into()))?;
     let by = format!("user {user}");
     let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    request_id.tag(&mut tx).await?;
     let id = requests::add_node(
         &mut tx,
         sub.id,

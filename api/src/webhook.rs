@@ -20,6 +20,7 @@ use stripe_shared::{CheckoutSession, CheckoutSessionMode, Invoice, Subscription}
 use stripe_types::Expandable;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::request_id::RequestId;
 use crate::stripe_signature;
 use crate::AppState;
 
@@ -258,32 +259,58 @@ fn invoice_settled(object: &Value, at: i64, status: StripeStatus) -> Result<Mean
 )]
 pub async fn stripe_webhook(
     State(state): State<AppState>,
+    request_id: RequestId,
     headers: HeaderMap,
     body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    receive(&state, &request_id, &headers, &body).await
+}
+
+/// Counts an event refused before its signature and shape were checked: such bodies may name
+/// any type they like, which must not become a label.
+fn unverified(e: ApiError) -> ApiError {
+    hive_jobs::metrics::webhook_event("unverified", "rejected");
+    e
+}
+
+async fn receive(
+    state: &AppState,
+    request_id: &RequestId,
+    headers: &HeaderMap,
+    body: &Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let header = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::BadRequest("missing Stripe-Signature header".into()))?;
+        .ok_or_else(|| ApiError::BadRequest("missing Stripe-Signature header".into()))
+        .map_err(unverified)?;
     stripe_signature::verify(
         header,
-        &body,
+        body,
         &state.config.stripe_webhook_secrets,
         state.config.stripe_tolerance,
         chrono::Utc::now().timestamp(),
     )
-    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    .map_err(|e| unverified(ApiError::BadRequest(e.to_string())))?;
 
-    let payload: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::BadRequest("body is not JSON".into()))?;
-    let event: EventEnvelope = serde_json::from_value(payload.clone())
-        .map_err(|e| ApiError::BadRequest(format!("body is not a Stripe event: {e}")))?;
+    let payload: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| unverified(ApiError::BadRequest("body is not JSON".into())))?;
+    let event: EventEnvelope = serde_json::from_value(payload.clone()).map_err(|e| {
+        unverified(ApiError::BadRequest(format!(
+            "body is not a Stripe event: {e}"
+        )))
+    })?;
     if event.object != "event" || !event.id.starts_with("evt_") {
-        return Err(ApiError::BadRequest("body is not a Stripe event".into()));
+        return Err(unverified(ApiError::BadRequest(
+            "body is not a Stripe event".into(),
+        )));
     }
-    let meaning = meaning(&event, &state.config)?;
+    let meaning = meaning(&event, &state.config).inspect_err(|_| {
+        hive_jobs::metrics::webhook_event(&event.event_type, "rejected");
+    })?;
 
     let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    request_id.tag(&mut tx).await?;
     let new = store::record_stripe_event(
         &mut tx,
         &StripeEventRecord {
@@ -298,6 +325,7 @@ pub async fn stripe_webhook(
     if !new {
         tx.rollback().await.map_err(store::StoreError::from)?;
         tracing::info!(event_id = %event.id, "duplicate delivery");
+        hive_jobs::metrics::webhook_event(&event.event_type, "duplicate");
         return Ok(Json(
             serde_json::json!({ "received": true, "duplicate": true }),
         ));
@@ -324,6 +352,7 @@ pub async fn stripe_webhook(
         }
     };
     tx.commit().await.map_err(store::StoreError::from)?;
+    hive_jobs::metrics::webhook_event(&event.event_type, "recorded");
     let added = applied.map(|a| a.added).unwrap_or_default();
     tracing::info!(
         event_id = %event.id,

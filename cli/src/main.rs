@@ -4,6 +4,8 @@
 //! Every request is recorded in the node's log with the operator's name (`HIVE_OPERATOR`, else
 //! the login name), and carried out by the worker through the same entry points as the api's.
 
+mod doctor;
+mod inspect;
 mod view;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -54,6 +56,42 @@ enum Command {
     /// One node: what it is, what it should be, its conditions and its log.
     Node {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A node's log; `--follow` prints new entries as they come, until it is terminated.
+    Events {
+        id: String,
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Subscriptions, newest first, with their node counts.
+    Subscriptions {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One subscription (ours or Stripe's id) and its nodes.
+    Subscription {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recorded Stripe events.
+    #[command(subcommand)]
+    StripeEvents(StripeEvents),
+    /// The queue: jobs by state, the oldest due job, nodes waiting and why, workers seen.
+    Queue {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check settings, Postgres, AWS, Cloudflare, Stripe, migrations and clocks; exit 1 if any
+    /// check fails.
+    Doctor {
         #[arg(long)]
         json: bool,
     },
@@ -109,6 +147,26 @@ enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+enum StripeEvents {
+    /// The latest events, newest first.
+    List {
+        /// Only events of this type (`checkout.session.completed`, ...).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event with its payload.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which nodes (for `nodes` and `replay --all-failed`).
@@ -203,6 +261,46 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 println!("{}", view::node_detail(&style, &detail));
                 Ok(())
+            }
+        }
+        Command::Events { id, follow, json } => {
+            inspect::events(&pool().await?, node_id(&id)?, follow, json).await
+        }
+        Command::Subscriptions { user, json } => {
+            inspect::subscriptions(&pool().await?, &style, user.as_deref(), json).await
+        }
+        Command::Subscription { id, json } => {
+            inspect::subscription(&pool().await?, &style, &id, json).await
+        }
+        Command::StripeEvents(StripeEvents::List {
+            event_type,
+            limit,
+            json,
+        }) => {
+            if !(1..=1000).contains(&limit) {
+                bail!("--limit must be 1 to 1000");
+            }
+            inspect::stripe_events(&pool().await?, &style, event_type.as_deref(), limit, json).await
+        }
+        Command::StripeEvents(StripeEvents::Show { id, json }) => {
+            inspect::stripe_event(&pool().await?, &id, json).await
+        }
+        Command::Queue { json } => inspect::queue(&pool().await?, &style, json).await,
+        Command::Doctor { json } => {
+            let checks = doctor::run().await;
+            if json {
+                print_json(&checks)?;
+            } else {
+                for c in &checks {
+                    let mark = if c.ok { "ok  " } else { "FAIL" };
+                    println!("{mark}  {:<20} {}", c.name, c.detail);
+                }
+            }
+            let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                bail!("failing: {}", failed.join(", "))
             }
         }
         Command::Replay {

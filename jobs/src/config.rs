@@ -285,6 +285,9 @@ pub fn valid_region(region: &str) -> bool {
 #[derive(Clone)]
 pub struct ApiConfig {
     pub database_url: String,
+    /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served), never on the
+    /// public listener.
+    pub metrics_addr: Option<SocketAddr>,
     pub listen_addr: SocketAddr,
     /// Every secret that may have signed a webhook (more than one while rotating).
     pub stripe_webhook_secrets: Vec<String>,
@@ -445,6 +448,7 @@ impl ApiConfig {
         }
         Ok(Self {
             database_url: env.required("DATABASE_URL")?,
+            metrics_addr: metrics_addr_setting(env)?,
             listen_addr: env
                 .parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             stripe_webhook_secrets,
@@ -546,6 +550,8 @@ impl FromStr for Chaos {
 #[derive(Clone)]
 pub struct WorkerConfig {
     pub database_url: String,
+    /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served).
+    pub metrics_addr: Option<SocketAddr>,
     pub node_domain: String,
     pub cloudflare_api_token: String,
     pub cloudflare_account_id: String,
@@ -627,6 +633,23 @@ fn http_base<F: Fn(&str) -> Option<String>>(
     Ok(base)
 }
 
+/// `HIVE_METRICS_ADDR`: an address to listen on (`127.0.0.1:0` picks a port), if set.
+fn metrics_addr_setting<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    env.optional("HIVE_METRICS_ADDR")
+        .filter(|raw| !raw.trim().is_empty())
+        .map(|raw| {
+            raw.trim()
+                .parse()
+                .map_err(|e: std::net::AddrParseError| ConfigError::Malformed {
+                    name: "HIVE_METRICS_ADDR",
+                    reason: e.to_string(),
+                })
+        })
+        .transpose()
+}
+
 impl WorkerConfig {
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let cloudflare_api_base = http_base(env, "CLOUDFLARE_API_BASE", CLOUDFLARE_PRODUCTION_API)?;
@@ -643,6 +666,7 @@ impl WorkerConfig {
         }
         Ok(Self {
             database_url: env.required("DATABASE_URL")?,
+            metrics_addr: metrics_addr_setting(env)?,
             node_domain: domain_setting(env)?,
             cloudflare_api_token: env.required("CLOUDFLARE_API_TOKEN")?,
             cloudflare_account_id: env.required("CLOUDFLARE_ACCOUNT_ID")?,

@@ -102,7 +102,8 @@ impl Engine {
                 job_id,
                 step = %state,
                 generation = node.generation,
-                attempt = node.attempt
+                attempt = node.attempt,
+                request_id = node.request_id.as_deref().unwrap_or_default(),
             );
             let keep_going = self.run_one(&node, owner).instrument(span).await?;
             if !keep_going {
@@ -115,7 +116,9 @@ impl Engine {
     /// may go on right away.
     async fn run_one(&self, node: &Node, owner: Uuid) -> StoreResult<bool> {
         store::step_started(&self.pool, node).await?;
+        let started = std::time::Instant::now();
         let ran = self.run_step_with_chaos(node).await;
+        let took = started.elapsed();
         let result = match &ran {
             Ok(Outcome::Done(_)) => StepResult::Done,
             Ok(Outcome::NotYet(why)) => StepResult::NotYet(why),
@@ -127,6 +130,16 @@ impl Engine {
         };
         let jitter = rand::rng().random_range(0.0..=1.0);
         let action = policy::decide(&StepFacts::of(node, Utc::now()), result, &rules, jitter);
+        let outcome = match &action {
+            Action::Advance { .. } => "advanced",
+            Action::LookAgain { .. } => "waiting",
+            Action::Retry { .. } => "retrying",
+            Action::FailAndUndo { .. } | Action::FailAndKeep { .. } => "failed",
+        };
+        let workflow = node
+            .state()
+            .workflow()
+            .map_or("none", |w| w.status().as_str());
         let committed = match action {
             Action::Advance { to } => {
                 let created = match ran {
@@ -165,9 +178,14 @@ impl Engine {
                     .map(|()| false)
             }
         };
+        let step = node.state().as_str();
         match committed {
-            Ok(go_on) => Ok(go_on),
+            Ok(go_on) => {
+                crate::metrics::step(workflow, step, outcome, took);
+                Ok(go_on)
+            }
             Err(fenced) => {
+                crate::metrics::step(workflow, step, "fenced", took);
                 tracing::warn!(%fenced, "step result dropped");
                 store::release(&self.pool, node.id, owner).await?;
                 Ok(false)

@@ -7,6 +7,7 @@ pub mod cloud;
 pub mod conditions;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod operator;
 pub mod policy;

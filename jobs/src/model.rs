@@ -168,6 +168,8 @@ pub struct Node {
     pub next_run_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The api request that last asked something of the node (its `X-Request-Id`).
+    pub request_id: Option<String>,
 }
 
 /// `nodes.state` as read from the database; a value we do not know is an error, not a panic.

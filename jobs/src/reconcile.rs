@@ -131,6 +131,11 @@ async fn record_pass(
         Ok(report) => (report.clone(), None),
         Err(e) => (Report::default(), Some(e.to_string())),
     };
+    crate::metrics::reconcile_pass(
+        error.is_none(),
+        report.removed.len(),
+        report.reprovisioned.len(),
+    );
     store::finish_reconcile_run(
         pool,
         run,

@@ -69,7 +69,7 @@ const NODE_COLUMNS: &str =
     state, generation, tunnel_id, secret_arn, instance_id, dns_record_id, error, failed_step, \
     teardown_reason, desired, volume_gb, applied_instance_type, applied_volume_gb, \
     restarts_requested, restarts_done, waiting_for, last_error, suspend_at, \
-    attempt, step_started_at, next_run_at, created_at, updated_at";
+    attempt, step_started_at, next_run_at, created_at, updated_at, request_id";
 
 /// The names of the states in which a node rests (no step to run), for binding.
 fn resting_states() -> Vec<&'static str> {
@@ -313,6 +313,36 @@ pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResul
         .await?)
 }
 
+/// Names the api request a transaction acts for: every node it inserts or updates records the
+/// id (a trigger reads the setting), and the worker's steps for those nodes log it.
+pub async fn tag_request(tx: &mut Transaction<'_, Postgres>, request_id: &str) -> StoreResult<()> {
+    sqlx::query("SELECT set_config('hive.request_id', $1, true)")
+        .bind(request_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// How many nodes are in each state (for the nodes-by-status gauge).
+pub async fn node_counts_by_state(pool: &PgPool) -> StoreResult<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT state, count(*) FROM nodes GROUP BY state")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// How long the oldest queue job that is due has waited to start (`None`: none is waiting).
+pub async fn oldest_due_job_age(pool: &PgPool) -> StoreResult<Option<Duration>> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM now() - min(run_at))::float8 FROM apalis.jobs \
+         WHERE status IN ('Pending', 'Queued') AND run_at <= now()",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
 /// Which nodes an operator asks for; every field unset matches all.
 #[derive(Debug, Default, Clone)]
 pub struct NodeFilter {
@@ -362,6 +392,29 @@ pub async fn node_events(pool: &PgPool, id: Uuid) -> StoreResult<Vec<NodeEvent>>
     .bind(id)
     .fetch_all(pool)
     .await?)
+}
+
+/// A node's log entries after entry `after` (0: from the start), with their ids, oldest first.
+pub async fn node_events_after(
+    pool: &PgPool,
+    id: Uuid,
+    after: i64,
+) -> StoreResult<Vec<(i64, NodeEvent)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        #[sqlx(flatten)]
+        event: NodeEvent,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, at, generation, step, kind, detail FROM node_events \
+         WHERE node_id = $1 AND id > $2 ORDER BY id",
+    )
+    .bind(id)
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.event)).collect())
 }
 
 pub async fn node(pool: &PgPool, id: Uuid) -> StoreResult<Option<Node>> {
@@ -1362,4 +1415,154 @@ pub async fn finish_idempotency_key(
         }
     }
     Ok(())
+}
+
+/// Subscriptions for the operator (of one user, when given), newest first, with their live
+/// node counts.
+pub async fn subscriptions(
+    pool: &PgPool,
+    user_id: Option<&str>,
+) -> StoreResult<Vec<(SubscriptionState, i64)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        sub: SubscriptionState,
+        live: i64,
+    }
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
+           WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
+         FROM subscriptions WHERE ($1::text IS NULL OR user_id = $1) ORDER BY created_at DESC"
+    );
+    let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(user_id)
+        .bind(Desired::Gone.as_str())
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
+}
+
+/// One subscription by our id or Stripe's, with its live node count.
+pub async fn subscription_of(
+    pool: &PgPool,
+    id: &str,
+) -> StoreResult<Option<(SubscriptionState, i64)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        sub: SubscriptionState,
+        live: i64,
+    }
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
+           WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
+         FROM subscriptions WHERE id::text = $1 OR stripe_subscription_id = $1"
+    );
+    let row: Option<Row> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(id)
+        .bind(Desired::Gone.as_str())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| (r.sub, r.live)))
+}
+
+/// A Stripe event as recorded.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredStripeEvent {
+    pub id: String,
+    pub event_type: String,
+    pub api_version: Option<String>,
+    pub livemode: bool,
+    pub received_at: DateTime<Utc>,
+    pub payload: sqlx::types::Json<serde_json::Value>,
+}
+
+/// The latest recorded Stripe events (of one type, when given), newest first.
+pub async fn stripe_events(
+    pool: &PgPool,
+    event_type: Option<&str>,
+    limit: i64,
+) -> StoreResult<Vec<StoredStripeEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT id, event_type, api_version, livemode, received_at, payload FROM stripe_events \
+         WHERE ($1::text IS NULL OR event_type = $1) ORDER BY received_at DESC, id LIMIT $2",
+    )
+    .bind(event_type)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn stripe_event(pool: &PgPool, id: &str) -> StoreResult<Option<StoredStripeEvent>> {
+    Ok(sqlx::query_as(
+        "SELECT id, event_type, api_version, livemode, received_at, payload FROM stripe_events \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The queue as an operator sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueHealth {
+    /// Jobs by apalis status (`Pending`, `Queued`, `Running`, `Done`, `Failed`, `Killed`).
+    pub jobs: Vec<(String, i64)>,
+    /// How long the oldest due job has waited to start, in seconds.
+    pub oldest_due_secs: Option<f64>,
+    /// Nodes waiting on something, by what they wait for.
+    pub waiting: Vec<(String, i64)>,
+    /// Nodes retrying a transient failure.
+    pub retrying: i64,
+    /// Workers seen in the last minute, with when.
+    pub workers: Vec<(String, DateTime<Utc>)>,
+}
+
+pub async fn queue_health(pool: &PgPool) -> StoreResult<QueueHealth> {
+    let jobs =
+        sqlx::query_as("SELECT status, count(*) FROM apalis.jobs GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
+    let waiting = sqlx::query_as(
+        "SELECT waiting_for, count(*) FROM nodes WHERE waiting_for IS NOT NULL \
+         GROUP BY waiting_for ORDER BY count(*) DESC, waiting_for",
+    )
+    .fetch_all(pool)
+    .await?;
+    let retrying: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM nodes WHERE last_error IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    let workers = sqlx::query_as(
+        "SELECT id, last_seen FROM apalis.workers WHERE last_seen > now() - interval '1 minute' \
+         ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(QueueHealth {
+        jobs,
+        oldest_due_secs: oldest_due_job_age(pool).await?.map(|d| d.as_secs_f64()),
+        waiting,
+        retrying,
+        workers,
+    })
+}
+
+/// Migrations this binary knows that the database has not applied (empty: current).
+pub async fn pending_migrations(pool: &PgPool) -> StoreResult<Vec<i64>> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+    Ok(MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+/// The database's clock minus ours.
+pub async fn clock_skew(pool: &PgPool) -> StoreResult<chrono::TimeDelta> {
+    let theirs: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    Ok(theirs - Utc::now())
 }

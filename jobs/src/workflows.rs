@@ -236,9 +236,46 @@ pub enum NodeStatus {
 }
 
 impl NodeStatus {
+    pub const ALL: [NodeStatus; 13] = [
+        NodeStatus::Pending,
+        NodeStatus::Provisioning,
+        NodeStatus::Ready,
+        NodeStatus::Failed,
+        NodeStatus::Suspending,
+        NodeStatus::Suspended,
+        NodeStatus::Stopping,
+        NodeStatus::Stopped,
+        NodeStatus::Resuming,
+        NodeStatus::Restarting,
+        NodeStatus::Resizing,
+        NodeStatus::Terminating,
+        NodeStatus::Terminated,
+    ];
+
     /// A status by its snake_case name, as the app writes it.
     pub fn parse(s: &str) -> Option<NodeStatus> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+        NodeStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+
+    /// Its snake_case name, as the app reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Pending => "pending",
+            NodeStatus::Provisioning => "provisioning",
+            NodeStatus::Ready => "ready",
+            NodeStatus::Failed => "failed",
+            NodeStatus::Suspending => "suspending",
+            NodeStatus::Suspended => "suspended",
+            NodeStatus::Stopping => "stopping",
+            NodeStatus::Stopped => "stopped",
+            NodeStatus::Resuming => "resuming",
+            NodeStatus::Restarting => "restarting",
+            NodeStatus::Resizing => "resizing",
+            NodeStatus::Terminating => "terminating",
+            NodeStatus::Terminated => "terminated",
+        }
     }
 }
 
@@ -344,6 +381,14 @@ impl std::fmt::Display for NodeState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_name_is_its_json_name() {
+        for status in super::NodeStatus::ALL {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+            assert_eq!(super::NodeStatus::parse(status.as_str()), Some(status));
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -90,6 +90,7 @@ impl StripeStandIn {
         Router::new()
             .route("/v1/checkout/sessions", post(create_checkout_session))
             .route("/v1/billing_portal/sessions", post(create_portal_session))
+            .route("/v1/balance", axum::routing::get(retrieve_balance))
             .fallback(|| async {
                 error(
                     StatusCode::NOT_FOUND,
@@ -236,6 +237,21 @@ async fn create_checkout_session(
         session["subscription"] = Value::Null;
         session["url"] = json!(format!("{}/c/pay/{id}", standin.base()));
         (StatusCode::OK, session)
+    })
+}
+
+/// The account's balance, as Stripe shapes it (what `hivectl doctor` reads to check the key).
+async fn retrieve_balance(State(standin): State<StripeStandIn>, headers: HeaderMap) -> Response {
+    standin.handle("/v1/balance", &headers, Vec::new(), |_, _| {
+        (
+            StatusCode::OK,
+            serde_json::json!({
+                "object": "balance",
+                "livemode": false,
+                "available": [{ "amount": 0, "currency": "usd", "source_types": { "card": 0 } }],
+                "pending": [{ "amount": 0, "currency": "usd", "source_types": { "card": 0 } }],
+            }),
+        )
     })
 }
 

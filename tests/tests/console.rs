@@ -315,4 +315,132 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
     .await
     .unwrap();
     assert!(by.contains("operator"), "{by}");
+
+    // The other reads, each as JSON holding what its table shows.
+    let events = stack.hivectl_ok(&["events", &stuck, "--json"]).unwrap();
+    let events: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["kind"] == "transition"));
+    assert!(events.iter().any(|e| e["kind"] == "transition"
+        && e["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("terminated")));
+    // --follow of a terminated node prints its log and returns.
+    let followed = stack.hivectl_ok(&["events", &stuck, "--follow"]).unwrap();
+    assert_eq!(followed.lines().count(), events.len());
+
+    let subs = json_of(
+        &stack.hivectl(&["subscriptions", "--json"]).unwrap(),
+        "subscriptions",
+    );
+    let subs = subs.as_array().unwrap().clone();
+    assert_eq!(subs.len(), 6, "one per checkout");
+    let table = stack.hivectl_ok(&["subscriptions"]).unwrap();
+    for sub in &subs {
+        let id = sub["stripe_subscription_id"].as_str().unwrap();
+        let line = table.lines().find(|l| l.contains(id)).unwrap();
+        assert!(line.contains(sub["user"].as_str().unwrap()), "{line}");
+    }
+    let ready_sub = subs.iter().find(|s| s["user"] == "u-ready").unwrap();
+    let one = json_of(
+        &stack
+            .hivectl(&[
+                "subscription",
+                ready_sub["stripe_subscription_id"].as_str().unwrap(),
+                "--json",
+            ])
+            .unwrap(),
+        "subscription",
+    );
+    assert_eq!(one["subscription"]["id"], ready_sub["id"]);
+    assert_eq!(one["nodes"].as_array().unwrap().len(), 1);
+
+    let listed = json_of(
+        &stack
+            .hivectl(&[
+                "stripe-events",
+                "list",
+                "--type",
+                "checkout.session.completed",
+                "--json",
+            ])
+            .unwrap(),
+        "stripe-events list",
+    );
+    let listed = listed.as_array().unwrap().clone();
+    assert_eq!(listed.len(), 6);
+    let first = listed[0]["id"].as_str().unwrap();
+    let shown = json_of(
+        &stack
+            .hivectl(&["stripe-events", "show", first, "--json"])
+            .unwrap(),
+        "stripe-events show",
+    );
+    assert_eq!(shown["payload"]["id"], first);
+    assert_eq!(shown["type"], "checkout.session.completed");
+
+    let queue = json_of(&stack.hivectl(&["queue", "--json"]).unwrap(), "queue");
+    assert!(
+        queue["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j[0] == "Done"),
+        "{queue}"
+    );
+    // The running worker (and the one stopped moments ago, seen within the minute).
+    let seen = queue["workers"].as_array().unwrap().len();
+    assert!((1..=2).contains(&seen), "{queue}");
+    let queue_table = stack.hivectl_ok(&["queue"]).unwrap();
+    assert!(
+        queue_table.contains(&format!("{seen} worker(s) seen in the last minute")),
+        "{queue_table}"
+    );
+
+    // doctor passes on the stack; with moto stopped it names the AWS checks and exits 1.
+    let healthy = stack.hivectl(&["doctor"]).unwrap();
+    let report = String::from_utf8_lossy(&healthy.stdout).to_string();
+    assert_eq!(
+        healthy.status.code(),
+        Some(0),
+        "{report}{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    for check in [
+        "postgres",
+        "migrations",
+        "clock skew",
+        "aws ec2",
+        "cloudflare",
+        "stripe",
+    ] {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check}: {report}"
+        );
+    }
+    stack.moto.process.kill_now();
+    let sick = stack.hivectl(&["doctor"]).unwrap();
+    let report = String::from_utf8_lossy(&sick.stdout).to_string();
+    assert_eq!(sick.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("aws ec2")),
+        "{report}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("postgres")),
+        "{report}"
+    );
+    let stderr = String::from_utf8_lossy(&sick.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("aws ec2"), "{stderr}");
 }

@@ -21,6 +21,8 @@ pub enum WorkerError {
     Cloud(#[from] hive_jobs::cloud::CloudError),
     #[error("worker runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    Metrics(#[from] hive_jobs::metrics::MetricsError),
 }
 
 /// One job: advance the node's state machine as far as it can go now.
@@ -50,6 +52,11 @@ where
     )
     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
     .await?;
+    if let Some(addr) = config.metrics_addr {
+        let handle = hive_jobs::metrics::install()?;
+        let bound = hive_jobs::metrics::serve(addr, handle, pool.clone()).await?;
+        tracing::info!(addr = %bound, "metrics at GET /metrics");
+    }
     let (clouds, region) = Clouds::from_config(&config).await?;
     let clouds = Arc::new(clouds);
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());

@@ -17,7 +17,9 @@ use cloudflare::framework::client::async_api::Client;
 use cloudflare::framework::client::ClientConfig;
 use cloudflare::framework::endpoint::spec::EndpointSpec;
 use cloudflare::framework::endpoint::{Method, RequestBody};
-use cloudflare::framework::response::{ApiFailure, ApiResult, ApiSuccess};
+use cloudflare::framework::response::{
+    ApiFailure, ApiResponse, ApiResult, ApiSuccess, ResponseConverter,
+};
 use cloudflare::framework::Environment;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -82,25 +84,47 @@ impl Cloudflare {
         })
     }
 
+    /// One call, counted by operation and outcome (`hive_cloud_calls_total`).
+    async fn send<E>(&self, op: &'static str, endpoint: &E) -> ApiResponse<E::ResponseType>
+    where
+        E: EndpointSpec + Send + Sync,
+        E::ResponseType: ResponseConverter<E::JsonResponse>,
+    {
+        let result = self.client.request(endpoint).await;
+        let operation = op.trim_start_matches("cloudflare:");
+        crate::metrics::cloud_call("cloudflare", operation, result.is_ok());
+        result
+    }
+
+    /// One call, its failure classified as transient or permanent.
+    async fn call<E>(&self, op: &'static str, endpoint: &E) -> CloudResult<E::ResponseType>
+    where
+        E: EndpointSpec + Send + Sync,
+        E::ResponseType: ResponseConverter<E::JsonResponse>,
+    {
+        self.send(op, endpoint).await.map_err(|e| classify(op, e))
+    }
+
     /// Live (not deleted) tunnels matching `params`.
     async fn live_tunnels(&self, params: list_tunnels::Params) -> CloudResult<Vec<Tunnel>> {
         let mut live = Vec::new();
         for page in 1.. {
             let found = self
-                .client
-                .request(&list_tunnels::ListTunnels {
-                    account_identifier: &self.account_id,
-                    params: list_tunnels::Params {
-                        is_deleted: Some(false),
-                        pagination_params: Some(list_tunnels::PaginationParams {
-                            page,
-                            per_page: PAGE_SIZE.into(),
-                        }),
-                        ..params.clone()
+                .call(
+                    "cloudflare:ListTunnels",
+                    &list_tunnels::ListTunnels {
+                        account_identifier: &self.account_id,
+                        params: list_tunnels::Params {
+                            is_deleted: Some(false),
+                            pagination_params: Some(list_tunnels::PaginationParams {
+                                page,
+                                per_page: PAGE_SIZE.into(),
+                            }),
+                            ..params.clone()
+                        },
                     },
-                })
-                .await
-                .map_err(|e| classify("cloudflare:ListTunnels", e))?;
+                )
+                .await?;
             let last = found.result.len() < PAGE_SIZE as usize;
             live.extend(found.result.into_iter().filter(|t| t.deleted_at.is_none()));
             if last {
@@ -142,17 +166,18 @@ impl Cloudflare {
         let mut cnames = Vec::new();
         for page in 1.. {
             let found = self
-                .client
-                .request(&ListDnsRecords {
-                    zone_identifier: &self.zone_id,
-                    params: ListDnsRecordsParams {
-                        page: Some(page),
-                        per_page: Some(PAGE_SIZE),
-                        ..Default::default()
+                .call(
+                    "cloudflare:ListDnsRecords",
+                    &ListDnsRecords {
+                        zone_identifier: &self.zone_id,
+                        params: ListDnsRecordsParams {
+                            page: Some(page),
+                            per_page: Some(PAGE_SIZE),
+                            ..Default::default()
+                        },
                     },
-                })
-                .await
-                .map_err(|e| classify("cloudflare:ListDnsRecords", e))?;
+                )
+                .await?;
             let last = found.result.len() < PAGE_SIZE as usize;
             cnames.extend(
                 found
@@ -174,31 +199,33 @@ impl Cloudflare {
         let mut tunnel_secret = vec![0u8; 32];
         rand::rng().fill_bytes(&mut tunnel_secret);
         let created = self
-            .client
-            .request(&create_tunnel::CreateTunnel {
-                account_identifier: &self.account_id,
-                params: create_tunnel::Params {
-                    name,
-                    tunnel_secret: &tunnel_secret,
-                    config_src: &ConfigurationSrc::Cloudflare,
-                    metadata: None,
+            .call(
+                "cloudflare:CreateTunnel",
+                &create_tunnel::CreateTunnel {
+                    account_identifier: &self.account_id,
+                    params: create_tunnel::Params {
+                        name,
+                        tunnel_secret: &tunnel_secret,
+                        config_src: &ConfigurationSrc::Cloudflare,
+                        metadata: None,
+                    },
                 },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:CreateTunnel", e))?;
+            )
+            .await?;
         Ok(created.result)
     }
 
     /// The token cloudflared runs the tunnel with. It goes straight to Secrets Manager.
     pub async fn tunnel_token(&self, tunnel_id: &str) -> CloudResult<SecretString> {
         let token = self
-            .client
-            .request(&GetTunnelToken {
-                account_id: &self.account_id,
-                tunnel_id,
-            })
-            .await
-            .map_err(|e| classify("cloudflare:GetTunnelToken", e))?;
+            .call(
+                "cloudflare:GetTunnelToken",
+                &GetTunnelToken {
+                    account_id: &self.account_id,
+                    tunnel_id,
+                },
+            )
+            .await?;
         Ok(SecretString::new(token.result.0))
     }
 
@@ -208,26 +235,28 @@ impl Cloudflare {
         tunnel_id: &str,
         config: &TunnelConfig,
     ) -> CloudResult<()> {
-        self.client
-            .request(&PutTunnelConfiguration {
+        self.call(
+            "cloudflare:PutTunnelConfiguration",
+            &PutTunnelConfiguration {
                 account_id: &self.account_id,
                 tunnel_id,
                 config,
-            })
-            .await
-            .map_err(|e| classify("cloudflare:PutTunnelConfiguration", e))?;
+            },
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn tunnel_health(&self, tunnel_id: &str) -> CloudResult<TunnelHealth> {
         let tunnel = self
-            .client
-            .request(&GetTunnel {
-                account_id: &self.account_id,
-                tunnel_id,
-            })
-            .await
-            .map_err(|e| classify("cloudflare:GetTunnel", e))?;
+            .call(
+                "cloudflare:GetTunnel",
+                &GetTunnel {
+                    account_id: &self.account_id,
+                    tunnel_id,
+                },
+            )
+            .await?;
         Ok(if tunnel.result.status == "healthy" {
             TunnelHealth::Healthy
         } else {
@@ -238,12 +267,14 @@ impl Cloudflare {
     /// Deletes the tunnel and its connections; one that is gone counts as deleted.
     pub async fn delete_tunnel(&self, tunnel_id: &str) -> CloudResult<()> {
         let result = self
-            .client
-            .request(&delete_tunnel::DeleteTunnel {
-                account_identifier: &self.account_id,
-                tunnel_id,
-                params: delete_tunnel::Params { cascade: true },
-            })
+            .send(
+                "cloudflare:DeleteTunnel",
+                &delete_tunnel::DeleteTunnel {
+                    account_identifier: &self.account_id,
+                    tunnel_id,
+                    params: delete_tunnel::Params { cascade: true },
+                },
+            )
             .await;
         match result {
             Ok(_) => Ok(()),
@@ -255,16 +286,17 @@ impl Cloudflare {
     /// The zone's CNAME of that name, if any.
     pub async fn find_cname(&self, name: &str) -> CloudResult<Option<DnsRecord>> {
         let found = self
-            .client
-            .request(&ListDnsRecords {
-                zone_identifier: &self.zone_id,
-                params: ListDnsRecordsParams {
-                    name: Some(name.to_string()),
-                    ..Default::default()
+            .call(
+                "cloudflare:ListDnsRecords",
+                &ListDnsRecords {
+                    zone_identifier: &self.zone_id,
+                    params: ListDnsRecordsParams {
+                        name: Some(name.to_string()),
+                        ..Default::default()
+                    },
                 },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:ListDnsRecords", e))?;
+            )
+            .await?;
         Ok(found
             .result
             .into_iter()
@@ -274,31 +306,34 @@ impl Cloudflare {
     /// Creates a proxied CNAME. Callers look it up by name first.
     pub async fn create_proxied_cname(&self, name: &str, target: &str) -> CloudResult<DnsRecord> {
         let created = self
-            .client
-            .request(&CreateDnsRecord {
-                zone_identifier: &self.zone_id,
-                params: CreateDnsRecordParams {
-                    ttl: Some(1),
-                    priority: None,
-                    proxied: Some(true),
-                    name,
-                    content: DnsContent::CNAME {
-                        content: target.to_string(),
+            .call(
+                "cloudflare:CreateDnsRecord",
+                &CreateDnsRecord {
+                    zone_identifier: &self.zone_id,
+                    params: CreateDnsRecordParams {
+                        ttl: Some(1),
+                        priority: None,
+                        proxied: Some(true),
+                        name,
+                        content: DnsContent::CNAME {
+                            content: target.to_string(),
+                        },
                     },
                 },
-            })
-            .await
-            .map_err(|e| classify("cloudflare:CreateDnsRecord", e))?;
+            )
+            .await?;
         Ok(created.result)
     }
 
     pub async fn delete_dns_record(&self, record_id: &str) -> CloudResult<()> {
         let result = self
-            .client
-            .request(&DeleteDnsRecord {
-                zone_identifier: &self.zone_id,
-                identifier: record_id,
-            })
+            .send(
+                "cloudflare:DeleteDnsRecord",
+                &DeleteDnsRecord {
+                    zone_identifier: &self.zone_id,
+                    identifier: record_id,
+                },
+            )
             .await;
         match result {
             Ok(_) => Ok(()),

@@ -66,6 +66,16 @@ impl Compute {
         Self { ec2, region }
     }
 
+    /// Whether EC2 answers our credentials in our region (`hivectl doctor`).
+    pub async fn ping(&self) -> CloudResult<()> {
+        self.ec2
+            .describe_availability_zones()
+            .send()
+            .await
+            .map_err(|e| classify_aws("ec2:DescribeAvailabilityZones", e))?;
+        Ok(())
+    }
+
     /// The live instance tagged with this node, if any.
     pub async fn find_by_node(&self, node_id: Uuid) -> CloudResult<Option<InstanceInfo>> {
         let out = self

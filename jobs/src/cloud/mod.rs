@@ -39,9 +39,15 @@ impl Clouds {
             .region()
             .map(|r| r.to_string())
             .ok_or_else(|| CloudError::permanent("aws:config", "no AWS region configured"))?;
-        let ec2_config = aws_sdk_ec2::config::Builder::from(&shared).build();
-        let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared).build();
-        let r53_config = aws_sdk_route53::config::Builder::from(&shared).build();
+        let ec2_config = aws_sdk_ec2::config::Builder::from(&shared)
+            .interceptor(CountCalls)
+            .build();
+        let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared)
+            .interceptor(CountCalls)
+            .build();
+        let r53_config = aws_sdk_route53::config::Builder::from(&shared)
+            .interceptor(CountCalls)
+            .build();
         let clouds = Clouds {
             compute: compute::Compute::new(
                 aws_sdk_ec2::Client::from_conf(ec2_config),
@@ -150,5 +156,38 @@ where
             op,
             format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&err)),
         ),
+    }
+}
+
+/// Counts every AWS call by service, operation and outcome (`hive_cloud_calls_total`): one
+/// interceptor on each SDK client, rather than a line at each call site.
+#[derive(Debug)]
+struct CountCalls;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for CountCalls {
+    fn name(&self) -> &'static str {
+        "CountCalls"
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let ok = matches!(context.output_or_error(), Some(Ok(_)));
+        match cfg.load::<aws_smithy_runtime_api::client::orchestrator::Metadata>() {
+            Some(metadata) => {
+                let provider = match metadata.service().to_ascii_lowercase().as_str() {
+                    "ec2" => "ec2",
+                    "route53" | "route 53" => "route53",
+                    "secretsmanager" | "secrets manager" => "secretsmanager",
+                    _ => "aws",
+                };
+                crate::metrics::cloud_call(provider, metadata.name(), ok);
+            }
+            None => crate::metrics::cloud_call("aws", "unknown", ok),
+        }
+        Ok(())
     }
 }

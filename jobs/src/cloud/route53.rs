@@ -24,6 +24,17 @@ impl Route53 {
         Self { r53, zone_id }
     }
 
+    /// Whether the configured hosted zone can be read with our credentials (`hivectl doctor`).
+    pub async fn ping(&self) -> CloudResult<()> {
+        self.r53
+            .get_hosted_zone()
+            .id(&self.zone_id)
+            .send()
+            .await
+            .map_err(|e| classify_aws("route53:GetHostedZone", e))?;
+        Ok(())
+    }
+
     /// Where a node's name points: its name under Cloudflare's partial-zone target.
     pub fn cname_target(hostname: &str) -> String {
         format!("{hostname}.cdn.cloudflare.net")

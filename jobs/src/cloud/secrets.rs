@@ -34,6 +34,17 @@ impl Secrets {
         Self { sm }
     }
 
+    /// Whether Secrets Manager answers our credentials (`hivectl doctor`).
+    pub async fn ping(&self) -> CloudResult<()> {
+        self.sm
+            .list_secrets()
+            .max_results(1)
+            .send()
+            .await
+            .map_err(|e| classify_aws("secretsmanager:ListSecrets", e))?;
+        Ok(())
+    }
+
     /// Stores the node's token, or adopts the secret if it exists already (a retry, or a crash
     /// after creating it). `request_token` makes a repeated create or put the same version.
     /// Returns the secret's ARN.
