@@ -133,12 +133,18 @@ enum Command {
         /// The instance type of nodes added (default: the subscription's).
         #[arg(long = "type")]
         instance_type: Option<String>,
+        #[command(flatten)]
+        confirm: Confirm,
     },
-    /// Remove orphans from the clouds and send back ready nodes whose resources vanished.
+    /// Remove orphans from the clouds and send back ready nodes whose resources vanished
+    /// (prints what it found and asks first, unless --yes).
     Reconcile {
         /// Only print what would be removed and healed.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "yes")]
         dry_run: bool,
+        /// Do it without asking.
+        #[arg(long)]
+        yes: bool,
         /// How old an orphan must be to be removed.
         #[arg(long, default_value_t = 600)]
         grace_secs: u64,
@@ -332,12 +338,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             subscription,
             count,
             instance_type,
-        } => scale(&subscription, count, instance_type.as_deref()).await,
+            confirm,
+        } => scale(&subscription, count, instance_type.as_deref(), &confirm).await,
         Command::Reconcile {
             dry_run,
+            yes,
             grace_secs,
             json,
-        } => reconcile(dry_run, grace_secs, json).await,
+        } => reconcile(dry_run, yes, grace_secs, json).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -566,12 +574,32 @@ async fn request(id: &str, request: Request) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn scale(subscription: &str, count: u32, instance_type: Option<&str>) -> anyhow::Result<()> {
+async fn scale(
+    subscription: &str,
+    count: u32,
+    instance_type: Option<&str>,
+    confirm: &Confirm,
+) -> anyhow::Result<()> {
     let domain = std::env::var("HIVE_NODE_DOMAIN").context("HIVE_NODE_DOMAIN is not set")?;
     let pool = pool().await?;
-    let id = store::subscription_id(&pool, subscription)
+    let (sub, live) = store::subscription_of(&pool, subscription)
         .await?
         .with_context(|| format!("no subscription {subscription}"))?;
+    let id = sub.id;
+    let change = i64::from(count) - live;
+    let plan = match change {
+        0 => "no change".to_string(),
+        n if n > 0 => format!("would add {n} node(s)"),
+        n => format!("would tear down {} node(s)", -n),
+    };
+    println!("subscription {id}: {live} -> {count} node(s): {plan}");
+    if confirm.dry_run {
+        println!("dry run: nothing done");
+        return Ok(());
+    }
+    if change.abs() > 1 && !confirmed(confirm, &format!("scale to {count} node(s)"))? {
+        bail!("not confirmed; nothing done");
+    }
     let by = operator();
     let mut tx = pool.begin().await.context("starting a transaction")?;
     let scaled = requests::set_node_count(
@@ -601,16 +629,37 @@ async fn scale(subscription: &str, count: u32, instance_type: Option<&str>) -> a
     Ok(())
 }
 
-async fn reconcile(dry_run: bool, grace_secs: u64, json: bool) -> anyhow::Result<()> {
+async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> anyhow::Result<()> {
     let config = hive_jobs::config::WorkerConfig::from_env(&hive_jobs::config::process_env())?;
     let pool = pool().await?;
     let (clouds, _region) = hive_jobs::cloud::Clouds::from_config(&config).await?;
     let grace = std::time::Duration::from_secs(grace_secs);
-    let report = if dry_run {
+    let ask_first = !dry_run && !yes;
+    let report = if dry_run || ask_first {
         hive_jobs::reconcile::dry_run(&pool, &clouds, &config.node_domain, grace).await?
     } else {
         hive_jobs::reconcile::reconcile(&pool, &clouds, &config.node_domain, grace).await?
     };
+    if ask_first {
+        for removed in &report.removed {
+            println!("would remove {removed}");
+        }
+        for node in &report.reprovisioned {
+            println!("would re-provision {node}");
+        }
+        if report.removed.is_empty() && report.reprovisioned.is_empty() {
+            println!("nothing to do");
+            return Ok(());
+        }
+        let confirm = Confirm {
+            yes: false,
+            dry_run: false,
+        };
+        if !confirmed(&confirm, "reconcile")? {
+            bail!("not confirmed; nothing done");
+        }
+        return Box::pin(reconcile(false, true, grace_secs, json)).await;
+    }
     if json {
         return print_json(&serde_json::json!({
             "dry_run": dry_run,

@@ -629,7 +629,7 @@ impl Stack {
 
     /// Runs `hivectl reconcile --grace-secs 0`, which must succeed; its output.
     pub fn reconcile_now(&self) -> anyhow::Result<String> {
-        let out = self.hivectl(&["reconcile", "--grace-secs", "0"])?;
+        let out = self.hivectl(&["reconcile", "--grace-secs", "0", "--yes"])?;
         anyhow::ensure!(
             out.status.success(),
             "hivectl reconcile: {}",

@@ -260,6 +260,12 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
         2,
         "the dry run removed the orphan's tunnel or record"
     );
+    // Without --yes and without a terminal, reconcile names what it found and refuses.
+    let refused = stack.hivectl(&["reconcile", "--grace-secs", "0"]).unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stdout).contains(&ghost));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(of_ghost(stack.leftovers().await.unwrap()).len(), 2);
     let removed = stack.reconcile_now().unwrap();
     assert!(removed.contains(&ghost), "{removed}");
     assert!(of_ghost(stack.leftovers().await.unwrap()).is_empty());
@@ -357,6 +363,24 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
     );
     assert_eq!(one["subscription"]["id"], ready_sub["id"]);
     assert_eq!(one["nodes"].as_array().unwrap().len(), 1);
+
+    // scale changes more than one node: it says what it would do and asks first.
+    let ready_stripe_id = ready_sub["stripe_subscription_id"].as_str().unwrap();
+    let nodes_before = states(&pool).await.len();
+    let dry = stack
+        .hivectl_ok(&["scale", ready_stripe_id, "3", "--dry-run"])
+        .unwrap();
+    assert!(
+        dry.contains("1 -> 3") && dry.contains("would add 2"),
+        "{dry}"
+    );
+    let refused = stack.hivectl(&["scale", ready_stripe_id, "3"]).unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        states(&pool).await.len(),
+        nodes_before,
+        "a refused scale changed nodes"
+    );
 
     let listed = json_of(
         &stack

@@ -466,7 +466,9 @@ async fn scale_one_to_three_to_one_provisions_two_then_tears_down_the_two_newest
         .await
         .unwrap();
 
-    let out = stack.hivectl_ok(&["scale", &subscription, "3"]).unwrap();
+    let out = stack
+        .hivectl_ok(&["scale", &subscription, "3", "--yes"])
+        .unwrap();
     assert!(out.contains("2 node(s) added"), "{out}");
     let three = stack
         .wait_all_status(&token, "ready", 3, Duration::from_secs(90))
@@ -479,10 +481,14 @@ async fn scale_one_to_three_to_one_provisions_two_then_tears_down_the_two_newest
     assert!(ids.contains(&first));
     assert_eq!(stack.tagged_instances().await.unwrap().len(), 3);
     // Asking again for three changes nothing.
-    let out = stack.hivectl_ok(&["scale", &subscription, "3"]).unwrap();
+    let out = stack
+        .hivectl_ok(&["scale", &subscription, "3", "--yes"])
+        .unwrap();
     assert!(out.contains("0 node(s) added, 0 torn down"), "{out}");
 
-    let out = stack.hivectl_ok(&["scale", &subscription, "1"]).unwrap();
+    let out = stack
+        .hivectl_ok(&["scale", &subscription, "1", "--yes"])
+        .unwrap();
     assert!(out.contains("2 torn down"), "{out}");
     let added: Vec<&String> = ids.iter().filter(|id| **id != first).collect();
     for node in &added {
@@ -495,7 +501,9 @@ async fn scale_one_to_three_to_one_provisions_two_then_tears_down_the_two_newest
     assert_eq!(left.len(), 5, "{left:#?}");
     assert!(left.iter().all(|l| l.contains(&first)), "{left:#?}");
     // A count the subscription cannot have is refused with one line and changes nothing.
-    let refused = stack.hivectl(&["scale", &subscription, "1000"]).unwrap();
+    let refused = stack
+        .hivectl(&["scale", &subscription, "1000", "--yes"])
+        .unwrap();
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(message.trim().lines().count(), 1, "{message}");
