@@ -18,6 +18,7 @@ use hive_jobs::model::{NodeState, NodeStatus, TeardownReason};
 use hive_jobs::operator::replay_failed_node;
 use hive_jobs::requests;
 use hive_jobs::store::{self, NodeFilter};
+use hive_jobs::stripe_events::{self, EventEnvelope};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -173,6 +174,13 @@ enum StripeEvents {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a recorded event again (after fixing the plans it named, say). Safe: a snapshot
+    /// no newer than what its subscription holds changes nothing. Reads the api's settings.
+    Reprocess {
+        id: String,
+        #[command(flatten)]
+        confirm: Confirm,
+    },
 }
 
 /// Which nodes (for `nodes` and `replay --all-failed`).
@@ -290,6 +298,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::StripeEvents(StripeEvents::Show { id, json }) => {
             inspect::stripe_event(&pool().await?, &id, json).await
+        }
+        Command::StripeEvents(StripeEvents::Reprocess { id, confirm }) => {
+            reprocess(&id, &confirm).await
         }
         Command::Queue { json } => inspect::queue(&pool().await?, &style, json).await,
         Command::Doctor { json } => {
@@ -694,6 +705,67 @@ async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> any
             ""
         }
     );
+    Ok(())
+}
+
+/// Applies a recorded Stripe event again: first in a transaction that is rolled back, to say
+/// what it would do (no lock is held while asking), then for real once confirmed.
+async fn reprocess(id: &str, confirm: &Confirm) -> anyhow::Result<()> {
+    let config = hive_jobs::config::ApiConfig::from_env(&hive_jobs::config::process_env())
+        .context("reprocessing reads the api's settings")?;
+    let pool = pool().await?;
+    let stored = store::stripe_event(&pool, id)
+        .await
+        .context("reading the event")?
+        .with_context(|| format!("no Stripe event {id}"))?;
+    let event = EventEnvelope::of(&stored.payload.0)?;
+    let meaning = stripe_events::meaning(&event, &config)?;
+    let apply = |commit: bool| {
+        let (pool, meaning, config, event_id) = (&pool, &meaning, &config, &event.id);
+        async move {
+            let mut tx = pool.begin().await.context("starting a transaction")?;
+            let applied = stripe_events::apply(&mut tx, meaning, event_id, config).await?;
+            if commit {
+                tx.commit().await.context("recording the change")?;
+            } else {
+                tx.rollback().await.context("rolling back the trial")?;
+            }
+            anyhow::Ok(applied)
+        }
+    };
+    let trial = apply(false).await?;
+    let (added, removed) = trial
+        .as_ref()
+        .map_or((0, 0), |a| (a.added.len(), a.removed.len()));
+    println!(
+        "{} ({}): {}",
+        event.id,
+        event.event_type,
+        match &trial {
+            None => "recorded only; nothing to apply".to_string(),
+            Some(a) => format!(
+                "subscription {}: would add {added} node(s), tear down {removed}",
+                a.subscription_id
+            ),
+        }
+    );
+    if trial.is_none() || confirm.dry_run {
+        if confirm.dry_run {
+            println!("dry run: nothing done");
+        }
+        return Ok(());
+    }
+    if added + removed > 1 && !confirmed(confirm, &format!("reprocess {}", event.id))? {
+        bail!("not confirmed; nothing done");
+    }
+    let applied = apply(true).await?;
+    for node in applied.iter().flat_map(|a| a.added.iter()) {
+        println!("provisioning {node}");
+    }
+    for node in applied.iter().flat_map(|a| a.removed.iter()) {
+        println!("tearing down {node}");
+    }
+    println!("{} applied again", event.id);
     Ok(())
 }
 

@@ -16,6 +16,7 @@ pub mod reconcile;
 pub mod requests;
 pub mod steps;
 pub mod store;
+pub mod stripe_events;
 pub mod telemetry;
 pub mod usage;
 pub mod user_data;

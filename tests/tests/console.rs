@@ -424,6 +424,40 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
         "{queue_table}"
     );
 
+    // reprocess applies a recorded event again, safely: an event already applied changes
+    // nothing, and an old checkout does not bring back a node the operator cancelled since.
+    let event_of = |user: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT id FROM stripe_events \
+                 WHERE payload->'data'->'object'->>'client_reference_id' = $1",
+            )
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = states(&pool).await;
+    for user in ["u-ready", "u-stuck"] {
+        let event = event_of(user).await;
+        let dry = stack
+            .hivectl_ok(&["stripe-events", "reprocess", &event, "--dry-run"])
+            .unwrap();
+        assert!(dry.contains("would add 0 node(s), tear down 0"), "{dry}");
+        let again = stack
+            .hivectl_ok(&["stripe-events", "reprocess", &event])
+            .unwrap();
+        assert!(again.contains("applied again"), "{again}");
+    }
+    assert_eq!(states(&pool).await, before, "reprocessing changed nodes");
+    let missing = stack
+        .hivectl(&["stripe-events", "reprocess", "evt_missing"])
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no Stripe event"));
+
     // doctor passes on the stack; with moto stopped it names the AWS checks and exits 1.
     let healthy = stack.hivectl(&["doctor"]).unwrap();
     let report = String::from_utf8_lossy(&healthy.stdout).to_string();
