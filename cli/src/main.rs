@@ -658,7 +658,13 @@ async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> any
         for node in &report.reprovisioned {
             println!("would re-provision {node}");
         }
-        if report.removed.is_empty() && report.reprovisioned.is_empty() {
+        for repair in &report.repaired {
+            println!("would repair {repair}");
+        }
+        if report.removed.is_empty()
+            && report.reprovisioned.is_empty()
+            && report.repaired.is_empty()
+        {
             println!("nothing to do");
             return Ok(());
         }
@@ -676,6 +682,7 @@ async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> any
             "dry_run": dry_run,
             "removed": report.removed,
             "reprovisioned": report.reprovisioned,
+            "repaired": report.repaired,
         }));
     }
     let (remove, heal) = if dry_run {
@@ -688,6 +695,12 @@ async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> any
     }
     for node in &report.reprovisioned {
         println!("{heal} {node}");
+    }
+    for repair in &report.repaired {
+        println!(
+            "{} {repair}",
+            if dry_run { "would repair" } else { "repaired" }
+        );
     }
     println!(
         "{} orphan(s) {}, {} node(s) {}{}",

@@ -178,8 +178,9 @@ pub fn cloud_call(provider: &'static str, operation: &str, ok: bool) {
 }
 
 /// One reconcile pass and what it fixed.
-pub fn reconcile_pass(ok: bool, removed: usize, reprovisioned: usize) {
+pub fn reconcile_pass(ok: bool, removed: usize, reprovisioned: usize, repaired: usize) {
     counter!(RECONCILE_PASSES, "outcome" => if ok { "ok" } else { "error" }).increment(1);
     counter!(RECONCILE_FINDINGS, "kind" => "orphan_removed").increment(removed as u64);
     counter!(RECONCILE_FINDINGS, "kind" => "node_reprovisioned").increment(reprovisioned as u64);
+    counter!(RECONCILE_FINDINGS, "kind" => "drift_repaired").increment(repaired as u64);
 }

@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::cloud::cloudflare::{routes_to_tunnel, tunnel_target};
 use crate::cloud::{CloudError, Clouds};
 use crate::model::NodeState;
 use crate::store::{self, StoreError};
@@ -43,6 +44,8 @@ pub struct Report {
     pub removed: Vec<String>,
     /// Ready nodes whose resources vanished, sent back to provisioning.
     pub reprovisioned: Vec<Uuid>,
+    /// Drift fixed in place on ready nodes, as `what (node id)`: a CNAME pointing elsewhere.
+    pub repaired: Vec<String>,
 }
 
 /// Node ids that own resources: every node with a row that is not `terminated`.
@@ -135,6 +138,7 @@ async fn record_pass(
         error.is_none(),
         report.removed.len(),
         report.reprovisioned.len(),
+        report.repaired.len(),
     );
     store::finish_reconcile_run(
         pool,
@@ -199,7 +203,8 @@ async fn pass(
         }
     }
     let suffix = format!(".{node_domain}");
-    for record in clouds.cloudflare.list_cnames().await? {
+    let cnames = clouds.cloudflare.list_cnames().await?;
+    for record in &cnames {
         if let Some(node_id) = record.name.strip_suffix(&suffix) {
             if orphan(&owners, node_id) {
                 if act {
@@ -245,6 +250,41 @@ async fn pass(
         } else if instance_gone {
             NodeState::LaunchingInstance
         } else {
+            // Both are there: the name must route into this node's tunnel.
+            if let Some(tunnel_id) = &tunnel_id {
+                let hostname = format!("{id}{suffix}");
+                let record = cnames.iter().find(|r| r.name == hostname);
+                let fixed = match record {
+                    Some(r) if routes_to_tunnel(r, tunnel_id) => false,
+                    Some(r) => {
+                        if act {
+                            clouds
+                                .cloudflare
+                                .repoint_proxied_cname(&r.id, &hostname, &tunnel_target(tunnel_id))
+                                .await?;
+                        }
+                        true
+                    }
+                    None => {
+                        if act {
+                            clouds
+                                .cloudflare
+                                .create_proxied_cname(&hostname, &tunnel_target(tunnel_id))
+                                .await?;
+                        }
+                        true
+                    }
+                };
+                if fixed {
+                    let what = format!("cloudflare record {hostname} (node {id})");
+                    if act {
+                        tracing::warn!(node_id = %id, "the node's CNAME did not route into its tunnel; fixed");
+                        store::log_reconciled(pool, id, "cname repointed at the node's tunnel")
+                            .await?;
+                    }
+                    report.repaired.push(what);
+                }
+            }
             continue;
         };
         let why = if tunnel_gone {

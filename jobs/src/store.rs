@@ -914,6 +914,30 @@ pub async fn send_back_to(
     Ok(true)
 }
 
+/// Logs, in a node's history, a fix the reconciler made in place (the node stays where it is).
+pub async fn log_reconciled(pool: &PgPool, node_id: Uuid, why: &str) -> StoreResult<()> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(i32, String)> =
+        sqlx::query_as("SELECT generation, state FROM nodes WHERE id = $1")
+            .bind(node_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some((generation, state)) = row {
+        let state = NodeState::parse(&state).unwrap_or(NodeState::Ready);
+        insert_event(
+            &mut *tx,
+            node_id,
+            generation,
+            state,
+            EventKind::Reconciled,
+            Some(why),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Records the start of a reconcile pass (claiming its tick, if it has one); `None` when
 /// another worker has claimed that tick.
 pub async fn claim_reconcile_run(

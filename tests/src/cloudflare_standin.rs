@@ -199,7 +199,7 @@ impl StandIn {
             .route("/zones/{zone}/dns_records", get(list_dns).post(create_dns))
             .route(
                 "/zones/{zone}/dns_records/{id}",
-                axum::routing::delete(delete_dns),
+                axum::routing::delete(delete_dns).put(update_dns),
             )
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
             .layer(middleware::from_fn_with_state(self.clone(), inject_faults));
@@ -609,6 +609,29 @@ async fn create_dns(
     let answer = dns_json(&record);
     store.dns.insert(record.id.clone(), record);
     ok(answer)
+}
+
+/// `PUT`: the record keeps its id and takes the body's type, name, content and proxying.
+async fn update_dns(
+    State(s): State<StandIn>,
+    Path((zone, id)): Path<(String, String)>,
+    body: Option<Json<CreateDns>>,
+) -> Answer {
+    let Some(Json(body)) = body else {
+        return fail(StatusCode::BAD_REQUEST, 1004, "DNS Validation Error");
+    };
+    let mut store = s.lock();
+    match store.dns.get_mut(&id) {
+        Some(record) if record.zone == zone => {
+            record.record_type = body.record_type;
+            record.name = body.name;
+            record.content = body.content;
+            record.proxied = body.proxied;
+            record.ttl = body.ttl.unwrap_or(1);
+            ok(dns_json(record))
+        }
+        _ => fail(StatusCode::NOT_FOUND, 81044, "Record does not exist."),
+    }
 }
 
 async fn delete_dns(State(s): State<StandIn>, Path((zone, id)): Path<(String, String)>) -> Answer {

@@ -10,7 +10,7 @@ use cloudflare::endpoints::cfd_tunnel::{
 };
 use cloudflare::endpoints::dns::dns::{
     CreateDnsRecord, CreateDnsRecordParams, DeleteDnsRecord, DnsContent, DnsRecord, ListDnsRecords,
-    ListDnsRecordsParams,
+    ListDnsRecordsParams, UpdateDnsRecord, UpdateDnsRecordParams,
 };
 use cloudflare::framework::auth::Credentials;
 use cloudflare::framework::client::async_api::Client;
@@ -325,6 +325,33 @@ impl Cloudflare {
         Ok(created.result)
     }
 
+    /// Points an existing record at `target`, proxied (the record kept its id).
+    pub async fn repoint_proxied_cname(
+        &self,
+        record_id: &str,
+        name: &str,
+        target: &str,
+    ) -> CloudResult<DnsRecord> {
+        let updated = self
+            .call(
+                "cloudflare:UpdateDnsRecord",
+                &UpdateDnsRecord {
+                    zone_identifier: &self.zone_id,
+                    identifier: record_id,
+                    params: UpdateDnsRecordParams {
+                        ttl: Some(1),
+                        proxied: Some(true),
+                        name,
+                        content: DnsContent::CNAME {
+                            content: target.to_string(),
+                        },
+                    },
+                },
+            )
+            .await?;
+        Ok(updated.result)
+    }
+
     pub async fn delete_dns_record(&self, record_id: &str) -> CloudResult<()> {
         let result = self
             .send(
@@ -459,4 +486,10 @@ impl EndpointSpec for GetTunnel<'_> {
     fn path(&self) -> String {
         format!("accounts/{}/cfd_tunnel/{}", self.account_id, self.tunnel_id)
     }
+}
+
+/// Whether a record is the proxied CNAME into `tunnel_id`'s tunnel.
+pub fn routes_to_tunnel(record: &DnsRecord, tunnel_id: &str) -> bool {
+    let target = tunnel_target(tunnel_id);
+    record.proxied && matches!(&record.content, DnsContent::CNAME { content } if *content == target)
 }

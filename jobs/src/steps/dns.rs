@@ -2,22 +2,31 @@
 //! that sends the name to Cloudflare's edge.
 
 use super::{done, required, Outcome, StepContext};
-use crate::cloud::cloudflare::tunnel_target;
+use crate::cloud::cloudflare::{routes_to_tunnel, tunnel_target};
 use crate::cloud::route53::Propagation;
 use crate::cloud::CloudResult;
 use crate::model::Node;
 use crate::store::Created;
 
-/// The proxied CNAME `<node>.<domain>` → `<tunnel>.cfargotunnel.com`, adopted when it exists.
+/// The proxied CNAME `<node>.<domain>` → `<tunnel>.cfargotunnel.com`. A record of that name
+/// that exists already is kept only if it points at the node's current tunnel; else it is
+/// pointed there (a record left by an earlier tunnel would route the name nowhere).
 /// Undo: [`delete_cloudflare`].
 pub async fn route_cloudflare(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
     let tunnel_id = required(node, "tunnel_id", &node.tunnel_id)?;
     let cloudflare = &ctx.clouds.cloudflare;
+    let target = tunnel_target(tunnel_id);
     let record = match cloudflare.find_cname(&node.hostname).await? {
-        Some(existing) => existing,
+        Some(existing) if routes_to_tunnel(&existing, tunnel_id) => existing,
+        Some(elsewhere) => {
+            tracing::warn!(record = %elsewhere.id, "the node's CNAME pointed elsewhere; repointing");
+            cloudflare
+                .repoint_proxied_cname(&elsewhere.id, &node.hostname, &target)
+                .await?
+        }
         None => {
             cloudflare
-                .create_proxied_cname(&node.hostname, &tunnel_target(tunnel_id))
+                .create_proxied_cname(&node.hostname, &target)
                 .await?
         }
     };

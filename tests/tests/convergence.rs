@@ -1,0 +1,128 @@
+//! Converge, never merely adopt: a CNAME of the node's name that exists already is pointed at
+//! the node's tunnel by the routing step, and one edited behind our back on a ready node is
+//! found (`reconcile --dry-run` names it and changes nothing) and put back by the reconciler.
+
+use std::time::Duration;
+
+use hive_tests::stack::{Stack, StackOptions, CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, NODE_DOMAIN};
+use serde_json::{json, Value};
+
+/// The stand-in's records named `name`.
+async fn records_named(stack: &Stack, name: &str) -> Vec<Value> {
+    stack.cloudflare_state().await.unwrap()["dns_records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["name"] == name)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cname_pointing_elsewhere_is_pointed_at_the_nodes_tunnel() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    stack.start_api().unwrap();
+    let user = "user-converge";
+    let token = Stack::jwt(user, 600);
+    // The node exists before any worker runs: a record of its name is there first, pointing
+    // at some other tunnel (left by an earlier attempt, or made by hand).
+    let node = stack.send_checkout(user, "pro").await.unwrap().remove(0);
+    let hostname = format!("{node}.{NODE_DOMAIN}");
+    let http = reqwest::Client::new();
+    let records = format!(
+        "{}zones/{CLOUDFLARE_ZONE}/dns_records",
+        stack.cloudflare_api_base()
+    );
+    let planted = http
+        .post(&records)
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .json(&json!({
+            "type": "CNAME", "name": hostname, "content": "old-tunnel.cfargotunnel.com",
+            "proxied": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(planted.status().is_success());
+    stack.start_worker().unwrap();
+    let ready = stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let tunnel = ready[0]["tunnel_id"].as_str().unwrap().to_string();
+    let target = format!("{tunnel}.cfargotunnel.com");
+    let named = records_named(&stack, &hostname).await;
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(
+        named[0]["content"],
+        target.as_str(),
+        "the step adopted a wrong record"
+    );
+    let record_id = named[0]["id"].as_str().unwrap().to_string();
+
+    // Edited behind our back on a ready node.
+    let edited = http
+        .put(format!("{records}/{record_id}"))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .json(&json!({
+            "type": "CNAME", "name": hostname, "content": "elsewhere.example.net",
+            "proxied": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(edited.status().is_success());
+
+    let planned = stack
+        .hivectl(&["reconcile", "--dry-run", "--grace-secs", "0", "--json"])
+        .unwrap();
+    assert!(planned.status.success());
+    let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
+    let repairs = planned["repaired"].as_array().unwrap();
+    assert_eq!(repairs.len(), 1, "{planned}");
+    assert!(repairs[0].as_str().unwrap().contains(&hostname));
+    assert!(
+        planned["removed"].as_array().unwrap().is_empty(),
+        "{planned}"
+    );
+    assert!(
+        planned["reprovisioned"].as_array().unwrap().is_empty(),
+        "{planned}"
+    );
+    assert_eq!(
+        records_named(&stack, &hostname).await[0]["content"],
+        "elsewhere.example.net",
+        "the dry run changed the record"
+    );
+
+    let out = stack.reconcile_now().unwrap();
+    assert!(out.contains("repaired cloudflare record"), "{out}");
+    let named = records_named(&stack, &hostname).await;
+    assert_eq!(named.len(), 1);
+    assert_eq!(
+        named[0]["id"],
+        record_id.as_str(),
+        "the record was replaced, not repointed"
+    );
+    assert_eq!(named[0]["content"], target.as_str());
+    // The node stayed ready, and its log says what was fixed.
+    let (code, view) = stack
+        .get_as(&format!("/api/v1/nodes/{node}"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(view["status"], "ready");
+    let pool = stack.pool().await.unwrap();
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM node_events WHERE node_id = $1::uuid AND kind = 'reconciled' \
+         AND detail LIKE 'cname repointed%'",
+    )
+    .bind(&node)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(logged, 1);
+    // A second pass finds nothing left to do.
+    let again = stack.reconcile_now().unwrap();
+    assert!(!again.contains("repaired"), "{again}");
+}
