@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,19 +34,24 @@ async fn run() -> anyhow::Result<()> {
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
         .await
         .context("connecting to the database")?;
-    if let Some(addr) = config.metrics_addr {
-        let handle = hive_jobs::metrics::install().context("installing the metrics recorder")?;
-        let bound = hive_jobs::metrics::serve(addr, handle, pool.clone())
-            .await
-            .context("serving metrics")?;
-        tracing::info!(addr = %bound, "metrics at GET /metrics");
-    }
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     // The first line on stdout says where we listen (tests and scripts read it).
     println!("hive-api listening on {addr}");
+    if let Some(addr) = config.metrics_addr {
+        let handle = hive_jobs::metrics::install().context("installing the metrics recorder")?;
+        let bound = hive_jobs::metrics::serve(addr, handle, pool.clone())
+            .await
+            .context("serving metrics")?;
+        // The second line on stdout, after where the api listens.
+        // Whoever started us may have stopped reading stdout after the first line.
+        if let Err(e) = writeln!(std::io::stdout(), "hive-api metrics on {bound}") {
+            tracing::debug!(error = %e, "stdout is closed");
+        }
+        tracing::info!(addr = %bound, "metrics at GET /metrics");
+    }
     tracing::info!(%addr, "hive-api started");
     let stripe = hive_api::checkout::client(&config)
         .context("building the Stripe client")?

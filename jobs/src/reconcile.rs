@@ -167,8 +167,10 @@ async fn pass(
     let owners = owning_nodes(pool).await?;
     let mut report = Report::default();
 
-    for (instance, node_id) in clouds.compute.list_tagged().await? {
-        if orphan(&owners, &node_id) {
+    // One listing per provider serves both the orphans and the ready nodes' checks.
+    let instances = clouds.compute.list_tagged().await?;
+    for (instance, node_id) in &instances {
+        if orphan(&owners, node_id) {
             if act {
                 clouds.compute.terminate(&instance.id).await?;
             }
@@ -177,7 +179,8 @@ async fn pass(
                 .push(format!("instance {} (node {node_id})", instance.id));
         }
     }
-    for tunnel in clouds.cloudflare.list_tunnels("hive-").await? {
+    let tunnels = clouds.cloudflare.list_tunnels("hive-").await?;
+    for tunnel in &tunnels {
         let node_id = tunnel.name.trim_start_matches("hive-");
         if orphan(&owners, node_id) && started - tunnel.created_at > grace {
             if act {
@@ -227,24 +230,42 @@ async fn pass(
         }
     }
 
-    // Ready nodes whose instance or tunnel is gone go back to the step that makes it.
+    // Ready nodes whose instance or tunnel is gone go back to the step that makes it; drift
+    // that can be fixed in place is fixed in place. Judged from the listings above; what they
+    // miss is looked up once more (it may have been made after the listing).
     for (id, instance_id, tunnel_id) in store::ready_nodes(pool).await? {
-        let tunnel_gone = match tunnel_id {
+        let tunnel_name = crate::model::tunnel_name(id);
+        let tunnel_gone = match &tunnel_id {
             None => true,
-            Some(_) => clouds
-                .cloudflare
-                .find_tunnel(&crate::model::tunnel_name(id))
-                .await?
-                .is_none(),
+            Some(_) if tunnels.iter().any(|t| t.name == tunnel_name) => false,
+            Some(_) => clouds.cloudflare.find_tunnel(&tunnel_name).await?.is_none(),
         };
-        let instance_gone = match &instance_id {
-            None => true,
-            Some(i) => clouds
-                .compute
-                .describe(i)
-                .await?
-                .is_none_or(|i| i.state != "running"),
+        let instance = match &instance_id {
+            None => None,
+            Some(i) => match instances.iter().find(|(x, _)| x.id == *i) {
+                Some((listed, _)) => Some(listed.clone()),
+                None => clouds.compute.describe(i).await?,
+            },
         };
+        let instance_state = instance.as_ref().map(|i| i.state.as_str());
+        let instance_gone = !matches!(
+            instance_state,
+            Some("running" | "pending" | "stopping" | "stopped")
+        );
+        // Stopped behind our back while it should run: started again, the same instance.
+        if !tunnel_gone && instance_state == Some("stopped") {
+            if let Some(instance) = &instance {
+                if act {
+                    clouds.compute.start(&instance.id).await?;
+                    tracing::warn!(node_id = %id, instance_id = %instance.id, "a ready node's instance was stopped; started it");
+                    store::log_reconciled(pool, id, "instance was stopped; started again").await?;
+                }
+                report
+                    .repaired
+                    .push(format!("instance {} started (node {id})", instance.id));
+            }
+            continue;
+        }
         let restart_at = if tunnel_gone {
             NodeState::CreatingTunnel
         } else if instance_gone {

@@ -126,3 +126,64 @@ async fn a_cname_pointing_elsewhere_is_pointed_at_the_nodes_tunnel() {
     let again = stack.reconcile_now().unwrap();
     assert!(!again.contains("repaired"), "{again}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_stopped_behind_our_back_on_a_ready_node_is_started_again() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let user = "user-stopped-behind";
+    let token = Stack::jwt(user, 600);
+    let node = stack.send_checkout(user, "pro").await.unwrap().remove(0);
+    stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let instance = stack.instance_of(&node).await.unwrap().unwrap();
+    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
+    ec2.stop_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stack.instance_shape(&instance).await.unwrap().state != "stopped" {
+        assert!(std::time::Instant::now() < deadline, "never stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let out = stack.reconcile_now().unwrap();
+    assert!(
+        out.contains(&format!("repaired instance {instance} started")),
+        "{out}"
+    );
+    assert_eq!(
+        stack.instance_shape(&instance).await.unwrap().state,
+        "running"
+    );
+    // The same instance, not a new one; the node stayed ready and says what happened.
+    let live: Vec<_> = stack
+        .tagged_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state != "terminated")
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].id, instance);
+    let (_, view) = stack
+        .get_as(&format!("/api/v1/nodes/{node}"), Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(view["status"], "ready");
+    assert!(
+        view["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reconciled"),
+        "{view}"
+    );
+    let again = stack.reconcile_now().unwrap();
+    assert!(!again.contains("repaired"), "{again}");
+}

@@ -1,5 +1,6 @@
 //! hive-worker: runs the nodes' state machines off the Postgres job queue.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,10 @@ where
     if let Some(addr) = config.metrics_addr {
         let handle = hive_jobs::metrics::install()?;
         let bound = hive_jobs::metrics::serve(addr, handle, pool.clone()).await?;
+        // Whoever started us may have stopped reading stdout after the first line.
+        if let Err(e) = writeln!(std::io::stdout(), "hive-worker metrics on {bound}") {
+            tracing::debug!(error = %e, "stdout is closed");
+        }
         tracing::info!(addr = %bound, "metrics at GET /metrics");
     }
     let (clouds, region) = Clouds::from_config(&config).await?;
@@ -211,6 +216,7 @@ async fn log_pass(context: &ReconcileContext, at: chrono::DateTime<chrono::Utc>)
         Ok(Some(report)) => tracing::info!(
             removed = report.removed.len(),
             reprovisioned = report.reprovisioned.len(),
+            repaired = report.repaired.len(),
             "reconciled"
         ),
         Ok(None) => tracing::debug!("tick taken by another worker"),
