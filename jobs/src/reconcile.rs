@@ -313,6 +313,19 @@ async fn pass(
         } else {
             "instance vanished"
         };
+        // An instance holds its tunnel's token: one whose tunnel is replaced is replaced too,
+        // or it would keep serving (nothing) with the old token while the node says ready.
+        if tunnel_gone {
+            if let Some(old) = instance.as_ref().filter(|_| !instance_gone) {
+                if act {
+                    clouds.compute.terminate(&old.id).await?;
+                }
+                report.repaired.push(format!(
+                    "instance {} replaced with its tunnel (node {id})",
+                    old.id
+                ));
+            }
+        }
         if !act {
             report.reprovisioned.push(id);
         } else if store::send_back_to(pool, id, restart_at, tunnel_gone, why).await? {

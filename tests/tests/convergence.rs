@@ -187,3 +187,91 @@ async fn an_instance_stopped_behind_our_back_on_a_ready_node_is_started_again() 
     let again = stack.reconcile_now().unwrap();
     assert!(!again.contains("repaired"), "{again}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_deleted_behind_our_back_is_replaced_with_its_route_secret_and_instance() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let user = "user-tunnel-gone";
+    let token = Stack::jwt(user, 600);
+    let node = stack.send_checkout(user, "pro").await.unwrap().remove(0);
+    let ready = stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let old_tunnel = ready[0]["tunnel_id"].as_str().unwrap().to_string();
+    let old_instance = stack.instance_of(&node).await.unwrap().unwrap();
+    let http = reqwest::Client::new();
+    let account = hive_tests::stack::CLOUDFLARE_ACCOUNT;
+    let deleted = http
+        .delete(format!(
+            "{}accounts/{account}/cfd_tunnel/{old_tunnel}",
+            stack.cloudflare_api_base()
+        ))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success());
+
+    let out = stack.reconcile_now().unwrap();
+    assert!(out.contains(&format!("re-provisioning {node}")), "{out}");
+    assert!(
+        out.contains(&format!("instance {old_instance} replaced")),
+        "{out}"
+    );
+    let ready = stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let new_tunnel = ready[0]["tunnel_id"].as_str().unwrap().to_string();
+    assert_ne!(new_tunnel, old_tunnel);
+
+    // The name routes into the new tunnel.
+    let hostname = format!("{node}.{NODE_DOMAIN}");
+    let named = records_named(&stack, &hostname).await;
+    assert_eq!(named.len(), 1);
+    assert_eq!(
+        named[0]["content"],
+        format!("{new_tunnel}.cfargotunnel.com")
+    );
+    // The secret holds the new tunnel's token.
+    let new_token: Value = http
+        .get(format!(
+            "{}accounts/{account}/cfd_tunnel/{new_tunnel}/token",
+            stack.cloudflare_api_base()
+        ))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    let stored = sm
+        .get_secret_value()
+        .secret_id(format!("hive/nodes/{node}/tunnel-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.secret_string(), new_token["result"].as_str());
+    // No instance still runs with the old token: the old one is gone, one new one runs.
+    let instances = stack.tagged_instances().await.unwrap();
+    let live: Vec<_> = instances
+        .iter()
+        .filter(|i| !matches!(i.state.as_str(), "terminated" | "shutting-down"))
+        .collect();
+    assert_eq!(live.len(), 1, "{instances:?}");
+    assert_ne!(live[0].id, old_instance);
+    assert!(instances.iter().any(
+        |i| i.id == old_instance && matches!(i.state.as_str(), "terminated" | "shutting-down")
+    ));
+    let again = stack.reconcile_now().unwrap();
+    assert!(
+        again.contains("0 orphan(s) removed, 0 node(s) re-provisioned"),
+        "{again}"
+    );
+    assert!(!again.contains("repaired"), "{again}");
+}
