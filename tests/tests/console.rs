@@ -482,6 +482,17 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
             "{check}: {report}"
         );
     }
+    let as_json = json_of(
+        &stack.hivectl(&["doctor", "--json"]).unwrap(),
+        "doctor --json",
+    );
+    let checks = as_json.as_array().unwrap();
+    assert!(checks.iter().all(|c| c["ok"] == true), "{as_json}");
+    assert_eq!(
+        checks.len(),
+        report.lines().count(),
+        "the table and the JSON hold the same checks"
+    );
     stack.moto.process.kill_now();
     let sick = stack.hivectl(&["doctor"]).unwrap();
     let report = String::from_utf8_lossy(&sick.stdout).to_string();

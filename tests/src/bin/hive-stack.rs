@@ -74,6 +74,7 @@ async fn up() -> anyhow::Result<()> {
   Postgres          {db}
   moto (AWS)        {aws}
   Cloudflare API    {cf}
+  Stripe API        http://{stripe}/
   logs              {logs}
 
 Send a signed test checkout (plan team = 5 nodes, pro = 1):
@@ -85,6 +86,7 @@ Watch the nodes become ready:
         db = stack.database_url,
         aws = stack.moto.endpoint(),
         cf = stack.cloudflare_api_base(),
+        stripe = stack.stripe_addr,
         logs = dir.display(),
     );
     hive_jobs::telemetry::shutdown_signal().await;
