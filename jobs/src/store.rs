@@ -1118,17 +1118,6 @@ pub async fn max_ordinal(
     Ok(max.unwrap_or(-1))
 }
 
-/// Our id of a subscription, from ours or Stripe's (`sub_...`).
-pub async fn subscription_id(pool: &PgPool, id_or_stripe_id: &str) -> StoreResult<Option<Uuid>> {
-    let found: Option<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM subscriptions WHERE id::text = $1 OR stripe_subscription_id = $1",
-    )
-    .bind(id_or_stripe_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(found.map(|(id,)| id))
-}
-
 /// A subscription as billing keeps it: whose it is, and the latest Stripe snapshot applied.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SubscriptionState {
@@ -1298,23 +1287,7 @@ pub async fn user_subscriptions(
     pool: &PgPool,
     user_id: &str,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        sub: SubscriptionState,
-        live: i64,
-    }
-    let sql = format!(
-        "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
-           WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
-         FROM subscriptions WHERE user_id = $1 ORDER BY created_at DESC"
-    );
-    let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
-        .bind(user_id)
-        .bind(Desired::Gone.as_str())
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
+    subscriptions(pool, Some(user_id)).await
 }
 
 /// Every move of the user's nodes up to `until`, as (node, when, `from -> to`), in order.
@@ -1447,23 +1420,7 @@ pub async fn subscriptions(
     pool: &PgPool,
     user_id: Option<&str>,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        #[sqlx(flatten)]
-        sub: SubscriptionState,
-        live: i64,
-    }
-    let sql = format!(
-        "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
-           WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
-         FROM subscriptions WHERE ($1::text IS NULL OR user_id = $1) ORDER BY created_at DESC"
-    );
-    let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
-        .bind(user_id)
-        .bind(Desired::Gone.as_str())
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
+    subscriptions_where(pool, "$1::text IS NULL OR user_id = $1", user_id).await
 }
 
 /// One subscription by our id or Stripe's, with its live node count.
@@ -1471,6 +1428,22 @@ pub async fn subscription_of(
     pool: &PgPool,
     id: &str,
 ) -> StoreResult<Option<(SubscriptionState, i64)>> {
+    let mut found = subscriptions_where(
+        pool,
+        "id::text = $1 OR stripe_subscription_id = $1",
+        Some(id),
+    )
+    .await?;
+    Ok(found.pop())
+}
+
+/// The subscriptions matching `condition` (on `$1`), newest first, each with how many of its
+/// nodes are not going away.
+async fn subscriptions_where(
+    pool: &PgPool,
+    condition: &'static str,
+    arg: Option<&str>,
+) -> StoreResult<Vec<(SubscriptionState, i64)>> {
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -1480,14 +1453,14 @@ pub async fn subscription_of(
     let sql = format!(
         "SELECT {SUBSCRIPTION_COLUMNS}, (SELECT count(*) FROM nodes n \
            WHERE n.subscription_id = subscriptions.id AND n.desired <> $2) AS live \
-         FROM subscriptions WHERE id::text = $1 OR stripe_subscription_id = $1"
+         FROM subscriptions WHERE {condition} ORDER BY created_at DESC"
     );
-    let row: Option<Row> = sqlx::query_as(AssertSqlSafe(sql))
-        .bind(id)
+    let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(arg)
         .bind(Desired::Gone.as_str())
-        .fetch_optional(pool)
+        .fetch_all(pool)
         .await?;
-    Ok(row.map(|r| (r.sub, r.live)))
+    Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
 }
 
 /// A Stripe event as recorded.
