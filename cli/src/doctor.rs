@@ -176,8 +176,8 @@ pub async fn run() -> Vec<Check> {
 }
 
 async fn clouds(config: &WorkerConfig, checks: &mut Vec<Check>) {
-    let clouds = match Clouds::from_config(config).await {
-        Ok((clouds, _region)) => clouds,
+    let clouds = match Clouds::from_config(config, None).await {
+        Ok(clouds) => clouds,
         Err(e) => {
             for name in [
                 "aws ec2",
@@ -195,17 +195,28 @@ async fn clouds(config: &WorkerConfig, checks: &mut Vec<Check>) {
         }
     };
     let ok = |what: &str| Ok::<String, String>(what.to_string());
+    let regions = clouds.region_names().join(", ");
     checks.push(
         check("aws ec2", async {
-            clouds.compute.ping().await.map_err(|e| e.to_string())?;
-            ok("answers")
+            for aws in &clouds.regions {
+                aws.compute
+                    .ping()
+                    .await
+                    .map_err(|e| format!("{}: {e}", aws.settings.name))?;
+            }
+            Ok(format!("answers in {regions}"))
         })
         .await,
     );
     checks.push(
         check("aws secrets manager", async {
-            clouds.secrets.ping().await.map_err(|e| e.to_string())?;
-            ok("answers")
+            for aws in &clouds.regions {
+                aws.secrets
+                    .ping()
+                    .await
+                    .map_err(|e| format!("{}: {e}", aws.settings.name))?;
+            }
+            Ok(format!("answers in {regions}"))
         })
         .await,
     );

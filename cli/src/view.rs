@@ -26,6 +26,11 @@ pub struct NodeJson {
     pub volume_gb: i32,
     pub applied_instance_type: Option<String>,
     pub applied_volume_gb: Option<i32>,
+    /// Where the instance runs (`subnet-... (zone)`).
+    pub placement: Option<String>,
+    /// Runs as `fallback_type` in place of `fallback_for`, for want of capacity.
+    pub fallback_type: Option<String>,
+    pub fallback_for: Option<String>,
     pub hostname: String,
     pub generation: i32,
     pub instance_id: Option<String>,
@@ -54,6 +59,9 @@ impl From<&Node> for NodeJson {
             volume_gb: n.volume_gb,
             applied_instance_type: n.applied_instance_type.clone(),
             applied_volume_gb: n.applied_volume_gb,
+            placement: n.placement.clone(),
+            fallback_type: n.fallback_type.clone(),
+            fallback_for: n.fallback_for.clone(),
             hostname: n.hostname.clone(),
             generation: n.generation,
             instance_id: n.instance_id.clone(),
@@ -218,6 +226,14 @@ pub fn node_detail(style: &Style, detail: &NodeDetailJson) -> String {
                     .map(|v| format!("{v} GiB"))
                     .unwrap_or_else(|| "-".into())
             ),
+        ),
+        ("placement", opt(&n.placement)),
+        (
+            "capacity fallback",
+            match (&n.fallback_type, &n.fallback_for) {
+                (Some(runs_as), Some(wanted)) => format!("{runs_as} in place of {wanted}"),
+                _ => "-".into(),
+            },
         ),
         ("tunnel", opt(&n.tunnel_id)),
         ("secret", opt(&n.secret_arn)),

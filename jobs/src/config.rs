@@ -71,6 +71,9 @@ pub struct Plan {
     /// Stripe price ids that buy this plan (besides a price whose `lookup_key` or
     /// `metadata.plan` is the plan's name).
     pub prices: Vec<String>,
+    /// Instance types to launch instead when no zone of the region has capacity for
+    /// `instance_type`, tried in order.
+    pub fallback_types: Vec<String>,
 }
 
 /// Plans by name: from the `[plans.*]` tables of `HIVE_CONFIG_FILE`, else the shorthand
@@ -84,6 +87,16 @@ pub const DEFAULT_PLANS: &str = "pro=t4g.small:1:10,team=t4g.medium:5:50";
 const DEFAULT_VOLUME_GB: i32 = 10;
 
 impl Plans {
+    /// The types to launch in place of `instance_type` when no zone has capacity for it: the
+    /// `fallback_types` of the plan that launches it.
+    pub fn fallbacks_for(&self, instance_type: &str) -> &[String] {
+        self.0
+            .values()
+            .find(|p| p.instance_type == instance_type && !p.fallback_types.is_empty())
+            .map(|p| p.fallback_types.as_slice())
+            .unwrap_or_default()
+    }
+
     /// The plan a Stripe price buys: the one named by its `lookup_key` or `metadata.plan`, or
     /// whose `prices` hold its id.
     pub fn for_price(
@@ -119,6 +132,15 @@ fn check_plan(name: &str, plan: &Plan) -> Result<(), String> {
     if !(1..=16_384).contains(&plan.volume_gb) {
         return Err(format!("plans.{name}.volume_gb: must be 1 to 16384"));
     }
+    if let Some(bad) = plan
+        .fallback_types
+        .iter()
+        .find(|t| !crate::requests::valid_instance_type(t))
+    {
+        return Err(format!(
+            "plans.{name}.fallback_types: `{bad}` is not a t4g instance type"
+        ));
+    }
     Ok(())
 }
 
@@ -148,6 +170,7 @@ impl FromStr for Plans {
                 nodes,
                 volume_gb,
                 prices: Vec::new(),
+                fallback_types: Vec::new(),
             };
             check_plan(name, &plan).map_err(|e| format!("plan {e}"))?;
             plans.insert(name.to_string(), plan);
@@ -173,7 +196,15 @@ fn plans_from_toml(table: &toml::Table) -> Result<Option<Plans>, String> {
             .as_table()
             .ok_or_else(|| format!("plans.{name}: must be a table"))?;
         for key in t.keys() {
-            if !["instance_type", "nodes", "volume_gb", "prices"].contains(&key.as_str()) {
+            if ![
+                "instance_type",
+                "nodes",
+                "volume_gb",
+                "prices",
+                "fallback_types",
+            ]
+            .contains(&key.as_str())
+            {
                 return Err(format!("plans.{name}.{key}: unknown key"));
             }
         }
@@ -192,18 +223,21 @@ fn plans_from_toml(table: &toml::Table) -> Result<Option<Plans>, String> {
         };
         let nodes = int("nodes")?.ok_or_else(|| format!("plans.{name}.nodes: missing"))?;
         let volume_gb = int("volume_gb")?.unwrap_or(DEFAULT_VOLUME_GB as i64);
-        let prices = match t.get("prices") {
-            None => Vec::new(),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.iter().map(|p| p.as_str().map(str::to_string)).collect())
-                .ok_or_else(|| format!("plans.{name}.prices: must be a list of price ids"))?,
+        let strings = |key: &str, what: &str| -> Result<Vec<String>, String> {
+            match t.get(key) {
+                None => Ok(Vec::new()),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|p| p.as_str().map(str::to_string)).collect())
+                    .ok_or_else(|| format!("plans.{name}.{key}: must be a list of {what}")),
+            }
         };
         let plan = Plan {
             instance_type: instance_type.to_string(),
             nodes: u32::try_from(nodes).unwrap_or(0),
             volume_gb: i32::try_from(volume_gb).unwrap_or(0),
-            prices,
+            prices: strings("prices", "price ids")?,
+            fallback_types: strings("fallback_types", "instance types")?,
         };
         check_plan(name, &plan)?;
         out.insert(name.clone(), plan);
@@ -214,10 +248,124 @@ fn plans_from_toml(table: &toml::Table) -> Result<Option<Plans>, String> {
     Ok(Some(Plans(out)))
 }
 
+/// Where a region's nodes boot from: an AMI id, or an SSM parameter that names the current
+/// one (`/aws/service/debian/release/12/latest/arm64`), which EC2 resolves at launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Image {
+    Ami(String),
+    Parameter(String),
+}
+
+impl Image {
+    /// The `ImageId` of a launch: the AMI, or `resolve:ssm:<parameter>`.
+    pub fn launch_image_id(&self) -> String {
+        match self {
+            Image::Ami(id) => id.clone(),
+            Image::Parameter(name) => format!("resolve:ssm:{name}"),
+        }
+    }
+}
+
+/// Everything a worker needs to launch nodes in one region: the `[regions.<name>]` tables of
+/// `HIVE_CONFIG_FILE`, else the one-region shorthand (`AWS_REGION`, `HIVE_AMI_ID`,
+/// `HIVE_SUBNET_ID`, `HIVE_SECURITY_GROUP_ID`, `HIVE_INSTANCE_PROFILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSettings {
+    pub name: String,
+    pub image: Image,
+    /// One per availability zone, tried in order when a zone has no capacity.
+    pub subnets: Vec<String>,
+    pub security_group: String,
+    pub instance_profile: String,
+}
+
+/// A `[regions.<name>]` table as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionTable {
+    ami: Option<String>,
+    ami_parameter: Option<String>,
+    subnets: Vec<String>,
+    security_group: String,
+    instance_profile: String,
+}
+
+fn check_region(name: &str, t: RegionTable) -> Result<RegionSettings, String> {
+    if !valid_region(name) {
+        return Err(format!("regions.{name}: `{name}` is not a region name"));
+    }
+    let image = match (t.ami, t.ami_parameter) {
+        (Some(ami), None) if ami.starts_with("ami-") => Image::Ami(ami),
+        (Some(ami), None) => {
+            return Err(format!(
+                "regions.{name}.ami: `{ami}` does not start with `ami-`"
+            ))
+        }
+        (None, Some(p)) if p.starts_with('/') => Image::Parameter(p),
+        (None, Some(p)) => {
+            return Err(format!(
+                "regions.{name}.ami_parameter: `{p}` is not a parameter path (starting with `/`)"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "regions.{name}: set exactly one of ami, ami_parameter"
+            ))
+        }
+    };
+    if t.subnets.is_empty() {
+        return Err(format!("regions.{name}.subnets: name at least one subnet"));
+    }
+    if let Some(bad) = t.subnets.iter().find(|s| !s.starts_with("subnet-")) {
+        return Err(format!(
+            "regions.{name}.subnets: `{bad}` does not start with `subnet-`"
+        ));
+    }
+    if !t.security_group.starts_with("sg-") {
+        return Err(format!(
+            "regions.{name}.security_group: `{}` does not start with `sg-`",
+            t.security_group
+        ));
+    }
+    if t.instance_profile.trim().is_empty() {
+        return Err(format!("regions.{name}.instance_profile: empty"));
+    }
+    Ok(RegionSettings {
+        name: name.to_string(),
+        image,
+        subnets: t.subnets,
+        security_group: t.security_group,
+        instance_profile: t.instance_profile,
+    })
+}
+
+/// The `[regions.*]` tables of a configuration file; `None` when it has none.
+fn regions_from_toml(table: &toml::Table) -> Result<Option<Vec<RegionSettings>>, String> {
+    let Some(regions) = table.get("regions") else {
+        return Ok(None);
+    };
+    let regions = regions
+        .as_table()
+        .ok_or("regions: must be a table of [regions.<name>] tables")?;
+    let mut out = Vec::new();
+    for (name, value) in regions {
+        let parsed: RegionTable = value
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("regions.{name}: {}", e.message().trim()))?;
+        out.push(check_region(name, parsed)?);
+    }
+    if out.is_empty() {
+        return Err("regions: no region defined".into());
+    }
+    Ok(Some(out))
+}
+
 /// The configuration file named by `HIVE_CONFIG_FILE`, read by every binary.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigFile {
     pub plans: Option<Plans>,
+    pub regions: Option<Vec<RegionSettings>>,
 }
 
 impl ConfigFile {
@@ -241,8 +389,59 @@ impl ConfigFile {
             malformed(format!("line {line}: {}", message.join("; ")))
         })?;
         Ok(ConfigFile {
-            plans: plans_from_toml(&table).map_err(malformed)?,
+            plans: plans_from_toml(&table).map_err(&malformed)?,
+            regions: regions_from_toml(&table).map_err(&malformed)?,
         })
+    }
+
+    /// The regions nodes may live in, by name: the file's, else the one-region shorthand.
+    pub fn region_names<F: Fn(&str) -> Option<String>>(
+        &self,
+        env: &Env<F>,
+    ) -> Result<Vec<String>, ConfigError> {
+        match &self.regions {
+            Some(regions) => Ok(regions.iter().map(|r| r.name.clone()).collect()),
+            None => Ok(vec![aws_region(env)?]),
+        }
+    }
+
+    /// The regions with their launch settings: the file's, else the one-region shorthand.
+    pub fn region_settings<F: Fn(&str) -> Option<String>>(
+        &self,
+        env: &Env<F>,
+    ) -> Result<Vec<RegionSettings>, ConfigError> {
+        if let Some(regions) = &self.regions {
+            return Ok(regions.clone());
+        }
+        Ok(vec![RegionSettings {
+            name: aws_region(env)?,
+            image: Image::Ami(prefixed(env, "HIVE_AMI_ID", "ami-")?),
+            subnets: env
+                .required("HIVE_SUBNET_ID")?
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.starts_with("subnet-") {
+                        Ok(s)
+                    } else {
+                        Err(ConfigError::Malformed {
+                            name: "HIVE_SUBNET_ID",
+                            reason: format!("`{s}` does not start with `subnet-`"),
+                        })
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|subnets| {
+                    if subnets.is_empty() {
+                        Err(ConfigError::Missing("HIVE_SUBNET_ID"))
+                    } else {
+                        Ok(subnets)
+                    }
+                })?,
+            security_group: prefixed(env, "HIVE_SECURITY_GROUP_ID", "sg-")?,
+            instance_profile: env.required("HIVE_INSTANCE_PROFILE")?,
+        }])
     }
 
     /// The plans: the file's, else `HIVE_PLANS`, else the defaults.
@@ -266,6 +465,7 @@ fn default_plans() -> Plans {
                 nodes,
                 volume_gb,
                 prices: Vec::new(),
+                fallback_types: Vec::new(),
             },
         );
     }
@@ -312,8 +512,10 @@ pub struct ApiConfig {
     /// How long a past-due subscription's nodes keep running before they are suspended
     /// (`HIVE_PAST_DUE_GRACE_SECS`, default 3 days).
     pub past_due_grace: Duration,
+    /// Region of a node whose checkout names none (`HIVE_DEFAULT_REGION`, else `AWS_REGION`
+    /// when configured, else the first configured region).
     pub default_region: String,
-    /// Regions a checkout may ask for (`HIVE_REGIONS`; the default region alone when unset).
+    /// Regions a node may live in: exactly those configured (see [`RegionSettings`]).
     pub regions: Vec<String>,
     pub node_domain: String,
 }
@@ -427,25 +629,30 @@ impl ApiConfig {
             });
         }
         let tokens = TokenConfig::from_env(env)?;
-        let default_region = region_setting(env)?;
-        let mut regions: Vec<String> = env
-            .optional("HIVE_REGIONS")
-            .map(|list| {
-                list.split(',')
-                    .map(|r| r.trim().to_string())
-                    .filter(|r| !r.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(bad) = regions.iter().find(|r| !valid_region(r)) {
+        if env.optional("HIVE_REGIONS").is_some() {
             return Err(ConfigError::Malformed {
                 name: "HIVE_REGIONS",
-                reason: format!("`{bad}` is not a region name"),
+                reason: "no longer read: name each region in a [regions.<name>] table of \
+                         HIVE_CONFIG_FILE, so that the workers know how to launch there"
+                    .into(),
             });
         }
-        if !regions.contains(&default_region) {
-            regions.push(default_region.clone());
-        }
+        let file = ConfigFile::from_env(env)?;
+        // The api accepts exactly the regions the workers are configured for.
+        let regions = file.region_names(env)?;
+        let default_region = match env.optional("HIVE_DEFAULT_REGION") {
+            Some(r) if regions.contains(&r) => r,
+            Some(r) => {
+                return Err(ConfigError::Malformed {
+                    name: "HIVE_DEFAULT_REGION",
+                    reason: format!("`{r}` is not one of the configured regions"),
+                })
+            }
+            None => match env.optional("AWS_REGION") {
+                Some(r) if regions.contains(&r) => r,
+                _ => regions[0].clone(),
+            },
+        };
         Ok(Self {
             database_url: env.required("DATABASE_URL")?,
             metrics_addr: metrics_addr_setting(env)?,
@@ -462,7 +669,7 @@ impl ApiConfig {
             cors_origins: cors_setting(env)?,
             stripe_secret_key: env.optional("STRIPE_SECRET_KEY"),
             stripe_api_base: http_base(env, "STRIPE_API_BASE", STRIPE_PRODUCTION_API)?,
-            plans: ConfigFile::from_env(env)?.plans(env)?,
+            plans: file.plans(env)?,
             past_due_grace: env.secs_or("HIVE_PAST_DUE_GRACE_SECS", 3 * 24 * 3600)?,
             default_region,
             regions,
@@ -471,14 +678,12 @@ impl ApiConfig {
     }
 }
 
-fn region_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<String, ConfigError> {
-    let (name, region) = match env.optional("HIVE_DEFAULT_REGION") {
-        Some(r) => ("HIVE_DEFAULT_REGION", r),
-        None => ("AWS_REGION", env.required("AWS_REGION")?),
-    };
+/// `AWS_REGION`: the one region of the shorthand configuration.
+fn aws_region<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<String, ConfigError> {
+    let region = env.required("AWS_REGION")?;
     if !valid_region(&region) {
         return Err(ConfigError::Malformed {
-            name,
+            name: "AWS_REGION",
             reason: format!("`{region}` is not a region name"),
         });
     }
@@ -558,10 +763,12 @@ pub struct WorkerConfig {
     pub cloudflare_zone_id: String,
     pub cloudflare_api_base: String,
     pub route53_zone_id: String,
-    pub ami_id: String,
-    pub subnet_id: String,
-    pub security_group_id: String,
-    pub instance_profile: String,
+    /// Every region this worker drives, with what it launches there.
+    pub regions: Vec<RegionSettings>,
+    /// The plans, for their fallback instance types.
+    pub plans: Plans,
+    /// Call budgets per provider, shared by every worker (`HIVE_RATE_BUDGET_*`).
+    pub budgets: RateBudgets,
     /// Port of the edge node's own service on the node, which the tunnel routes to.
     pub edge_service_port: u16,
     /// Package (URL of a .deb) of the edge node service, installed at boot when set.
@@ -601,10 +808,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("cloudflare_zone_id", &self.cloudflare_zone_id)
             .field("cloudflare_api_base", &self.cloudflare_api_base)
             .field("route53_zone_id", &self.route53_zone_id)
-            .field("ami_id", &self.ami_id)
-            .field("subnet_id", &self.subnet_id)
-            .field("security_group_id", &self.security_group_id)
-            .field("instance_profile", &self.instance_profile)
+            .field("regions", &self.regions)
             .field("concurrency", &self.concurrency)
             .field("pacing", &self.pacing)
             .finish_non_exhaustive()
@@ -651,12 +855,15 @@ fn metrics_addr_setting<F: Fn(&str) -> Option<String>>(
 }
 
 impl WorkerConfig {
+    /// The settings of one of this worker's regions.
+    pub fn region(&self, name: &str) -> Option<&RegionSettings> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let cloudflare_api_base = http_base(env, "CLOUDFLARE_API_BASE", CLOUDFLARE_PRODUCTION_API)?;
-        // AWS_REGION is read by the SDK; we insist on it so a worker never guesses its region.
-        region_setting(env)?;
         // Every binary reads the configuration file, so a malformed one stops each at start.
-        ConfigFile::from_env(env)?;
+        let file = ConfigFile::from_env(env)?;
         let concurrency: usize = env.parsed_or("HIVE_WORKER_CONCURRENCY", 16)?;
         if concurrency == 0 {
             return Err(ConfigError::Malformed {
@@ -673,10 +880,9 @@ impl WorkerConfig {
             cloudflare_zone_id: env.required("CLOUDFLARE_ZONE_ID")?,
             cloudflare_api_base,
             route53_zone_id: env.required("HIVE_ROUTE53_ZONE_ID")?,
-            ami_id: prefixed(env, "HIVE_AMI_ID", "ami-")?,
-            subnet_id: prefixed(env, "HIVE_SUBNET_ID", "subnet-")?,
-            security_group_id: prefixed(env, "HIVE_SECURITY_GROUP_ID", "sg-")?,
-            instance_profile: env.required("HIVE_INSTANCE_PROFILE")?,
+            regions: file.region_settings(env)?,
+            plans: file.plans(env)?,
+            budgets: RateBudgets::from_env(env)?,
             edge_service_port: env.parsed_or("HIVE_EDGE_SERVICE_PORT", 8080)?,
             edge_package_url: env.optional("HIVE_EDGE_PACKAGE_URL"),
             concurrency,
@@ -703,6 +909,34 @@ impl WorkerConfig {
                     reason,
                 })?),
             },
+        })
+    }
+}
+
+/// Call budgets, shared by all workers through Postgres: `HIVE_RATE_BUDGET_CLOUDFLARE`
+/// (default `1200/300s`, Cloudflare's own limit per token), `HIVE_RATE_BUDGET_EC2` (`20/1s`),
+/// `HIVE_RATE_BUDGET_ROUTE53` (`5/1s`), `HIVE_RATE_BUDGET_SECRETS` (`50/1s`); `off` spends
+/// freely. EC2's and Secrets Manager's apply per region, as AWS counts them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateBudgets {
+    pub cloudflare: Option<crate::cloud::budget::Rate>,
+    pub ec2: Option<crate::cloud::budget::Rate>,
+    pub route53: Option<crate::cloud::budget::Rate>,
+    pub secrets: Option<crate::cloud::budget::Rate>,
+}
+
+impl RateBudgets {
+    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+        let one = |name: &'static str, default: &str| {
+            let raw = env.optional(name).unwrap_or_else(|| default.to_string());
+            crate::cloud::budget::parse_budget(&raw)
+                .map_err(|reason| ConfigError::Malformed { name, reason })
+        };
+        Ok(Self {
+            cloudflare: one("HIVE_RATE_BUDGET_CLOUDFLARE", "1200/300s")?,
+            ec2: one("HIVE_RATE_BUDGET_EC2", "20/1s")?,
+            route53: one("HIVE_RATE_BUDGET_ROUTE53", "5/1s")?,
+            secrets: one("HIVE_RATE_BUDGET_SECRETS", "50/1s")?,
         })
     }
 }
@@ -862,6 +1096,102 @@ mod tests {
             assert!(e.contains(expected), "{text}: {e}");
             assert_eq!(e.lines().count(), 1, "{e}");
         }
+    }
+
+    const TWO_REGIONS: &str = "[regions.eu-west-1]\nami = \"ami-0abc\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\nsecurity_group = \"sg-0abc\"\ninstance_profile = \"hive-node\"\n\n[regions.us-east-1]\nami_parameter = \"/aws/service/debian/release/12/latest/arm64\"\nsubnets = [\"subnet-c\"]\nsecurity_group = \"sg-0def\"\ninstance_profile = \"hive-node\"\n\n[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 1\nfallback_types = [\"t4g.medium\"]\n";
+
+    #[test]
+    fn regions_come_from_the_config_file_else_the_shorthand() {
+        let (_file, from_file) = file_env(TWO_REGIONS);
+        let file = ConfigFile::from_env(&from_file).unwrap();
+        let regions = file.region_settings(&from_file).unwrap();
+        assert_eq!(regions.len(), 2);
+        assert_eq!(regions[0].name, "eu-west-1");
+        assert_eq!(regions[0].subnets, vec!["subnet-a", "subnet-b"]);
+        assert_eq!(regions[0].image.launch_image_id(), "ami-0abc");
+        assert_eq!(
+            regions[1].image.launch_image_id(),
+            "resolve:ssm:/aws/service/debian/release/12/latest/arm64"
+        );
+        assert_eq!(
+            file.plans(&from_file).unwrap().0["pro"].fallback_types,
+            vec!["t4g.medium"]
+        );
+
+        let shorthand = env(&[
+            ("AWS_REGION", "eu-west-1"),
+            ("HIVE_AMI_ID", "ami-1"),
+            ("HIVE_SUBNET_ID", "subnet-1, subnet-2"),
+            ("HIVE_SECURITY_GROUP_ID", "sg-1"),
+            ("HIVE_INSTANCE_PROFILE", "p"),
+        ]);
+        let regions = ConfigFile::default().region_settings(&shorthand).unwrap();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].name, "eu-west-1");
+        assert_eq!(regions[0].subnets, vec!["subnet-1", "subnet-2"]);
+    }
+
+    #[test]
+    fn malformed_regions_are_named() {
+        for (text, expected) in [
+            (
+                "[regions.eu-west-1]\nsubnets = [\"subnet-a\"]\nsecurity_group = \"sg-1\"\ninstance_profile = \"p\"\n",
+                "regions.eu-west-1: set exactly one of ami, ami_parameter",
+            ),
+            (
+                "[regions.eu-west-1]\nami = \"ami-1\"\nsubnets = []\nsecurity_group = \"sg-1\"\ninstance_profile = \"p\"\n",
+                "regions.eu-west-1.subnets: name at least one subnet",
+            ),
+            (
+                "[regions.eu-west-1]\nami = \"ami-1\"\nsubnets = [\"subnet-a\"]\nsecurity_group = \"sg-1\"\ninstance_profile = \"p\"\nzone = 1\n",
+                "unknown field `zone`",
+            ),
+            (
+                "[regions.Mars]\nami = \"ami-1\"\nsubnets = [\"subnet-a\"]\nsecurity_group = \"sg-1\"\ninstance_profile = \"p\"\n",
+                "`Mars` is not a region name",
+            ),
+            (
+                "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 1\nfallback_types = [\"m5.large\"]\n",
+                "plans.pro.fallback_types: `m5.large` is not a t4g",
+            ),
+        ] {
+            let (_file, env) = file_env(text);
+            let e = ConfigFile::from_env(&env).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
+
+    #[test]
+    fn the_api_accepts_exactly_the_configured_regions() {
+        let (file, _) = file_env(TWO_REGIONS);
+        let path = file.0.display().to_string();
+        let base = [
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("HIVE_JWT_SECRET", "0123456789abcdef0123"),
+            ("DATABASE_URL", "postgres://x"),
+            ("HIVE_NODE_DOMAIN", "nodes.example.com"),
+            ("HIVE_CONFIG_FILE", path.as_str()),
+        ];
+        let api = ApiConfig::from_env(&env(&base)).unwrap();
+        assert_eq!(api.regions, vec!["eu-west-1", "us-east-1"]);
+        assert_eq!(api.default_region, "eu-west-1");
+        let mut with_default = base.to_vec();
+        with_default.push(("HIVE_DEFAULT_REGION", "us-east-1"));
+        assert_eq!(
+            ApiConfig::from_env(&env(&with_default))
+                .unwrap()
+                .default_region,
+            "us-east-1"
+        );
+        let mut unknown = base.to_vec();
+        unknown.push(("HIVE_DEFAULT_REGION", "ap-south-1"));
+        let e = ApiConfig::from_env(&env(&unknown)).unwrap_err();
+        assert!(e.to_string().contains("HIVE_DEFAULT_REGION"), "{e}");
+        let mut legacy = base.to_vec();
+        legacy.push(("HIVE_REGIONS", "eu-west-1,ap-south-1"));
+        let e = ApiConfig::from_env(&env(&legacy)).unwrap_err();
+        assert!(e.to_string().contains("[regions.<name>]"), "{e}");
     }
 
     #[test]

@@ -30,17 +30,15 @@ pub struct Engine {
     pool: PgPool,
     clouds: Arc<Clouds>,
     config: WorkerConfig,
-    region: String,
 }
 
 impl Engine {
     /// `clouds` is shared with the worker's reconciler.
-    pub fn new(pool: PgPool, clouds: Arc<Clouds>, config: WorkerConfig, region: String) -> Self {
+    pub fn new(pool: PgPool, clouds: Arc<Clouds>, config: WorkerConfig) -> Self {
         Self {
             pool,
             clouds,
             config,
-            region,
         }
     }
 
@@ -68,6 +66,13 @@ impl Engine {
                         return Ok(());
                     }
                 };
+            if self.clouds.region(&node.region).is_none() {
+                // Jobs go to their region's queue, which only workers of that region take;
+                // this one came by another way (an old queue name). Hand it on, untouched.
+                tracing::warn!(%node_id, job_id, region = %node.region, "node of a region this worker does not drive; handed to its region's queue");
+                store::release(&self.pool, node_id, owner).await?;
+                return store::enqueue_later(&self.pool, node_id, Duration::ZERO).await;
+            }
             let state = node.state();
             if !state.has_step() {
                 match policy::workflow_for(&Intent::of(&node, Utc::now())) {
@@ -195,10 +200,17 @@ impl Engine {
 
     /// The step, with the test-only faults of `HIVE_CHAOS` applied around its side effect.
     async fn run_step_with_chaos(&self, node: &Node) -> CloudResult<Outcome> {
+        let Some(aws) = self.clouds.region(&node.region) else {
+            // Checked when the lease was taken; never fail a node for a worker's settings.
+            return Err(CloudError::transient(
+                "worker",
+                format!("region {} is not driven by this worker", node.region),
+            ));
+        };
         let ctx = StepContext {
             clouds: &self.clouds,
+            aws,
             config: &self.config,
-            region: &self.region,
         };
         let outcome = run_step(&ctx, node).await;
         let step = node.state().as_str();

@@ -26,6 +26,8 @@ pub const NODES: &str = "hive_nodes";
 pub const OLDEST_DUE_JOB: &str = "hive_queue_oldest_due_job_age_seconds";
 pub const RECONCILE_PASSES: &str = "hive_reconcile_passes_total";
 pub const RECONCILE_FINDINGS: &str = "hive_reconcile_findings_total";
+pub const BUDGET_WAIT: &str = "hive_rate_budget_wait_seconds";
+pub const BUDGET_THROTTLED: &str = "hive_rate_budget_throttled_total";
 
 /// Latencies from a millisecond to a minute.
 const SECONDS_BUCKETS: [f64; 12] = [
@@ -81,6 +83,14 @@ fn describe() {
     );
     describe_counter!(RECONCILE_PASSES, "Reconcile passes, by outcome");
     describe_counter!(RECONCILE_FINDINGS, "What reconcile passes fixed, by kind");
+    describe_histogram!(
+        BUDGET_WAIT,
+        "Time a cloud call waited for its shared rate budget, by budget"
+    );
+    describe_counter!(
+        BUDGET_THROTTLED,
+        "Rate-limit answers that arrived although within budget, by budget"
+    );
 }
 
 /// Serves `GET /metrics` on `addr` (port 0 picks one); returns the bound address. The
@@ -183,4 +193,14 @@ pub fn reconcile_pass(ok: bool, removed: usize, reprovisioned: usize, repaired: 
     counter!(RECONCILE_FINDINGS, "kind" => "orphan_removed").increment(removed as u64);
     counter!(RECONCILE_FINDINGS, "kind" => "node_reprovisioned").increment(reprovisioned as u64);
     counter!(RECONCILE_FINDINGS, "kind" => "drift_repaired").increment(repaired as u64);
+}
+
+/// A call waited this long for its rate budget.
+pub fn budget_wait(budget: &str, waited: Duration) {
+    histogram!(BUDGET_WAIT, "budget" => budget.to_string()).record(waited.as_secs_f64());
+}
+
+/// A provider rate-limited a call made within budget.
+pub fn budget_throttled(budget: &str) {
+    counter!(BUDGET_THROTTLED, "budget" => budget.to_string()).increment(1);
 }

@@ -170,6 +170,11 @@ pub struct Node {
     pub updated_at: DateTime<Utc>,
     /// The api request that last asked something of the node (its `X-Request-Id`).
     pub request_id: Option<String>,
+    /// Where its instance runs (`subnet-... (zone)`).
+    pub placement: Option<String>,
+    /// Its instance runs as `fallback_type` in place of `fallback_for`, for want of capacity.
+    pub fallback_type: Option<String>,
+    pub fallback_for: Option<String>,
 }
 
 /// `nodes.state` as read from the database; a value we do not know is an error, not a panic.

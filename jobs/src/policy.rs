@@ -66,6 +66,17 @@ pub struct Rules<'a> {
     pub undo_failed: bool,
 }
 
+/// How long a waiting step rests before it looks again: the poll interval at first, one more
+/// interval for every minute waited, at most six: what is slow to come is looked at less
+/// often, which spares the providers' rate limits when many nodes wait at once.
+pub fn poll_after(pacing: &Pacing, waited: Duration) -> Duration {
+    const SLOWEST: f64 = 6.0;
+    let factor = (1.0 + waited.as_secs_f64() / 60.0).min(SLOWEST);
+    // Whole milliseconds: Postgres intervals hold microseconds, and the queue rounds anyway.
+    let millis = pacing.poll_interval.as_millis() as f64 * factor;
+    Duration::from_millis(millis.round() as u64)
+}
+
 /// Decides what a step's result means. `jitter` is a draw from [0, 1] that spreads retries
 /// (full jitter); passing it in keeps this function pure.
 pub fn decide(step: &StepFacts, result: StepResult<'_>, rules: &Rules<'_>, jitter: f64) -> Action {
@@ -84,7 +95,7 @@ pub fn decide(step: &StepFacts, result: StepResult<'_>, rules: &Rules<'_>, jitte
             ),
         ),
         StepResult::NotYet(why) => Action::LookAgain {
-            after: pacing.poll_interval,
+            after: poll_after(pacing, step.waited),
             why: why.to_string(),
         },
         StepResult::Failed(error)
@@ -150,6 +161,8 @@ pub struct Intent<'a> {
     pub volume_gb: i32,
     pub applied_instance_type: Option<&'a str>,
     pub applied_volume_gb: Option<i32>,
+    /// The instance runs as `.0` in place of `.1`, for want of capacity.
+    pub fallback: Option<(&'a str, &'a str)>,
     pub restarts_requested: i32,
     pub restarts_done: i32,
 }
@@ -169,6 +182,10 @@ impl<'a> Intent<'a> {
             volume_gb: node.volume_gb,
             applied_instance_type: node.applied_instance_type.as_deref(),
             applied_volume_gb: node.applied_volume_gb,
+            fallback: node
+                .fallback_type
+                .as_deref()
+                .zip(node.fallback_for.as_deref()),
             restarts_requested: node.restarts_requested,
             restarts_done: node.restarts_done,
         }
@@ -179,9 +196,11 @@ impl<'a> Intent<'a> {
 /// resting node starts one: a request that arrives mid-workflow waits for the workflow to end,
 /// so no step is interrupted and only the latest request is acted on.
 pub fn workflow_for(intent: &Intent<'_>) -> Option<Workflow> {
+    // A capacity fallback is what the node asked for, as long as it still asks for that.
+    let fallen_back = |applied: &str| intent.fallback == Some((applied, intent.instance_type));
     let resize_needed = intent
         .applied_instance_type
-        .is_some_and(|t| t != intent.instance_type)
+        .is_some_and(|t| t != intent.instance_type && !fallen_back(t))
         || intent
             .applied_volume_gb
             .is_some_and(|v| v < intent.volume_gb);
@@ -273,7 +292,7 @@ mod tests {
         let why = "instance is pending";
         assert_eq!(
             decide(
-                &facts(NodeState::WaitingForInstance, 0, 10),
+                &facts(NodeState::WaitingForInstance, 0, 0),
                 StepResult::NotYet(why),
                 &rules,
                 0.5
@@ -283,6 +302,21 @@ mod tests {
                 why: why.into()
             }
         );
+        // Looked at less often the longer it waits, up to six intervals.
+        assert_eq!(
+            poll_after(&pacing, Duration::from_secs(30)),
+            Duration::from_millis(375)
+        );
+        assert_eq!(
+            poll_after(&pacing, Duration::from_secs(120)),
+            Duration::from_millis(750)
+        );
+        assert_eq!(
+            poll_after(&pacing, Duration::from_secs(3600)),
+            Duration::from_millis(1500)
+        );
+        let odd = poll_after(&pacing, Duration::from_millis(12_345));
+        assert_eq!(odd.subsec_nanos() % 1_000_000, 0, "{odd:?}");
         match decide(
             &facts(NodeState::WaitingForInstance, 0, 61),
             StepResult::NotYet(why),
@@ -406,6 +440,7 @@ mod tests {
             volume_gb: 16,
             applied_instance_type: Some("t4g.small"),
             applied_volume_gb: Some(16),
+            fallback: None,
             restarts_requested: 0,
             restarts_done: 0,
         };
@@ -415,6 +450,22 @@ mod tests {
             f(&mut i);
             workflow_for(&i)
         };
+        // Landed as a fallback type for want of capacity: no resize while it asks for the
+        // same; a resize once it asks for another type (the old one included).
+        assert_eq!(
+            with(&|i| {
+                i.applied_instance_type = Some("t4g.medium");
+                i.fallback = Some(("t4g.medium", "t4g.small"));
+            }),
+            None
+        );
+        assert_eq!(
+            with(&|i| {
+                i.applied_instance_type = Some("t4g.large");
+                i.fallback = Some(("t4g.medium", "t4g.small"));
+            }),
+            Some(Workflow::Resize)
+        );
         assert_eq!(
             with(&|i| i.desired = Desired::Suspended),
             Some(Workflow::Suspend)

@@ -1,6 +1,7 @@
 //! The job queue (apalis-postgres). A job carries only the node id: the step to run is read
 //! from the node's row, so a stale or duplicate job is harmless.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use apalis::prelude::TaskBuilder;
@@ -10,8 +11,11 @@ use uuid::Uuid;
 
 use crate::store::StoreResult;
 
-/// The queue all node jobs go through.
-pub const NODE_QUEUE: &str = "hive-nodes";
+/// The queues node jobs go through: one per region, so that a worker takes only jobs of the
+/// regions it drives, and workers configured for different regions share one database.
+pub fn node_queue(region: &str) -> String {
+    format!("hive-nodes:{region}")
+}
 
 /// "Advance this node's state machine."
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,17 +30,28 @@ pub async fn enqueue(
     node_ids: &[Uuid],
     delay: Duration,
 ) -> StoreResult<()> {
-    let mut tasks = Vec::with_capacity(node_ids.len());
-    for &node_id in node_ids {
-        let args = serde_json::to_vec(&ProvisionNode { node_id })?;
+    if node_ids.is_empty() {
+        return Ok(());
+    }
+    // Each job goes to its node's region's queue (a node without a row has no job).
+    let regions: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, region FROM nodes WHERE id = ANY($1) ORDER BY region")
+            .bind(node_ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut by_region: BTreeMap<&str, Vec<_>> = BTreeMap::new();
+    for (node_id, region) in &regions {
+        let args = serde_json::to_vec(&ProvisionNode { node_id: *node_id })?;
         // Step retries are ours (stored on the node); apalis retries a job only when the
         // handler itself failed (the database was unreachable).
         let mut task = TaskBuilder::new(args);
         if !delay.is_zero() {
             task = task.run_after(delay);
         }
-        tasks.push(task.build());
+        by_region.entry(region).or_default().push(task.build());
     }
-    apalis_postgres::queries::push_tasks(&mut **tx, NODE_QUEUE, tasks).await?;
+    for (region, tasks) in by_region {
+        apalis_postgres::queries::push_tasks(&mut **tx, &node_queue(region), tasks).await?;
+    }
     Ok(())
 }

@@ -5,13 +5,21 @@
 //!   `<node>.<domain>` record (Cloudflare or Route 53) whose node has no row, or is
 //!   `terminated`, is an orphan and is removed (instances and tunnels only once older than the
 //!   grace period, as a last guard against a race with a step that is creating them).
-//! - A `ready` node whose instance or tunnel has vanished is sent back to the step that
-//!   creates it, with a new generation, and its job enqueued.
+//! - A `ready` node whose instance, secret or tunnel has vanished is sent back to the step
+//!   that creates it, with a new generation, and its job enqueued (an instance whose tunnel is
+//!   replaced is replaced too: it holds the old tunnel's token).
+//! - Drift on a `ready` node is fixed in place: a CNAME that does not route into the node's
+//!   tunnel is pointed back, an instance stopped behind our back is started, a secret bound
+//!   to another instance (or none) is bound to the node's, and an instance of another type is
+//!   recorded as such so that the resize workflow converges on the node's type.
+//! - Every region the worker drives is listed (instances by tag, secrets by path, a hundred or
+//!   more a page), and each node is judged only in its own region; the calls of a pass grow
+//!   with the number of pages, not of nodes.
 //!
 //! Everything found and done is logged and recorded in `node_events` (for nodes) and
 //! `reconcile_runs`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -48,14 +56,20 @@ pub struct Report {
     pub repaired: Vec<String>,
 }
 
-/// Node ids that own resources: every node with a row that is not `terminated`.
-async fn owning_nodes(pool: &PgPool) -> Result<HashSet<Uuid>, ReconcileError> {
-    Ok(store::owning_node_ids(pool).await?.into_iter().collect())
+/// Nodes that own resources (every node with a row that is not `terminated`), with the region
+/// their instance and secret live in.
+async fn owning_nodes(pool: &PgPool) -> Result<HashMap<Uuid, String>, ReconcileError> {
+    Ok(store::owning_nodes(pool).await?.into_iter().collect())
 }
 
-fn orphan(owners: &HashSet<Uuid>, node_id: &str) -> bool {
+/// Whether a resource named for `node_id`, found in `region` (`None`: a global provider), has
+/// no owner: no such node, or a node that lives in another region.
+fn orphan(owners: &HashMap<Uuid, String>, node_id: &str, region: Option<&str>) -> bool {
     match Uuid::parse_str(node_id) {
-        Ok(id) => !owners.contains(&id),
+        Ok(id) => match owners.get(&id) {
+            None => true,
+            Some(home) => region.is_some_and(|found_in| found_in != home),
+        },
         // Not named like one of ours: not ours to delete.
         Err(_) => false,
     }
@@ -167,22 +181,46 @@ async fn pass(
     let owners = owning_nodes(pool).await?;
     let mut report = Report::default();
 
-    // One listing per provider serves both the orphans and the ready nodes' checks.
-    let instances = clouds.compute.list_tagged().await?;
-    for (instance, node_id) in &instances {
-        if orphan(&owners, node_id) {
-            if act {
-                clouds.compute.terminate(&instance.id).await?;
+    // One listing per provider (per region for EC2 and Secrets Manager) serves both the
+    // orphans and the ready nodes' checks.
+    let mut instances_by_region = HashMap::new();
+    let mut secrets_by_region = HashMap::new();
+    for aws in &clouds.regions {
+        let region = aws.settings.name.as_str();
+        let instances = aws.compute.list_tagged().await?;
+        for (instance, node_id) in &instances {
+            if orphan(&owners, node_id, Some(region)) {
+                if act {
+                    aws.compute.terminate(&instance.id).await?;
+                }
+                report.removed.push(format!(
+                    "instance {} in {region} (node {node_id})",
+                    instance.id
+                ));
             }
-            report
-                .removed
-                .push(format!("instance {} (node {node_id})", instance.id));
         }
+        let secrets = aws.secrets.list_node_secrets().await?;
+        for secret in &secrets {
+            let name = &secret.name;
+            let node_id = name
+                .trim_start_matches("hive/nodes/")
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            if orphan(&owners, node_id, Some(region)) {
+                if act {
+                    aws.secrets.delete(name).await?;
+                }
+                report.removed.push(format!("secret {name} in {region}"));
+            }
+        }
+        instances_by_region.insert(region, instances);
+        secrets_by_region.insert(region, secrets);
     }
     let tunnels = clouds.cloudflare.list_tunnels("hive-").await?;
     for tunnel in &tunnels {
         let node_id = tunnel.name.trim_start_matches("hive-");
-        if orphan(&owners, node_id) && started - tunnel.created_at > grace {
+        if orphan(&owners, node_id, None) && started - tunnel.created_at > grace {
             if act {
                 clouds
                     .cloudflare
@@ -192,24 +230,11 @@ async fn pass(
             report.removed.push(format!("tunnel {}", tunnel.name));
         }
     }
-    for name in clouds.secrets.list_node_secrets().await? {
-        let node_id = name
-            .trim_start_matches("hive/nodes/")
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        if orphan(&owners, node_id) {
-            if act {
-                clouds.secrets.delete(&name).await?;
-            }
-            report.removed.push(format!("secret {name}"));
-        }
-    }
     let suffix = format!(".{node_domain}");
     let cnames = clouds.cloudflare.list_cnames().await?;
     for record in &cnames {
         if let Some(node_id) = record.name.strip_suffix(&suffix) {
-            if orphan(&owners, node_id) {
+            if orphan(&owners, node_id, None) {
                 if act {
                     clouds.cloudflare.delete_dns_record(&record.id).await?;
                 }
@@ -221,7 +246,7 @@ async fn pass(
     }
     for name in clouds.route53.list_cnames().await? {
         if let Some(node_id) = name.strip_suffix(&suffix) {
-            if orphan(&owners, node_id) {
+            if orphan(&owners, node_id, None) {
                 if act {
                     clouds.route53.delete(&name).await?;
                 }
@@ -233,7 +258,17 @@ async fn pass(
     // Ready nodes whose instance or tunnel is gone go back to the step that makes it; drift
     // that can be fixed in place is fixed in place. Judged from the listings above; what they
     // miss is looked up once more (it may have been made after the listing).
-    for (id, instance_id, tunnel_id) in store::ready_nodes(pool).await? {
+    for node in store::ready_nodes(pool).await? {
+        let (id, instance_id, tunnel_id) = (node.id, node.instance_id, node.tunnel_id);
+        // Each node is judged in its own region only; a region another worker drives is its.
+        let (Some(aws), Some(instances), Some(secrets)) = (
+            clouds.region(&node.region),
+            instances_by_region.get(node.region.as_str()),
+            secrets_by_region.get(node.region.as_str()),
+        ) else {
+            tracing::debug!(node_id = %id, region = %node.region, "not judged: region not driven here");
+            continue;
+        };
         let tunnel_name = crate::model::tunnel_name(id);
         let tunnel_gone = match &tunnel_id {
             None => true,
@@ -244,7 +279,7 @@ async fn pass(
             None => None,
             Some(i) => match instances.iter().find(|(x, _)| x.id == *i) {
                 Some((listed, _)) => Some(listed.clone()),
-                None => clouds.compute.describe(i).await?,
+                None => aws.compute.describe(i).await?,
             },
         };
         let instance_state = instance.as_ref().map(|i| i.state.as_str());
@@ -256,7 +291,7 @@ async fn pass(
         if !tunnel_gone && instance_state == Some("stopped") {
             if let Some(instance) = &instance {
                 if act {
-                    clouds.compute.start(&instance.id).await?;
+                    aws.compute.start(&instance.id).await?;
                     tracing::warn!(node_id = %id, instance_id = %instance.id, "a ready node's instance was stopped; started it");
                     store::log_reconciled(pool, id, "instance was stopped; started again").await?;
                 }
@@ -266,8 +301,47 @@ async fn pass(
             }
             continue;
         }
+        let secret_name = crate::model::secret_name(id);
+        let secret = secrets.iter().find(|s| s.name == secret_name);
+        if let (false, false, Some(instance)) = (tunnel_gone, instance_gone, &instance) {
+            // Resized behind our back (or by a resize that never recorded it): what runs is
+            // recorded, and the resize workflow converges on what the node asks for.
+            if node.applied_instance_type.as_deref() != Some(instance.instance_type.as_str()) {
+                if act && store::observe_instance_type(pool, id, &instance.instance_type).await? {
+                    tracing::warn!(node_id = %id, instance_type = %instance.instance_type, "a ready node's instance runs as another type; resizing");
+                    store::log_reconciled(
+                        pool,
+                        id,
+                        &format!("instance runs as {}; resizing", instance.instance_type),
+                    )
+                    .await?;
+                }
+                report.repaired.push(format!(
+                    "instance {} type {} (node {id})",
+                    instance.id, instance.instance_type
+                ));
+                continue;
+            }
+            // The secret must be readable by this instance, and by no other.
+            if let Some(secret) = secret.filter(|s| s.bound_to.as_deref() != Some(&instance.arn)) {
+                if act {
+                    aws.secrets
+                        .bind_to_instance(&secret.name, &instance.arn)
+                        .await?;
+                    tracing::warn!(node_id = %id, "the node's secret was not bound to its instance; bound");
+                    store::log_reconciled(pool, id, "secret bound to the node's instance again")
+                        .await?;
+                }
+                report
+                    .repaired
+                    .push(format!("secret {} bound (node {id})", secret.name));
+            }
+        }
+        let secret_gone = secret.is_none();
         let restart_at = if tunnel_gone {
             NodeState::CreatingTunnel
+        } else if secret_gone {
+            NodeState::StoringSecret
         } else if instance_gone {
             NodeState::LaunchingInstance
         } else {
@@ -310,6 +384,8 @@ async fn pass(
         };
         let why = if tunnel_gone {
             "tunnel vanished"
+        } else if secret_gone {
+            "secret vanished"
         } else {
             "instance vanished"
         };
@@ -318,7 +394,7 @@ async fn pass(
         if tunnel_gone {
             if let Some(old) = instance.as_ref().filter(|_| !instance_gone) {
                 if act {
-                    clouds.compute.terminate(&old.id).await?;
+                    aws.compute.terminate(&old.id).await?;
                 }
                 report.repaired.push(format!(
                     "instance {} replaced with its tunnel (node {id})",

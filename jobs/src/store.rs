@@ -69,7 +69,8 @@ const NODE_COLUMNS: &str =
     state, generation, tunnel_id, secret_arn, instance_id, dns_record_id, error, failed_step, \
     teardown_reason, desired, volume_gb, applied_instance_type, applied_volume_gb, \
     restarts_requested, restarts_done, waiting_for, last_error, suspend_at, \
-    attempt, step_started_at, next_run_at, created_at, updated_at, request_id";
+    attempt, step_started_at, next_run_at, created_at, updated_at, request_id, \
+    placement, fallback_type, fallback_for";
 
 /// The names of the states in which a node rests (no step to run), for binding.
 fn resting_states() -> Vec<&'static str> {
@@ -477,6 +478,12 @@ pub struct Created {
     pub applied_volume_gb: Option<i32>,
     /// The restart request the instance has carried out.
     pub restarts_done: Option<i32>,
+    /// Where the instance runs (`subnet-... (zone)`).
+    pub placement: Option<String>,
+    /// The instance runs as `.0` in place of `.1`, for want of capacity.
+    pub fallback: Option<(String, String)>,
+    /// What the step wants said in the node's log beside its success.
+    pub note: Option<String>,
 }
 
 /// Why a fenced write changed nothing: the node moved on under another run.
@@ -500,6 +507,9 @@ pub async fn commit_step(
          applied_instance_type = COALESCE($10, applied_instance_type), \
          applied_volume_gb = COALESCE($11, applied_volume_gb), \
          restarts_done = COALESCE($12, restarts_done), \
+         placement = COALESCE($14, placement), \
+         fallback_type = CASE WHEN $15::text IS NULL THEN fallback_type ELSE $15 END, \
+         fallback_for = CASE WHEN $15::text IS NULL THEN fallback_for ELSE $16 END, \
          attempt = 0, step_started_at = now(), next_run_at = NULL, updated_at = now(), \
          waiting_for = NULL, last_error = NULL, \
          error = CASE WHEN teardown_reason = $13 THEN error END \
@@ -518,6 +528,9 @@ pub async fn commit_step(
     .bind(created.applied_volume_gb)
     .bind(created.restarts_done)
     .bind(TeardownReason::ProvisioningFailed.as_str())
+    .bind(&created.placement)
+    .bind(created.fallback.as_ref().map(|f| f.0.as_str()))
+    .bind(created.fallback.as_ref().map(|f| f.1.as_str()))
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -528,7 +541,8 @@ pub async fn commit_step(
         // Torn down: nothing of these ids exists any more.
         sqlx::query(
             "UPDATE nodes SET tunnel_id = NULL, secret_arn = NULL, instance_id = NULL, \
-             dns_record_id = NULL, applied_instance_type = NULL, applied_volume_gb = NULL \
+             dns_record_id = NULL, applied_instance_type = NULL, applied_volume_gb = NULL, \
+             placement = NULL, fallback_type = NULL, fallback_for = NULL \
              WHERE id = $1",
         )
         .bind(node.id)
@@ -541,7 +555,7 @@ pub async fn commit_step(
         node.generation,
         node.state(),
         EventKind::Succeeded,
-        None,
+        created.note.as_deref(),
     )
     .await?;
     tx.commit().await?;
@@ -854,25 +868,62 @@ pub async fn resume_failed(
     Ok(generation)
 }
 
-/// Node ids that own resources: every node with a row that is not `terminated`.
-pub async fn owning_node_ids(pool: &PgPool) -> StoreResult<Vec<Uuid>> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM nodes WHERE state <> $1")
-        .bind(NodeState::Terminated.as_str())
-        .fetch_all(pool)
-        .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+/// The reconciler saw a ready node's instance run as `instance_type`, not the type recorded:
+/// that is recorded, and the node's job enqueued, so that the resize workflow converges on
+/// what the node asks for. False when the node is no longer ready.
+pub async fn observe_instance_type(
+    pool: &PgPool,
+    node_id: Uuid,
+    instance_type: &str,
+) -> StoreResult<bool> {
+    let mut tx = pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE nodes SET applied_instance_type = $2, updated_at = now() \
+         WHERE id = $1 AND state = $3",
+    )
+    .bind(node_id)
+    .bind(instance_type)
+    .bind(NodeState::Ready.as_str())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Ok(false);
+    }
+    queue::enqueue(&mut tx, &[node_id], Duration::ZERO).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// Ready nodes, with their recorded instance and tunnel.
-pub async fn ready_nodes(
-    pool: &PgPool,
-) -> StoreResult<Vec<(Uuid, Option<String>, Option<String>)>> {
+/// Nodes that own resources: every node with a row that is not `terminated`.
+pub async fn owning_nodes(pool: &PgPool) -> StoreResult<Vec<(Uuid, String)>> {
     Ok(
-        sqlx::query_as("SELECT id, instance_id, tunnel_id FROM nodes WHERE state = $1 ORDER BY id")
-            .bind(NodeState::Ready.as_str())
+        sqlx::query_as("SELECT id, region FROM nodes WHERE state <> $1")
+            .bind(NodeState::Terminated.as_str())
             .fetch_all(pool)
             .await?,
     )
+}
+
+/// A ready node as the reconciler judges it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ReadyNode {
+    pub id: Uuid,
+    pub region: String,
+    pub instance_id: Option<String>,
+    pub tunnel_id: Option<String>,
+    pub applied_instance_type: Option<String>,
+}
+
+/// Ready nodes, with their region and recorded instance and tunnel.
+pub async fn ready_nodes(pool: &PgPool) -> StoreResult<Vec<ReadyNode>> {
+    Ok(sqlx::query_as(
+        "SELECT id, region, instance_id, tunnel_id, applied_instance_type FROM nodes \
+         WHERE state = $1 ORDER BY id",
+    )
+    .bind(NodeState::Ready.as_str())
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Sends a ready node whose resource vanished back to the step that makes it, with a new
@@ -1562,4 +1613,65 @@ pub async fn pending_migrations(pool: &PgPool) -> StoreResult<Vec<i64>> {
 pub async fn clock_skew(pool: &PgPool) -> StoreResult<chrono::TimeDelta> {
     let theirs: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     Ok(theirs - Utc::now())
+}
+
+/// Takes one call from the budget `name` (a token bucket refilled at `per_sec` up to `burst`,
+/// at half that rate while shrunk). `None`: taken; `Some(wait)`: none left, one is there after
+/// `wait`. The row is made on first use, full.
+pub async fn take_budget(
+    pool: &PgPool,
+    name: &str,
+    burst: f64,
+    per_sec: f64,
+) -> StoreResult<Option<Duration>> {
+    let available: f64 = sqlx::query_scalar(
+        "WITH made AS ( \
+             INSERT INTO rate_budgets (name, tokens) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING), \
+         cur AS ( \
+             SELECT name, LEAST($2, tokens + EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at) \
+                 * CASE WHEN shrunk_until > clock_timestamp() THEN $3 / 2 ELSE $3 END) AS available \
+             FROM rate_budgets WHERE name = $1 FOR UPDATE) \
+         UPDATE rate_budgets b SET \
+             tokens = cur.available - CASE WHEN cur.available >= 1 THEN 1 ELSE 0 END, \
+             refreshed_at = clock_timestamp() \
+         FROM cur WHERE b.name = cur.name \
+         RETURNING cur.available",
+    )
+    .bind(name)
+    .bind(burst)
+    .bind(per_sec)
+    .fetch_optional(pool)
+    .await?
+    // The row was made by this very statement (not visible to it yet): the budget is full.
+    .unwrap_or(burst);
+    if available >= 1.0 {
+        return Ok(None);
+    }
+    let secs = (1.0 - available) / per_sec.max(f64::MIN_POSITIVE);
+    Ok(Some(Duration::from_secs_f64(secs.clamp(0.001, 3600.0))))
+}
+
+/// A provider answered "too many calls" although the budget allowed them: nothing more for
+/// `wait`, and half the rate until `shrink_for` has passed.
+pub async fn shrink_budget(
+    pool: &PgPool,
+    name: &str,
+    per_sec: f64,
+    wait: Duration,
+    shrink_for: Duration,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE rate_budgets SET tokens = LEAST(tokens, 0) - $2 * $3, \
+         refreshed_at = clock_timestamp(), \
+         shrunk_until = clock_timestamp() + make_interval(secs => $4) \
+         WHERE name = $1",
+    )
+    .bind(name)
+    .bind(wait.as_secs_f64())
+    .bind(per_sec)
+    .bind(shrink_for.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -16,23 +16,20 @@ pub async fn sdk_config(endpoint: &str, region: &str) -> aws_config::SdkConfig {
         .await
 }
 
+/// One region's part of the footprint: a VPC with a subnet in each of two zones, a security
+/// group and an arm64 image.
 #[derive(Debug, Clone)]
-pub struct AwsFixture {
+pub struct RegionFixture {
     pub region: String,
     pub vpc_id: String,
-    pub subnet_id: String,
+    /// In zones `a` and `b`, in that order.
+    pub subnet_ids: Vec<String>,
     pub security_group_id: String,
     pub ami_id: String,
-    pub zone_id: String,
-    pub instance_profile: String,
 }
 
-impl AwsFixture {
-    pub async fn create(
-        config: &aws_config::SdkConfig,
-        domain: &str,
-        instance_profile: &str,
-    ) -> anyhow::Result<Self> {
+impl RegionFixture {
+    pub async fn create(config: &aws_config::SdkConfig) -> anyhow::Result<Self> {
         let ec2 = aws_sdk_ec2::Client::new(config);
         let region = config.region().map(|r| r.to_string()).unwrap_or_default();
         let tag = |resource: ResourceType| {
@@ -53,19 +50,25 @@ impl AwsFixture {
             .and_then(|v| v.vpc_id())
             .context("VPC without id")?
             .to_string();
-        let subnet = ec2
-            .create_subnet()
-            .vpc_id(&vpc_id)
-            .cidr_block("10.42.1.0/24")
-            .tag_specifications(tag(ResourceType::Subnet))
-            .send()
-            .await
-            .context("creating the subnet")?;
-        let subnet_id = subnet
-            .subnet()
-            .and_then(|s| s.subnet_id())
-            .context("subnet without id")?
-            .to_string();
+        let mut subnet_ids = Vec::new();
+        for (n, zone) in ["a", "b"].iter().enumerate() {
+            let subnet = ec2
+                .create_subnet()
+                .vpc_id(&vpc_id)
+                .cidr_block(format!("10.42.{}.0/24", n + 1))
+                .availability_zone(format!("{region}{zone}"))
+                .tag_specifications(tag(ResourceType::Subnet))
+                .send()
+                .await
+                .context("creating a subnet")?;
+            subnet_ids.push(
+                subnet
+                    .subnet()
+                    .and_then(|s| s.subnet_id())
+                    .context("subnet without id")?
+                    .to_string(),
+            );
+        }
         let sg = ec2
             .create_security_group()
             .group_name("hive-nodes")
@@ -92,6 +95,49 @@ impl AwsFixture {
             .find_map(|i| i.image_id())
             .context("moto has no arm64 image")?
             .to_string();
+        Ok(RegionFixture {
+            region,
+            vpc_id,
+            subnet_ids,
+            security_group_id,
+            ami_id,
+        })
+    }
+
+    /// Its `[regions.<name>]` table for `HIVE_CONFIG_FILE`.
+    pub fn toml(&self, instance_profile: &str) -> String {
+        let subnets: Vec<String> = self.subnet_ids.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "[regions.{}]\nami = \"{}\"\nsubnets = [{}]\nsecurity_group = \"{}\"\ninstance_profile = \"{instance_profile}\"\n\n",
+            self.region,
+            self.ami_id,
+            subnets.join(", "),
+            self.security_group_id
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AwsFixture {
+    pub region: String,
+    pub vpc_id: String,
+    /// The subnet of the first zone: the one-region shorthand names only it.
+    pub subnet_id: String,
+    pub home: RegionFixture,
+    pub security_group_id: String,
+    pub ami_id: String,
+    pub zone_id: String,
+    pub instance_profile: String,
+}
+
+impl AwsFixture {
+    /// The home region's footprint, and the global part (the node zone, the instance profile).
+    pub async fn create(
+        config: &aws_config::SdkConfig,
+        domain: &str,
+        instance_profile: &str,
+    ) -> anyhow::Result<Self> {
+        let home = RegionFixture::create(config).await?;
         let r53 = aws_sdk_route53::Client::new(config);
         let zone = r53
             .create_hosted_zone()
@@ -125,11 +171,12 @@ impl AwsFixture {
             .context("adding the role to the profile")?;
         Ok(AwsFixture {
             instance_profile: instance_profile.to_string(),
-            region,
-            vpc_id,
-            subnet_id,
-            security_group_id,
-            ami_id,
+            region: home.region.clone(),
+            vpc_id: home.vpc_id.clone(),
+            subnet_id: home.subnet_ids[0].clone(),
+            security_group_id: home.security_group_id.clone(),
+            ami_id: home.ami_id.clone(),
+            home,
             zone_id,
         })
     }

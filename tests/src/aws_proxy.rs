@@ -88,6 +88,10 @@ struct ProxyState {
     hold_stopping: bool,
     /// Requests seen, by operation.
     calls: BTreeMap<String, u32>,
+    /// EC2 requests seen (any operation).
+    ec2_calls: u32,
+    /// Subnets (zones) where `RunInstances` finds no capacity: of one type, or of any.
+    full_subnets: HashSet<(String, Option<String>)>,
 }
 
 #[derive(Clone)]
@@ -134,6 +138,14 @@ impl AwsProxy {
         self.lock().hold_stopping = on;
     }
 
+    /// From now on, launches into `subnet_id` (of `instance_type`, or of any type) answer
+    /// `InsufficientInstanceCapacity`, as a zone that has run out does.
+    pub fn zone_full(&self, subnet_id: &str, instance_type: Option<&str>) {
+        self.lock()
+            .full_subnets
+            .insert((subnet_id.to_string(), instance_type.map(str::to_string)));
+    }
+
     /// How many instances are held `pending`.
     pub fn held_count(&self) -> usize {
         self.lock().held.len()
@@ -142,6 +154,11 @@ impl AwsProxy {
     /// How many requests of `operation` arrived (faulted or not).
     pub fn calls(&self, operation: &str) -> u32 {
         self.lock().calls.get(operation).copied().unwrap_or(0)
+    }
+
+    /// How many EC2 requests arrived, of any operation.
+    pub fn ec2_calls(&self) -> u32 {
+        self.lock().ec2_calls
     }
 
     /// Faults still armed (a test checks its faults really fired).
@@ -226,6 +243,9 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
         .unwrap_or_else(|| "/".into());
     let (protocol, operation, form) = identify(&parts.method, &parts.uri, &parts.headers, &body);
 
+    if protocol == Protocol::Ec2Query {
+        proxy.lock().ec2_calls += 1;
+    }
     let fault = proxy.take_fault(&operation);
     match fault {
         Some(AwsFaultMode::Hang) => {
@@ -245,6 +265,26 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
         None => {}
     }
     let dropped = fault == Some(AwsFaultMode::DropAfterSuccess);
+    if operation == "RunInstances" {
+        let full = {
+            let state = proxy.lock();
+            let instance_type = form.get("InstanceType").cloned();
+            form.iter()
+                .filter(|(key, _)| *key == "SubnetId" || key.ends_with(".SubnetId"))
+                .any(|(_, subnet)| {
+                    state.full_subnets.contains(&(subnet.clone(), None))
+                        || state
+                            .full_subnets
+                            .contains(&(subnet.clone(), instance_type.clone()))
+                })
+        };
+        if let Some((status, code, message)) = full
+            .then(|| refusal(protocol, AwsFaultMode::InsufficientCapacity))
+            .flatten()
+        {
+            return error_answer(protocol, status, code, message);
+        }
+    }
 
     // EC2's idempotency: a launch with a client token already used answers the first launch.
     let client_token = (operation == "RunInstances")

@@ -81,10 +81,21 @@ pub struct Fault {
     pub times: u32,
 }
 
+/// Cloudflare's rate limit, played: at most `calls` API calls in any `per`; more answer 429.
+#[derive(Debug, Default)]
+struct RateWindow {
+    limit: Option<(u32, Duration)>,
+    recent: std::collections::VecDeque<std::time::Instant>,
+    /// Every API call that arrived, and those answered 429 for the limit.
+    calls: u64,
+    throttled: u64,
+}
+
 #[derive(Clone)]
 pub struct StandIn {
     pub store: Arc<Mutex<Store>>,
     faults: Arc<Mutex<Vec<Fault>>>,
+    window: Arc<Mutex<RateWindow>>,
     api_token: Arc<String>,
     connect_delay: Duration,
 }
@@ -142,9 +153,48 @@ impl StandIn {
         Self {
             store: Arc::default(),
             faults: Arc::default(),
+            window: Arc::default(),
             api_token: Arc::new(api_token.to_string()),
             connect_delay,
         }
+    }
+
+    /// From now on, at most `calls` API calls in any `per`; the rest answer 429.
+    pub fn limit_rate(&self, calls: u32, per: Duration) {
+        self.window_lock().limit = Some((calls, per));
+    }
+
+    /// API calls that arrived so far, and how many of them were answered 429 for the limit.
+    pub fn call_counts(&self) -> (u64, u64) {
+        let w = self.window_lock();
+        (w.calls, w.throttled)
+    }
+
+    fn window_lock(&self) -> std::sync::MutexGuard<'_, RateWindow> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts the call; whether the rate limit refuses it.
+    fn over_limit(&self) -> bool {
+        let mut w = self.window_lock();
+        w.calls += 1;
+        let Some((calls, per)) = w.limit else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        while w
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= per)
+        {
+            w.recent.pop_front();
+        }
+        if w.recent.len() >= calls as usize {
+            w.throttled += 1;
+            return true;
+        }
+        w.recent.push_back(now);
+        false
     }
 
     /// Adds a fault for the next matching requests.
@@ -294,6 +344,12 @@ async fn authenticate(State(s): State<StandIn>, request: Request, next: Next) ->
 }
 
 async fn inject_faults(State(s): State<StandIn>, request: Request, next: Next) -> Response {
+    if s.over_limit() {
+        let mut resp = fail(StatusCode::TOO_MANY_REQUESTS, 10000, "Rate limited").into_response();
+        resp.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("10"));
+        return resp;
+    }
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     match s.take_fault(&method, &path) {

@@ -5,6 +5,7 @@ pub mod aws_fixture;
 pub mod aws_proxy;
 pub mod cloudflare_standin;
 pub mod process;
+pub mod seed;
 pub mod stack;
 pub mod stripe_events;
 pub mod stripe_standin;

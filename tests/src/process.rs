@@ -117,7 +117,7 @@ pub struct Postgres {
     run_as: Option<(u32, u32)>,
 }
 
-fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     for dir in [
         "/usr/lib/postgresql/15/bin",
         "/usr/lib/postgresql/16/bin",

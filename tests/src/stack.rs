@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::aws_fixture::{sdk_config, AwsFixture};
+use crate::aws_fixture::{sdk_config, AwsFixture, RegionFixture};
 use crate::aws_proxy::AwsProxy;
 use crate::cloudflare_standin::StandIn;
 use crate::process::{spawn_ours, Managed, Moto, Postgres};
@@ -34,6 +34,8 @@ pub struct TaggedInstance {
     pub node_id: String,
     /// `pending`, `running`, ..., `terminated`.
     pub state: String,
+    pub instance_type: String,
+    pub subnet_id: String,
 }
 
 /// One instance as moto holds it: its state, type and root volume size.
@@ -156,6 +158,11 @@ impl Stack {
             // Many requests come from one loopback address in tests; those of the limits
             // set their own.
             ("HIVE_RATE_LIMIT", "100000".into()),
+            // The stand-ins and moto have no rate limits; the tests of the budgets set theirs.
+            ("HIVE_RATE_BUDGET_CLOUDFLARE", "10000/1s".into()),
+            ("HIVE_RATE_BUDGET_EC2", "10000/1s".into()),
+            ("HIVE_RATE_BUDGET_ROUTE53", "10000/1s".into()),
+            ("HIVE_RATE_BUDGET_SECRETS", "10000/1s".into()),
             ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.into()),
             ("STRIPE_API_BASE", format!("http://{}/", self.stripe_addr)),
             ("AWS_REGION", REGION.into()),
@@ -186,6 +193,31 @@ impl Stack {
         .collect();
         env.extend(self.options.extra_env.iter().cloned());
         env
+    }
+
+    /// Another region's footprint in moto (the home region's is made at start).
+    pub async fn add_region(&self, region: &str) -> anyhow::Result<RegionFixture> {
+        RegionFixture::create(&sdk_config(&self.moto.endpoint(), region).await).await
+    }
+
+    /// A `HIVE_CONFIG_FILE` naming these regions, then `more` (plans, say); removed when the
+    /// returned path is dropped.
+    pub fn regions_file(
+        &self,
+        regions: &[&RegionFixture],
+        more: &str,
+    ) -> anyhow::Result<tempfile::TempPath> {
+        let mut text = String::new();
+        for region in regions {
+            text.push_str(&region.toml(&self.aws.instance_profile));
+        }
+        text.push_str(more);
+        let file = tempfile::Builder::new()
+            .prefix("hive-config-")
+            .suffix(".toml")
+            .tempfile()?;
+        std::fs::write(file.path(), text)?;
+        Ok(file.into_temp_path())
     }
 
     /// The options the stack was started with, to change settings of binaries started later.
@@ -409,7 +441,12 @@ impl Stack {
 
     /// Every instance in moto tagged `hive:node-id`, in any state (terminated ones included).
     pub async fn tagged_instances(&self) -> anyhow::Result<Vec<TaggedInstance>> {
-        let ec2 = aws_sdk_ec2::Client::new(&self.sdk);
+        self.tagged_instances_in(&self.aws.region).await
+    }
+
+    /// The same in another region of moto.
+    pub async fn tagged_instances_in(&self, region: &str) -> anyhow::Result<Vec<TaggedInstance>> {
+        let ec2 = aws_sdk_ec2::Client::new(&sdk_config(&self.moto.endpoint(), region).await);
         let mut pages = ec2
             .describe_instances()
             .filters(
@@ -437,6 +474,11 @@ impl Stack {
                         .and_then(|s| s.name())
                         .map(|n| n.as_str().to_string())
                         .unwrap_or_default(),
+                    instance_type: instance
+                        .instance_type()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                    subnet_id: instance.subnet_id().unwrap_or_default().to_string(),
                 });
             }
         }

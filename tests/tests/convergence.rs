@@ -275,3 +275,130 @@ async fn a_tunnel_deleted_behind_our_back_is_replaced_with_its_route_secret_and_
     );
     assert!(!again.contains("repaired"), "{again}");
 }
+
+/// The binding tag of the node's secret, as moto holds it (`None`: no secret).
+async fn secret_binding(stack: &Stack, node: &str) -> Option<Option<String>> {
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    match sm
+        .describe_secret()
+        .secret_id(format!("hive/nodes/{node}/tunnel-token"))
+        .send()
+        .await
+    {
+        Ok(secret) if secret.deleted_date().is_none() => Some(
+            secret
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("hive:instance-arn"))
+                .and_then(|t| t.value())
+                .map(str::to_string),
+        ),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_unbound_or_gone_and_an_instance_resized_behind_our_back_are_converged() {
+    let mut options = StackOptions::default();
+    options
+        .extra_env
+        .push(("HIVE_RECONCILE_SCHEDULE".into(), "off".into()));
+    let mut stack = Stack::start(options).await.unwrap();
+    stack.start_api().unwrap();
+    stack.start_worker().unwrap();
+    let user = "user-drift";
+    let token = Stack::jwt(user, 600);
+    let node = stack.send_checkout(user, "pro").await.unwrap().remove(0);
+    stack
+        .wait_all_status(&token, "ready", 1, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let instance = stack.instance_of(&node).await.unwrap().unwrap();
+    let bound = secret_binding(&stack, &node).await.unwrap().unwrap();
+    assert!(bound.ends_with(&instance), "{bound}");
+
+    // Bound to another instance behind our back: bound back to the node's.
+    let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
+    sm.tag_resource()
+        .secret_id(format!("hive/nodes/{node}/tunnel-token"))
+        .tags(
+            aws_sdk_secretsmanager::types::Tag::builder()
+                .key("hive:instance-arn")
+                .value("arn:aws:ec2:eu-west-1:123456789012:instance/i-0someoneelse")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let out = stack.reconcile_now().unwrap();
+    assert!(out.contains("bound"), "{out}");
+    assert_eq!(secret_binding(&stack, &node).await.unwrap(), Some(bound));
+
+    // Gone: the node goes back to storing it, and ends ready with a secret bound to the same
+    // instance.
+    sm.delete_secret()
+        .secret_id(format!("hive/nodes/{node}/tunnel-token"))
+        .force_delete_without_recovery(true)
+        .send()
+        .await
+        .unwrap();
+    let out = stack.reconcile_now().unwrap();
+    assert!(out.contains(&node), "{out}");
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(90))
+        .await
+        .unwrap();
+    let bound = secret_binding(&stack, &node).await.unwrap().unwrap();
+    assert!(bound.ends_with(&instance), "{bound}");
+    assert_eq!(
+        stack.instance_of(&node).await.unwrap(),
+        Some(instance.clone())
+    );
+
+    // Resized behind our back: the resize workflow brings it back to the plan's type.
+    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
+    ec2.stop_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+    ec2.modify_instance_attribute()
+        .instance_id(&instance)
+        .instance_type(
+            aws_sdk_ec2::types::AttributeValue::builder()
+                .value("t4g.large")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    ec2.start_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+    let out = stack.reconcile_now().unwrap();
+    assert!(out.contains("t4g.large"), "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let shape = stack.instance_shape(&instance).await.unwrap();
+        let (_, view) = stack
+            .get_as(&format!("/api/v1/nodes/{node}"), Some(&token))
+            .await
+            .unwrap();
+        if shape.instance_type == "t4g.small"
+            && shape.state == "running"
+            && view["status"] == "ready"
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never converged: {shape:?} {}",
+            view["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let again = stack.reconcile_now().unwrap();
+    assert!(!again.contains("repaired"), "{again}");
+}

@@ -11,7 +11,7 @@ use backon::{ExponentialBuilder, Retryable};
 use hive_jobs::cloud::Clouds;
 use hive_jobs::config::WorkerConfig;
 use hive_jobs::engine::Engine;
-use hive_jobs::queue::{ProvisionNode, NODE_QUEUE};
+use hive_jobs::queue::{node_queue, ProvisionNode};
 use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +62,8 @@ where
         }
         tracing::info!(addr = %bound, "metrics at GET /metrics");
     }
-    let (clouds, region) = Clouds::from_config(&config).await?;
-    let clouds = Arc::new(clouds);
+    let clouds = Arc::new(Clouds::from_config(&config, Some(&pool)).await?);
+    let regions = clouds.region_names();
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
     let reconciler = match &config.reconcile_schedule {
         None => None,
@@ -80,32 +80,34 @@ where
             )))
         }
     };
-    tracing::info!(worker = %worker_name, %region, concurrency = config.concurrency, "hive-worker started");
-    let engine = Arc::new(Engine::new(pool.clone(), clouds, config.clone(), region));
+    tracing::info!(worker = %worker_name, ?regions, concurrency = config.concurrency, "hive-worker started");
+    let engine = Arc::new(Engine::new(pool.clone(), clouds, config.clone()));
     let sweeper = tokio::spawn(sweep_stalled_nodes(pool.clone(), config.stall_after));
 
-    // Shutdown is a flag every run of the apalis worker watches.
+    // Shutdown is a flag every run of the apalis workers watches.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down: no new jobs; finishing those in flight");
         let _ = stop_tx.send(true);
     });
-    let mut retry_in = Duration::from_millis(500);
-    for run in 0u64.. {
-        // A new name per run: the queue may still count the previous one as alive.
-        let name = format!("{worker_name}-{run}");
-        let outcome = run_queue(&pool, &config, &name, engine.clone(), stop_rx.clone()).await;
-        if *stop_rx.borrow() {
-            break;
+    // One queue per region, one apalis worker on each: this worker takes jobs of its regions
+    // only.
+    let mut queues = tokio::task::JoinSet::new();
+    for region in regions {
+        queues.spawn(serve_queue(
+            pool.clone(),
+            config.clone(),
+            format!("{worker_name}-{region}"),
+            node_queue(&region),
+            engine.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    while let Some(done) = queues.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a queue's task ended abnormally");
         }
-        // The queue stopped without being asked to: the database went away. Start again.
-        match outcome {
-            Ok(()) => tracing::warn!("job queue stopped; starting it again"),
-            Err(e) => tracing::warn!(error = %e, ?retry_in, "job queue failed; starting it again"),
-        }
-        tokio::time::sleep(retry_in).await;
-        retry_in = (retry_in * 2).min(Duration::from_secs(5));
     }
     sweeper.abort();
     if let Some(reconciler) = reconciler {
@@ -115,19 +117,58 @@ where
     Ok(())
 }
 
-/// One run of the apalis worker over the node queue, until `stop` turns true (then jobs in
-/// flight get `shutdown_deadline` to finish) or the queue fails.
+/// Runs one region's queue until `stop` turns true, starting its apalis worker again whenever
+/// it stops on its own (the database went away).
+async fn serve_queue(
+    pool: sqlx::PgPool,
+    config: WorkerConfig,
+    worker_name: String,
+    queue: String,
+    engine: Arc<Engine>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut retry_in = Duration::from_millis(500);
+    for run in 0u64.. {
+        // A new name per run: the queue may still count the previous one as alive.
+        let name = format!("{worker_name}-{run}");
+        let outcome = run_queue(
+            &pool,
+            &config,
+            &name,
+            &queue,
+            engine.clone(),
+            stop_rx.clone(),
+        )
+        .instrument(tracing::info_span!("queue", queue = %queue))
+        .await;
+        if *stop_rx.borrow() {
+            break;
+        }
+        match outcome {
+            Ok(()) => tracing::warn!(%queue, "job queue stopped; starting it again"),
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, ?retry_in, "job queue failed; starting it again")
+            }
+        }
+        tokio::time::sleep(retry_in).await;
+        retry_in = (retry_in * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One run of the apalis worker over one region's queue, until `stop` turns true (then jobs
+/// in flight get `shutdown_deadline` to finish) or the queue fails.
 async fn run_queue(
     pool: &sqlx::PgPool,
     config: &WorkerConfig,
     worker_name: &str,
+    queue: &str,
     engine: Arc<Engine>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     let backend = PostgresStorage::<ProvisionNode>::new(pool)
         .with_config(
             Config::default()
-                .queue(NODE_QUEUE)
+                .queue(queue)
                 .batch_size(config.concurrency)
                 .heartbeat_interval(config.heartbeat)
                 .missed_heartbeats(3),

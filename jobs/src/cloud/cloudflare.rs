@@ -27,11 +27,17 @@ use serde::{Deserialize, Serialize};
 use super::secrets::SecretString;
 use super::{CloudError, CloudResult};
 
-/// Items per page when listing; the listing reads every page.
-const PAGE_SIZE: u32 = 100;
+/// Tunnels per page when listing (Cloudflare's most); the listing reads every page.
+const TUNNEL_PAGE_SIZE: u32 = 1000;
+
+/// DNS records per page when listing (Cloudflare allows far more; 5,000 keeps one answer of
+/// a reasonable size).
+const DNS_PAGE_SIZE: u32 = 5000;
 
 pub struct Cloudflare {
     client: Client,
+    /// Every call is taken from it first.
+    budget: super::budget::Budget,
     account_id: String,
     zone_id: String,
 }
@@ -65,6 +71,7 @@ impl Cloudflare {
         account_id: &str,
         zone_id: &str,
         timeout: Duration,
+        budget: super::budget::Budget,
     ) -> CloudResult<Self> {
         let client = Client::new(
             Credentials::UserAuthToken {
@@ -79,21 +86,35 @@ impl Cloudflare {
         .map_err(|e| CloudError::permanent("cloudflare:client", e.to_string()))?;
         Ok(Self {
             client,
+            budget,
             account_id: account_id.to_string(),
             zone_id: zone_id.to_string(),
         })
     }
 
-    /// One call, counted by operation and outcome (`hive_cloud_calls_total`).
-    async fn send<E>(&self, op: &'static str, endpoint: &E) -> ApiResponse<E::ResponseType>
+    /// One call within the budget, counted by operation and outcome
+    /// (`hive_cloud_calls_total`). The outer error is the budget's (spent for too long).
+    async fn send<E>(
+        &self,
+        op: &'static str,
+        endpoint: &E,
+    ) -> CloudResult<ApiResponse<E::ResponseType>>
     where
         E: EndpointSpec + Send + Sync,
         E::ResponseType: ResponseConverter<E::JsonResponse>,
     {
+        self.budget.take().await?;
         let result = self.client.request(endpoint).await;
         let operation = op.trim_start_matches("cloudflare:");
         crate::metrics::cloud_call("cloudflare", operation, result.is_ok());
-        result
+        if let Err(ApiFailure::Error(status, _)) = &result {
+            if status.as_u16() == 429 {
+                // The crate keeps the answer's headers to itself, so Retry-After is not
+                // known: wait a whole period of the budget.
+                self.budget.throttled(None).await;
+            }
+        }
+        Ok(result)
     }
 
     /// One call, its failure classified as transient or permanent.
@@ -102,7 +123,7 @@ impl Cloudflare {
         E: EndpointSpec + Send + Sync,
         E::ResponseType: ResponseConverter<E::JsonResponse>,
     {
-        self.send(op, endpoint).await.map_err(|e| classify(op, e))
+        self.send(op, endpoint).await?.map_err(|e| classify(op, e))
     }
 
     /// Live (not deleted) tunnels matching `params`.
@@ -118,14 +139,14 @@ impl Cloudflare {
                             is_deleted: Some(false),
                             pagination_params: Some(list_tunnels::PaginationParams {
                                 page,
-                                per_page: PAGE_SIZE.into(),
+                                per_page: TUNNEL_PAGE_SIZE.into(),
                             }),
                             ..params.clone()
                         },
                     },
                 )
                 .await?;
-            let last = found.result.len() < PAGE_SIZE as usize;
+            let last = found.result.len() < TUNNEL_PAGE_SIZE as usize;
             live.extend(found.result.into_iter().filter(|t| t.deleted_at.is_none()));
             if last {
                 break;
@@ -172,13 +193,13 @@ impl Cloudflare {
                         zone_identifier: &self.zone_id,
                         params: ListDnsRecordsParams {
                             page: Some(page),
-                            per_page: Some(PAGE_SIZE),
+                            per_page: Some(DNS_PAGE_SIZE),
                             ..Default::default()
                         },
                     },
                 )
                 .await?;
-            let last = found.result.len() < PAGE_SIZE as usize;
+            let last = found.result.len() < DNS_PAGE_SIZE as usize;
             cnames.extend(
                 found
                     .result
@@ -275,7 +296,7 @@ impl Cloudflare {
                     params: delete_tunnel::Params { cascade: true },
                 },
             )
-            .await;
+            .await?;
         match result {
             Ok(_) => Ok(()),
             Err(ApiFailure::Error(status, _)) if status.as_u16() == 404 => Ok(()),
@@ -361,7 +382,7 @@ impl Cloudflare {
                     identifier: record_id,
                 },
             )
-            .await;
+            .await?;
         match result {
             Ok(_) => Ok(()),
             Err(ApiFailure::Error(status, _)) if status.as_u16() == 404 => Ok(()),

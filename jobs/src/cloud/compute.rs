@@ -9,8 +9,24 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use uuid::Uuid;
 
-use super::{classify_aws, CloudError, CloudResult};
+use super::{aws_code, classify_aws, CloudError, CloudResult};
+use crate::config::Image;
 use crate::model::tags;
+
+/// Why a launch did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// `InsufficientInstanceCapacity`: this zone has none of this type right now; another
+    /// zone or type may.
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+}
+
+/// The root device of an image named by a parameter, which DescribeImages cannot look up:
+/// Debian's and Amazon Linux's arm64 images boot from it.
+const PARAMETER_IMAGE_ROOT_DEVICE: &str = "/dev/xvda";
 
 #[derive(Clone)]
 pub struct Compute {
@@ -31,6 +47,19 @@ pub struct InstanceInfo {
     pub root_volume_id: Option<String>,
     /// The restart request last carried out on it (its `hive:restarted` tag).
     pub restarted: Option<String>,
+    /// Where it runs: `subnet-... (zone)`.
+    pub placement: Option<String>,
+}
+
+/// `subnet-... (zone)`, or what of it is known.
+fn placement_of(instance: &aws_sdk_ec2::types::Instance) -> Option<String> {
+    let zone = instance.placement().and_then(|p| p.availability_zone());
+    match (instance.subnet_id(), zone) {
+        (Some(subnet), Some(zone)) => Some(format!("{subnet} ({zone})")),
+        (Some(subnet), None) => Some(subnet.to_string()),
+        (None, Some(zone)) => Some(zone.to_string()),
+        (None, None) => None,
+    }
 }
 
 /// Everything a launch needs, beyond the node's identity.
@@ -39,7 +68,7 @@ pub struct LaunchSpec<'a> {
     pub subscription_id: Uuid,
     pub user_id: &'a str,
     pub instance_type: &'a str,
-    pub ami_id: &'a str,
+    pub image: &'a Image,
     pub subnet_id: &'a str,
     pub security_group_id: &'a str,
     pub instance_profile: &'a str,
@@ -107,6 +136,8 @@ impl Compute {
                     .build(),
             )
             .filters(live_states())
+            // EC2's most: the pass's calls grow with pages, not nodes.
+            .max_results(1000)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -187,6 +218,7 @@ impl Compute {
                         .unwrap_or_default(),
                     root_volume_id,
                     restarted,
+                    placement: placement_of(instance),
                 });
             }
         }
@@ -194,8 +226,11 @@ impl Compute {
     }
 
     /// Launches the node's instance: IMDSv2 only, no public IP, encrypted root volume, tagged.
-    pub async fn launch(&self, spec: &LaunchSpec<'_>) -> CloudResult<InstanceInfo> {
-        let root_device = self.root_device_name(spec.ami_id).await?;
+    pub async fn launch(&self, spec: &LaunchSpec<'_>) -> Result<InstanceInfo, LaunchError> {
+        let root_device = match spec.image {
+            Image::Ami(ami_id) => self.root_device_name(ami_id).await?,
+            Image::Parameter(_) => PARAMETER_IMAGE_ROOT_DEVICE.to_string(),
+        };
         let node_tags = [
             (tags::NODE_ID, spec.node_id.to_string()),
             (tags::SUBSCRIPTION, spec.subscription_id.to_string()),
@@ -213,7 +248,7 @@ impl Compute {
             .ec2
             .run_instances()
             .client_token(&spec.client_token)
-            .image_id(spec.ami_id)
+            .image_id(spec.image.launch_image_id())
             .instance_type(InstanceType::from(spec.instance_type))
             .min_count(1)
             .max_count(1)
@@ -256,7 +291,13 @@ impl Compute {
             .tag_specifications(tag_spec(ResourceType::Volume))
             .send()
             .await
-            .map_err(|e| classify_aws("ec2:RunInstances", e))?;
+            .map_err(|e| {
+                if aws_code(&e) == Some("InsufficientInstanceCapacity") {
+                    LaunchError::NoCapacity(format!("{} in {}", spec.instance_type, spec.subnet_id))
+                } else {
+                    LaunchError::Cloud(classify_aws("ec2:RunInstances", e))
+                }
+            })?;
         let instance = out.instances().first().ok_or_else(|| {
             CloudError::permanent("ec2:RunInstances", "no instance in the answer")
         })?;
@@ -275,6 +316,7 @@ impl Compute {
             instance_type: spec.instance_type.to_string(),
             root_volume_id: None,
             restarted: None,
+            placement: placement_of(instance).or_else(|| Some(spec.subnet_id.to_string())),
         })
     }
 

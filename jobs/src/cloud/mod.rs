@@ -1,5 +1,6 @@
 //! Clients of the clouds the worker drives: one file per resource client.
 
+pub mod budget;
 pub mod cloudflare;
 pub mod compute;
 pub mod route53;
@@ -10,50 +11,93 @@ use std::time::Duration;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 
-use crate::config::WorkerConfig;
+use crate::config::{RegionSettings, WorkerConfig};
 
-/// The clouds a worker drives.
+/// The clouds a worker drives: EC2 and Secrets Manager in each of its regions, and the global
+/// DNS and tunnel providers.
 pub struct Clouds {
-    pub compute: compute::Compute,
-    pub secrets: secrets::Secrets,
+    pub regions: Vec<RegionClouds>,
     pub route53: route53::Route53,
     pub cloudflare: cloudflare::Cloudflare,
 }
 
+/// One region's clients, with what the worker launches there.
+pub struct RegionClouds {
+    pub settings: RegionSettings,
+    pub compute: compute::Compute,
+    pub secrets: secrets::Secrets,
+}
+
 impl Clouds {
-    /// Clients from the AWS SDK's standard configuration (`AWS_REGION`, `AWS_ENDPOINT_URL`, ...)
-    /// and the Cloudflare settings; also the region the AWS clients act in.
-    pub async fn from_config(config: &WorkerConfig) -> CloudResult<(Self, String)> {
+    /// Clients from the AWS SDK's standard configuration (`AWS_ENDPOINT_URL`, credentials...),
+    /// one set per configured region, and the Cloudflare settings. Their calls are taken from
+    /// the budgets shared in `pool`'s database; without a pool (`hivectl doctor`'s few
+    /// probes, which must work before migrations ran) they spend freely.
+    pub async fn from_config(
+        config: &WorkerConfig,
+        pool: Option<&sqlx::PgPool>,
+    ) -> CloudResult<Self> {
+        let budgets = &config.budgets;
+        let budget = |name: String, rate| match pool {
+            Some(pool) => budget::Budget::new(pool, name, rate),
+            None => budget::Budget::unlimited(),
+        };
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .operation_attempt_timeout(config.http_timeout)
             .connect_timeout(Duration::from_secs(5))
             .build();
         // Our own retries are stored in Postgres; the SDK retries only briefly within a step.
         let retry = aws_config::retry::RetryConfig::standard().with_max_attempts(2);
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .retry_config(retry)
-            .load()
-            .await;
-        let region = shared
-            .region()
-            .map(|r| r.to_string())
-            .ok_or_else(|| CloudError::permanent("aws:config", "no AWS region configured"))?;
-        let ec2_config = aws_sdk_ec2::config::Builder::from(&shared)
-            .interceptor(CountCalls)
-            .build();
-        let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared)
-            .interceptor(CountCalls)
-            .build();
+        let load = |region: Option<String>| {
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .timeout_config(timeouts.clone())
+                .retry_config(retry.clone());
+            if let Some(region) = region {
+                loader = loader.region(aws_config::Region::new(region));
+            }
+            loader.load()
+        };
+        let mut regions = Vec::with_capacity(config.regions.len());
+        for settings in &config.regions {
+            let shared = load(Some(settings.name.clone())).await;
+            let region = &settings.name;
+            let ec2_config = aws_sdk_ec2::config::Builder::from(&shared)
+                .interceptor(CountCalls)
+                .http_client(budget::BudgetedHttpClient::new(budget(
+                    format!("ec2:{region}"),
+                    budgets.ec2,
+                )))
+                .build();
+            let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared)
+                .interceptor(CountCalls)
+                .http_client(budget::BudgetedHttpClient::new(budget(
+                    format!("secretsmanager:{region}"),
+                    budgets.secrets,
+                )))
+                .build();
+            regions.push(RegionClouds {
+                settings: settings.clone(),
+                compute: compute::Compute::new(
+                    aws_sdk_ec2::Client::from_conf(ec2_config),
+                    settings.name.clone(),
+                ),
+                secrets: secrets::Secrets::new(aws_sdk_secretsmanager::Client::from_conf(
+                    sm_config,
+                )),
+            });
+        }
+        // Route 53 is global; its endpoint answers in us-east-1 whatever the region.
+        let first = config.regions.first().map(|r| r.name.clone());
+        let shared = load(first).await;
         let r53_config = aws_sdk_route53::config::Builder::from(&shared)
             .interceptor(CountCalls)
+            .http_client(budget::BudgetedHttpClient::new(budget(
+                "route53".into(),
+                budgets.route53,
+            )))
             .build();
-        let clouds = Clouds {
-            compute: compute::Compute::new(
-                aws_sdk_ec2::Client::from_conf(ec2_config),
-                region.clone(),
-            ),
-            secrets: secrets::Secrets::new(aws_sdk_secretsmanager::Client::from_conf(sm_config)),
+        Ok(Clouds {
+            regions,
             route53: route53::Route53::new(
                 aws_sdk_route53::Client::from_conf(r53_config),
                 config.route53_zone_id.clone(),
@@ -64,9 +108,22 @@ impl Clouds {
                 &config.cloudflare_account_id,
                 &config.cloudflare_zone_id,
                 config.http_timeout,
+                budget("cloudflare".into(), budgets.cloudflare),
             )?,
-        };
-        Ok((clouds, region))
+        })
+    }
+
+    /// One of this worker's regions.
+    pub fn region(&self, name: &str) -> Option<&RegionClouds> {
+        self.regions.iter().find(|r| r.settings.name == name)
+    }
+
+    /// The names of this worker's regions.
+    pub fn region_names(&self) -> Vec<String> {
+        self.regions
+            .iter()
+            .map(|r| r.settings.name.clone())
+            .collect()
     }
 }
 

@@ -117,7 +117,9 @@ impl Route53 {
             let mut req = self
                 .r53
                 .list_resource_record_sets()
-                .hosted_zone_id(&self.zone_id);
+                .hosted_zone_id(&self.zone_id)
+                // Route 53's most per page.
+                .max_items(300);
             if let Some((name, kind)) = start.take() {
                 req = req.start_record_name(name).start_record_type(kind);
             }

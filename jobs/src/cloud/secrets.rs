@@ -6,6 +6,14 @@ use uuid::Uuid;
 use super::{aws_code, classify_aws, CloudResult};
 use crate::model::{secret_name, tags};
 
+/// A node's secret as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSecret {
+    pub name: String,
+    /// The ARN of the instance allowed to read it (its binding tag).
+    pub bound_to: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Secrets {
     sm: aws_sdk_secretsmanager::Client,
@@ -105,12 +113,14 @@ impl Secrets {
         Ok(())
     }
 
-    /// Names of every node secret (`hive/nodes/...`).
-    pub async fn list_node_secrets(&self) -> CloudResult<Vec<String>> {
-        let mut names = Vec::new();
+    /// Every node secret (`hive/nodes/...`), with the instance it is bound to, a hundred a
+    /// page.
+    pub async fn list_node_secrets(&self) -> CloudResult<Vec<NodeSecret>> {
+        let mut found = Vec::new();
         let mut pages = self
             .sm
             .list_secrets()
+            .max_results(100)
             .filters(
                 Filter::builder()
                     .key(FilterNameStringType::Name)
@@ -121,15 +131,20 @@ impl Secrets {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify_aws("secretsmanager:ListSecrets", e))?;
-            names.extend(
-                page.secret_list()
-                    .iter()
-                    .filter_map(|s| s.name())
-                    .filter(|n| n.starts_with("hive/nodes/"))
-                    .map(str::to_string),
-            );
+            found.extend(page.secret_list().iter().filter_map(|s| {
+                let name = s.name().filter(|n| n.starts_with("hive/nodes/"))?;
+                Some(NodeSecret {
+                    name: name.to_string(),
+                    bound_to: s
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(tags::INSTANCE_ARN))
+                        .and_then(|t| t.value())
+                        .map(str::to_string),
+                })
+            }));
         }
-        Ok(names)
+        Ok(found)
     }
 
     /// Deletes the secret at once (no recovery window: the tunnel it opens is gone too).

@@ -3,7 +3,7 @@
 //! repeat (a crash, a retry, a second worker) does not act twice.
 
 use super::{done, idempotency_token, required, Outcome, StepContext};
-use crate::cloud::compute::{InstanceInfo, LaunchSpec};
+use crate::cloud::compute::{InstanceInfo, LaunchError, LaunchSpec};
 use crate::cloud::{CloudError, CloudResult};
 use crate::model::Node;
 use crate::store::Created;
@@ -13,7 +13,7 @@ use crate::user_data::{self, UserDataParams};
 /// reconciler brings a ready node whose instance vanished back to launching).
 async fn current(ctx: &StepContext<'_>, node: &Node) -> CloudResult<InstanceInfo> {
     let instance_id = required(node, "instance_id", &node.instance_id)?;
-    ctx.clouds
+    ctx.aws
         .compute
         .describe(instance_id)
         .await?
@@ -21,23 +21,30 @@ async fn current(ctx: &StepContext<'_>, node: &Node) -> CloudResult<InstanceInfo
 }
 
 /// Launches the node's t4g instance, or adopts the one tagged with the node (a crashed run's,
-/// or the same `ClientToken`'s). Undo: [`terminate`].
+/// or the same `ClientToken`'s). A zone without capacity moves the launch to the region's next
+/// subnet, then to the plan's fallback types; where it landed, and why, is recorded. Undo:
+/// [`terminate`].
 pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let compute = &ctx.clouds.compute;
+    let compute = &ctx.aws.compute;
     if let Some(existing) = compute.find_by_node(node.id).await? {
         // Record what it really is, so a resize converges from there.
         let volume_gb = match &existing.root_volume_id {
             Some(volume) => compute.volume_size(volume).await?,
             None => None,
         };
+        let fallback = (existing.instance_type != node.instance_type)
+            .then(|| (existing.instance_type.clone(), node.instance_type.clone()));
         return Ok(Outcome::Done(Created {
             instance_id: Some(existing.id),
             applied_instance_type: Some(existing.instance_type),
             applied_volume_gb: volume_gb.or(Some(node.volume_gb)),
+            placement: existing.placement,
+            fallback,
             ..Created::default()
         }));
     }
     let config = ctx.config;
+    let region = &ctx.aws.settings;
     let secret_id = node.secret_name();
     let user_data = user_data::render(&UserDataParams {
         node_id: node.id,
@@ -48,34 +55,80 @@ pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
         edge_package_url: config.edge_package_url.as_deref(),
     })
     .map_err(|e| CloudError::permanent("user-data", e.to_string()))?;
-    let instance = compute
-        .launch(&LaunchSpec {
-            node_id: node.id,
-            subscription_id: node.subscription_id,
-            user_id: &node.user_id,
-            instance_type: &node.instance_type,
-            ami_id: &config.ami_id,
-            subnet_id: &config.subnet_id,
-            security_group_id: &config.security_group_id,
-            instance_profile: &config.instance_profile,
-            user_data: &user_data,
-            volume_gb: node.volume_gb,
-            client_token: idempotency_token(node),
-        })
-        .await?;
-    tracing::info!(instance_id = %instance.id, "instance launched");
-    Ok(Outcome::Done(Created {
-        instance_id: Some(instance.id),
-        applied_instance_type: Some(node.instance_type.clone()),
-        applied_volume_gb: Some(node.volume_gb),
-        ..Created::default()
-    }))
+    let mut types = vec![node.instance_type.as_str()];
+    types.extend(
+        config
+            .plans
+            .fallbacks_for(&node.instance_type)
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != node.instance_type),
+    );
+    let mut full = Vec::new();
+    for (t, instance_type) in types.iter().enumerate() {
+        for (s, subnet_id) in region.subnets.iter().enumerate() {
+            let launched = compute
+                .launch(&LaunchSpec {
+                    node_id: node.id,
+                    subscription_id: node.subscription_id,
+                    user_id: &node.user_id,
+                    instance_type,
+                    image: &region.image,
+                    subnet_id,
+                    security_group_id: &region.security_group,
+                    instance_profile: &region.instance_profile,
+                    user_data: &user_data,
+                    volume_gb: node.volume_gb,
+                    // Another subnet or type is another request: EC2 refuses one token
+                    // with other parameters.
+                    client_token: format!("{}-{t}-{s}", idempotency_token(node)),
+                })
+                .await;
+            let instance = match launched {
+                Ok(instance) => instance,
+                Err(LaunchError::NoCapacity(what)) => {
+                    tracing::warn!(%what, "no capacity; trying the next zone or type");
+                    full.push(what);
+                    continue;
+                }
+                Err(LaunchError::Cloud(e)) => return Err(e),
+            };
+            let placement = instance.placement.clone();
+            tracing::info!(instance_id = %instance.id, placement = ?placement, %instance_type, "instance launched");
+            let fallback = (*instance_type != node.instance_type)
+                .then(|| (instance_type.to_string(), node.instance_type.clone()));
+            let note = (!full.is_empty()).then(|| {
+                format!(
+                    "launched as {instance_type} in {}: no capacity for {}",
+                    placement.as_deref().unwrap_or(subnet_id),
+                    full.join(", ")
+                )
+            });
+            return Ok(Outcome::Done(Created {
+                instance_id: Some(instance.id),
+                applied_instance_type: Some(instance_type.to_string()),
+                applied_volume_gb: Some(node.volume_gb),
+                placement,
+                fallback,
+                note,
+                ..Created::default()
+            }));
+        }
+    }
+    // No zone has any of the types now; capacity comes back, so this is worth retrying.
+    Err(CloudError::transient(
+        "ec2:RunInstances",
+        format!(
+            "InsufficientInstanceCapacity: no capacity for {}",
+            full.join(", ")
+        ),
+    ))
 }
 
 /// Terminates the node's instances: the tagged one, and the recorded one should it differ;
 /// only live ones (terminating one twice is an error in some EC2 implementations).
 pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let compute = &ctx.clouds.compute;
+    let compute = &ctx.aws.compute;
     let mut live = Vec::new();
     if let Some(instance) = compute.find_by_node(node.id).await? {
         live.push(instance.id);
@@ -117,7 +170,7 @@ pub async fn stop(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
         // EC2 refuses to stop an instance that has not started yet.
         "pending" => Ok(Outcome::NotYet("instance is pending")),
         _ => {
-            ctx.clouds.compute.stop(&instance.id).await?;
+            ctx.aws.compute.stop(&instance.id).await?;
             tracing::info!(instance_id = %instance.id, "instance stopping");
             done()
         }
@@ -133,7 +186,7 @@ pub async fn wait_stopped(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Out
         "stopping" => Ok(Outcome::NotYet("instance is stopping")),
         "pending" => Ok(Outcome::NotYet("instance is pending")),
         _ => {
-            ctx.clouds.compute.stop(&instance.id).await?;
+            ctx.aws.compute.stop(&instance.id).await?;
             Ok(Outcome::NotYet("instance is stopping"))
         }
     }
@@ -146,7 +199,7 @@ pub async fn start(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
         "running" | "pending" => done(),
         "stopping" => Ok(Outcome::NotYet("instance is still stopping")),
         _ => {
-            ctx.clouds.compute.start(&instance.id).await?;
+            ctx.aws.compute.start(&instance.id).await?;
             tracing::info!(instance_id = %instance.id, "instance starting");
             done()
         }
@@ -169,7 +222,7 @@ pub async fn reboot(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
     if instance.state != "running" {
         return Ok(Outcome::NotYet("instance is not running"));
     }
-    let compute = &ctx.clouds.compute;
+    let compute = &ctx.aws.compute;
     compute.reboot(&instance.id).await?;
     compute.mark_restarted(&instance.id, &request).await?;
     tracing::info!(instance_id = %instance.id, request, "instance rebooted");
@@ -190,7 +243,7 @@ pub async fn change_type(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
                 ),
             ));
         }
-        ctx.clouds
+        ctx.aws
             .compute
             .set_instance_type(&instance.id, &node.instance_type)
             .await?;
@@ -212,7 +265,7 @@ pub async fn grow_volume(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
             format!("instance {} has no root volume", instance.id),
         )
     })?;
-    let compute = &ctx.clouds.compute;
+    let compute = &ctx.aws.compute;
     let size = compute
         .volume_size(&volume)
         .await?

@@ -12,20 +12,23 @@ pub mod region;
 pub mod secret;
 pub mod tunnel;
 
-use crate::cloud::{CloudError, CloudResult, Clouds};
+use crate::cloud::{CloudError, CloudResult, Clouds, RegionClouds};
 use crate::config::WorkerConfig;
 use crate::model::Node;
 use crate::store::Created;
 
 /// What a step may use: the clouds and the worker's settings.
 pub struct StepContext<'a> {
+    /// Cloudflare and Route 53 (global).
     pub clouds: &'a Clouds,
+    /// EC2 and Secrets Manager in the node's own region, with its launch settings.
+    pub aws: &'a RegionClouds,
     pub config: &'a WorkerConfig,
-    /// The region this worker's AWS clients act in.
-    pub region: &'a str,
 }
 
 /// What a step did.
+// One is made per step and moved once; boxing `Created` would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The side effect is done (or was found done): move on, recording what was created.

@@ -12,7 +12,7 @@ pub async fn store_token(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
     let tunnel_id = required(node, "tunnel_id", &node.tunnel_id)?;
     let token = ctx.clouds.cloudflare.tunnel_token(tunnel_id).await?;
     let arn = ctx
-        .clouds
+        .aws
         .secrets
         .store_tunnel_token(node.id, &token, &idempotency_token(node))
         .await?;
@@ -24,7 +24,7 @@ pub async fn store_token(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
 
 /// Deletes the node's secret, found by name; none left counts as done.
 pub async fn delete(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    ctx.clouds.secrets.delete(&node.secret_name()).await?;
+    ctx.aws.secrets.delete(&node.secret_name()).await?;
     done()
 }
 
@@ -34,14 +34,14 @@ pub async fn bind_to_instance(ctx: &StepContext<'_>, node: &Node) -> CloudResult
     let instance_id = required(node, "instance_id", &node.instance_id)?;
     let secret_arn = required(node, "secret_arn", &node.secret_arn)?;
     let instance = ctx
-        .clouds
+        .aws
         .compute
         .describe(instance_id)
         .await?
         .ok_or_else(|| {
             CloudError::permanent("ec2", format!("instance {instance_id} has vanished"))
         })?;
-    ctx.clouds
+    ctx.aws
         .secrets
         .bind_to_instance(secret_arn, &instance.arn)
         .await?;

@@ -1,0 +1,257 @@
+//! Call budgets shared by every worker through Postgres, so that a burst of work waits its turn
+//! instead of earning the provider's rate-limit answers.
+//!
+//! Each budget is a token bucket kept in `rate_budgets` (see `store::take_budget`): it refills
+//! at the configured rate and holds at most a tenth of a period's calls, so that no window of
+//! one period ever sees more than 110 % of the rate (set the budget a tenth under the
+//! provider's limit). A rate-limit answer that arrives anyway empties the bucket for the wait
+//! it asked for and halves the rate for a while.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::{CloudError, CloudResult};
+
+/// How long one call waits for the budget before it gives up (a transient failure: the step
+/// is retried later).
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a budget stays halved after a rate-limit answer, in periods.
+const SHRINK_PERIODS: u32 = 5;
+
+/// `calls` per `per`, as configured (`1200/300s`, `90/10s`, `20/1s`, `100/1m`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub calls: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn per_sec(&self) -> f64 {
+        f64::from(self.calls) / self.per.as_secs_f64()
+    }
+
+    /// The bucket's size: a tenth of a period's calls, at least one.
+    pub fn burst(&self) -> f64 {
+        (f64::from(self.calls) / 10.0).max(1.0)
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shape =
+            || format!("`{s}` is not calls/period (such as `1200/300s` or `20/1s`) or `off`");
+        let (calls, period) = s.trim().split_once('/').ok_or_else(shape)?;
+        let calls: u32 = calls.trim().parse().map_err(|_| shape())?;
+        let period = period.trim();
+        let (number, unit) = period.split_at(period.len().saturating_sub(1));
+        let n: u64 = number.parse().map_err(|_| shape())?;
+        let per = match unit {
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            _ => return Err(shape()),
+        };
+        if calls == 0 || per.is_zero() {
+            return Err(shape());
+        }
+        Ok(Rate { calls, per })
+    }
+}
+
+/// Parses a budget setting: a [`Rate`], or `off` (`None`).
+pub fn parse_budget(raw: &str) -> Result<Option<Rate>, String> {
+    if raw.trim().eq_ignore_ascii_case("off") {
+        Ok(None)
+    } else {
+        raw.parse().map(Some)
+    }
+}
+
+/// One provider's budget (in one region, for EC2 and Secrets Manager).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    inner: Option<Arc<Shared>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: PgPool,
+    name: String,
+    rate: Rate,
+}
+
+impl Budget {
+    /// A budget named `name` (`cloudflare`, `ec2:eu-west-1`...); `None` spends freely.
+    pub fn new(pool: &PgPool, name: String, rate: Option<Rate>) -> Self {
+        Self {
+            inner: rate.map(|rate| {
+                Arc::new(Shared {
+                    pool: pool.clone(),
+                    name,
+                    rate,
+                })
+            }),
+        }
+    }
+
+    /// No budget: every call goes at once.
+    pub fn unlimited() -> Self {
+        Self { inner: None }
+    }
+
+    /// Waits until the budget allows one more call, and takes it.
+    pub async fn take(&self) -> CloudResult<()> {
+        let Some(shared) = &self.inner else {
+            return Ok(());
+        };
+        let started = tokio::time::Instant::now();
+        loop {
+            let wait = crate::store::take_budget(
+                &shared.pool,
+                &shared.name,
+                shared.rate.burst(),
+                shared.rate.per_sec(),
+            )
+            .await
+            .map_err(|e| CloudError::transient("rate budget", e.to_string()))?;
+            let Some(wait) = wait else {
+                crate::metrics::budget_wait(&shared.name, started.elapsed());
+                return Ok(());
+            };
+            if started.elapsed() + wait > MAX_WAIT {
+                crate::metrics::budget_wait(&shared.name, started.elapsed());
+                return Err(CloudError::transient(
+                    "rate budget",
+                    format!("{} budget spent; no call for {:?}", shared.name, wait),
+                ));
+            }
+            // Many workers wait for the same refill: spread them out a little.
+            let jitter = Duration::from_millis(rand::random_range(0..=20));
+            tokio::time::sleep(wait + jitter).await;
+        }
+    }
+
+    /// The provider answered "too many calls": nothing more for `retry_after` (a period when
+    /// it did not say), then half the rate for a while.
+    pub async fn throttled(&self, retry_after: Option<Duration>) {
+        let Some(shared) = &self.inner else {
+            return;
+        };
+        let wait = retry_after.unwrap_or(shared.rate.per);
+        crate::metrics::budget_throttled(&shared.name);
+        tracing::warn!(budget = %shared.name, ?wait, "rate limited although within budget; slowing down");
+        if let Err(e) = crate::store::shrink_budget(
+            &shared.pool,
+            &shared.name,
+            shared.rate.per_sec(),
+            wait,
+            shared.rate.per * SHRINK_PERIODS,
+        )
+        .await
+        {
+            tracing::warn!(budget = %shared.name, error = %e, "could not record the rate limit");
+        }
+    }
+}
+
+/// An AWS SDK HTTP client that takes each request from a budget first: one place for every
+/// call of a service, the SDK's own retries included (AWS counts those too).
+#[derive(Debug, Clone)]
+pub struct BudgetedHttpClient {
+    inner: aws_smithy_runtime_api::client::http::SharedHttpClient,
+    budget: Budget,
+}
+
+impl BudgetedHttpClient {
+    /// The SDK's default HTTPS client (rustls), behind `budget`.
+    pub fn new(budget: Budget) -> Self {
+        use aws_smithy_http_client::tls;
+        Self {
+            inner: aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .build_https(),
+            budget,
+        }
+    }
+}
+
+impl aws_smithy_runtime_api::client::http::HttpClient for BudgetedHttpClient {
+    fn http_connector(
+        &self,
+        settings: &aws_smithy_runtime_api::client::http::HttpConnectorSettings,
+        components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+    ) -> aws_smithy_runtime_api::client::http::SharedHttpConnector {
+        aws_smithy_runtime_api::client::http::SharedHttpConnector::new(BudgetedConnector {
+            inner: self.inner.http_connector(settings, components),
+            budget: self.budget.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct BudgetedConnector {
+    inner: aws_smithy_runtime_api::client::http::SharedHttpConnector,
+    budget: Budget,
+}
+
+impl aws_smithy_runtime_api::client::http::HttpConnector for BudgetedConnector {
+    fn call(
+        &self,
+        request: aws_smithy_runtime_api::client::orchestrator::HttpRequest,
+    ) -> aws_smithy_runtime_api::client::http::HttpConnectorFuture {
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let inner = self.inner.clone();
+        let budget = self.budget.clone();
+        aws_smithy_runtime_api::client::http::HttpConnectorFuture::new(async move {
+            budget
+                .take()
+                .await
+                .map_err(|e| ConnectorError::other(Box::new(e), None))?;
+            let response = inner.call(request).await?;
+            // 429, or EC2's 503 `RequestLimitExceeded`: slow every worker down.
+            let status = response.status().as_u16();
+            if status == 429 || status == 503 {
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                budget.throttled(retry_after).await;
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_and_nonsense_is_refused() {
+        let r: Rate = "1200/300s".parse().unwrap();
+        assert_eq!(r.calls, 1200);
+        assert_eq!(r.per, Duration::from_secs(300));
+        assert!((r.per_sec() - 4.0).abs() < 1e-9);
+        assert!((r.burst() - 120.0).abs() < 1e-9);
+        let r: Rate = "5/1s".parse().unwrap();
+        assert!((r.burst() - 1.0).abs() < 1e-9);
+        assert_eq!(
+            "100/2m".parse::<Rate>().unwrap().per,
+            Duration::from_secs(120)
+        );
+        assert_eq!(parse_budget("off"), Ok(None));
+        for bad in [
+            "", "90", "90/", "0/10s", "90/0s", "90/10h", "x/10s", "90/10",
+        ] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+    }
+}
