@@ -24,4 +24,13 @@ set -e
 passed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "tests: ${passed} passed, ${failed} failed"
+
+# The benchmark command in its short mode, on this build (a second a scenario): it must keep
+# working; its figures are not asserted (scripts/bench.sh measures, on a release build).
+set +e
+target/debug/hive-bench --short --json target/bench-short.json
+bench_status=$?
+set -e
+echo "benchmarks (short): exit ${bench_status}"
+if [ "$status" -eq 0 ]; then status=$bench_status; fi
 exit "$status"

@@ -103,18 +103,24 @@ impl NodeView {
     }
 }
 
+impl From<hive_jobs::model::NodeEvent> for EventView {
+    fn from(e: hive_jobs::model::NodeEvent) -> Self {
+        EventView {
+            at: e.at,
+            step: e.step,
+            kind: e.kind,
+            message: e.detail,
+        }
+    }
+}
+
 /// The views of `nodes`, with their conditions and recent events (two queries in all).
 pub async fn views(pool: &sqlx::PgPool, nodes: Vec<Node>) -> Result<Vec<NodeView>, ApiError> {
     let ids: Vec<Uuid> = nodes.iter().map(|n| n.id).collect();
     let (events, moves) = store::recent_history(pool, &ids, EVENTS_SHOWN).await?;
     let mut events_of: HashMap<Uuid, Vec<EventView>> = HashMap::new();
     for (id, e) in events {
-        events_of.entry(id).or_default().push(EventView {
-            at: e.at,
-            step: e.step,
-            kind: e.kind,
-            message: e.detail,
-        });
+        events_of.entry(id).or_default().push(EventView::from(e));
     }
     let mut moves_of: HashMap<Uuid, Vec<(DateTime<Utc>, String)>> = HashMap::new();
     for (id, at, detail) in moves {
@@ -253,10 +259,12 @@ pub async fn get_node(
 ) -> Result<Json<NodeView>, ApiError> {
     // A malformed id names no node of this user: 404 like any other.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    let node = store::node_for_user(&state.pool, &user, id)
+    // One round trip: the row with its history.
+    let found = store::node_with_history_for_user(&state.pool, &user, id, EVENTS_SHOWN)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok(Json(view(&state.pool, node).await?))
+    let events = found.events.into_iter().map(EventView::from).collect();
+    Ok(Json(NodeView::build(found.node, events, &found.moves)))
 }
 
 /// The user's node `id` (a malformed id names no node of theirs: 404 like any other).

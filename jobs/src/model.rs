@@ -245,7 +245,7 @@ impl Node {
 }
 
 /// A row of `node_events`.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct NodeEvent {
     pub at: DateTime<Utc>,
     pub generation: i32,

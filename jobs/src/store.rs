@@ -305,6 +305,67 @@ pub async fn recent_history(
     Ok((events, moves))
 }
 
+/// A node with its recent history, as the app's view of it needs.
+#[derive(Debug, Clone)]
+pub struct NodeWithHistory {
+    pub node: Node,
+    /// Its last events, oldest first.
+    pub events: Vec<NodeEvent>,
+    /// Every transition of its state (when, and `from -> to`), oldest first.
+    pub moves: Vec<(DateTime<Utc>, String)>,
+}
+
+/// The user's node `id` with its last `per_node` events and its transitions: what
+/// [`recent_history`] gives a list, in the same round trip as the row (a status read is the
+/// app's commonest call).
+pub async fn node_with_history_for_user(
+    pool: &PgPool,
+    user_id: &str,
+    id: Uuid,
+    per_node: i64,
+) -> StoreResult<Option<NodeWithHistory>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        node: Node,
+        events: sqlx::types::Json<Vec<NodeEvent>>,
+        moves: sqlx::types::Json<Vec<Move>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Move {
+        at: DateTime<Utc>,
+        detail: Option<String>,
+    }
+    let sql = format!(
+        "SELECT {NODE_COLUMNS}, \
+           COALESCE((SELECT json_agg(json_build_object('at', e.at, 'generation', e.generation, \
+               'step', e.step, 'kind', e.kind, 'detail', e.detail) ORDER BY e.id) \
+             FROM (SELECT * FROM node_events WHERE node_id = n.id ORDER BY id DESC LIMIT $3) e), \
+             '[]') AS events, \
+           COALESCE((SELECT json_agg(json_build_object('at', m.at, 'detail', m.detail) \
+               ORDER BY m.id) \
+             FROM node_events m WHERE m.node_id = n.id AND m.kind = $4), '[]') AS moves \
+         FROM nodes n WHERE n.id = $1 AND n.user_id = $2"
+    );
+    let row: Option<Row> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(id)
+        .bind(user_id)
+        .bind(per_node)
+        .bind(EventKind::Transition.as_str())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| NodeWithHistory {
+        node: r.node,
+        events: r.events.0,
+        moves: r
+            .moves
+            .0
+            .into_iter()
+            .map(|m| (m.at, m.detail.unwrap_or_default()))
+            .collect(),
+    }))
+}
+
 pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResult<Option<Node>> {
     let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1 AND user_id = $2");
     Ok(sqlx::query_as::<_, Node>(AssertSqlSafe(sql))

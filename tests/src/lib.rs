@@ -3,6 +3,7 @@
 
 pub mod aws_fixture;
 pub mod aws_proxy;
+pub mod bench;
 pub mod cloudflare_standin;
 pub mod process;
 pub mod seed;

@@ -27,7 +27,7 @@ pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seed
     let subnet = ec2
         .create_subnet()
         .vpc_id(&stack.aws.vpc_id)
-        .cidr_block("10.42.16.0/20")
+        .cidr_block("10.42.64.0/18")
         .send()
         .await?;
     let subnet = subnet
@@ -168,8 +168,9 @@ pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seed
         .await?;
     sqlx::query(
         "INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, \
-         hostname, state, tunnel_id, instance_id, applied_instance_type, applied_volume_gb) \
-         SELECT n.id, $2, n.ordinal, 'user-scale', $3, 't4g.small', n.id::text || '.' || $4, \
+         volume_gb, hostname, state, tunnel_id, instance_id, applied_instance_type, \
+         applied_volume_gb) \
+         SELECT n.id, $2, n.ordinal, 'user-scale', $3, 't4g.small', 10, n.id::text || '.' || $4, \
          'ready', n.tunnel, n.instance, 't4g.small', 10 \
          FROM unnest($1::uuid[], $5::text[], $6::text[]) WITH ORDINALITY \
              AS n(id, instance, tunnel, ordinal)",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
-use apalis_postgres::{Config, PostgresStorage};
+use apalis_postgres::{Config, PostgresStorage, Pubsub};
 use backon::{ExponentialBuilder, Retryable};
 use hive_jobs::cloud::Clouds;
 use hive_jobs::config::WorkerConfig;
@@ -44,7 +44,9 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let pool = (|| {
-        hive_jobs::store::connect_and_migrate(&config.database_url, (config.concurrency as u32) + 4)
+        // The jobs, the sweeper and the reconciler, and one listening connection per region.
+        let size = config.concurrency + 4 + config.regions.len();
+        hive_jobs::store::connect_and_migrate(&config.database_url, size as u32)
     })
     .retry(
         ExponentialBuilder::default()
@@ -173,7 +175,15 @@ async fn run_queue(
                 .heartbeat_interval(config.heartbeat)
                 .missed_heartbeats(3),
         )
-        .poll_with_strategy(Strategy::new().interval(config.poll));
+        .poll_with_strategy(
+            Strategy::new()
+                .interval(config.poll)
+                // Woken at once by the queue's insert notification (apalis's trigger on its
+                // table, delivered at commit), one listening connection per queue. The
+                // interval still finds jobs due later (they notify nobody) and covers a
+                // listener that was lost.
+                .stream(Pubsub::new(pool.clone(), queue.to_string())),
+        );
     let worker = WorkerBuilder::new(worker_name)
         .backend(backend)
         .data(engine)

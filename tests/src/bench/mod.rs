@@ -1,0 +1,256 @@
+//! The benchmarks of `hive-bench`: each scenario runs against the local stack (a private
+//! Postgres cluster, moto, the stand-ins, and whichever build of hive-api and hive-worker sits
+//! beside the running binary) and reports its figures beside a ceiling measured in the same run
+//! on the same Postgres, so that the ratio, not the raw figure, is what a change is judged by.
+
+pub mod dispatch;
+pub mod ingest;
+pub mod provisioning;
+pub mod reads;
+pub mod reconcile;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+/// How long and how big a run is: the full figures, or a second a scenario so that CI keeps
+/// the command working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    Full,
+    Short,
+}
+
+impl Size {
+    /// The load phase of a throughput scenario.
+    pub fn duration(self) -> Duration {
+        match self {
+            Size::Full => Duration::from_secs(10),
+            Size::Short => Duration::from_secs(1),
+        }
+    }
+
+    /// A count that is `full` in a full run, and small in a short one.
+    pub fn count(self, full: usize, short: usize) -> usize {
+        match self {
+            Size::Full => full,
+            Size::Short => short,
+        }
+    }
+}
+
+/// One figure of a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub scenario: &'static str,
+    pub metric: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// What the same Postgres does at best (or the target, where no run can say), and the
+    /// figure's share of it; `higher_is_better` says which way the ratio reads.
+    pub ceiling: Option<f64>,
+    pub ceiling_is: Option<String>,
+    pub ratio: Option<f64>,
+    pub higher_is_better: bool,
+}
+
+impl Figure {
+    pub fn new(
+        scenario: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Self {
+        Self {
+            scenario,
+            metric: metric.into(),
+            value,
+            unit,
+            ceiling: None,
+            ceiling_is: None,
+            ratio: None,
+            higher_is_better: true,
+        }
+    }
+
+    /// Beside a ceiling where more is better (throughput): the ratio is value / ceiling.
+    pub fn against(mut self, ceiling: f64, what: impl Into<String>) -> Self {
+        self.ceiling = Some(ceiling);
+        self.ceiling_is = Some(what.into());
+        self.ratio = (ceiling > 0.0).then(|| self.value / ceiling);
+        self
+    }
+
+    /// Beside a bound where less is better (latency, cost): the ratio is value / bound.
+    pub fn under(mut self, bound: f64, what: impl Into<String>) -> Self {
+        self.ceiling = Some(bound);
+        self.ceiling_is = Some(what.into());
+        self.ratio = (bound > 0.0).then(|| self.value / bound);
+        self.higher_is_better = false;
+        self
+    }
+}
+
+/// Latencies of one load, in milliseconds.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies(pub Vec<f64>);
+
+impl Latencies {
+    /// The `p`th percentile (0..=100), nearest rank.
+    pub fn percentile(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let mut sorted = self.0.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }
+}
+
+/// What pgbench measured.
+#[derive(Debug, Clone, Copy)]
+pub struct PgbenchResult {
+    pub tps: f64,
+    pub latency_ms: f64,
+}
+
+/// Runs pgbench on `database_url`'s server with these scripts (`file@weight`), `clients`
+/// connections for `duration`; its transactions per second and mean latency.
+pub fn pgbench(
+    database_url: &str,
+    scripts: &[(&Path, u32)],
+    clients: u32,
+    duration: Duration,
+) -> anyhow::Result<PgbenchResult> {
+    let mut cmd = Command::new(crate::process::pg_bin("pgbench"));
+    cmd.args([
+        "-n",
+        "-c",
+        &clients.to_string(),
+        "-j",
+        "2",
+        "-T",
+        &duration.as_secs().max(1).to_string(),
+    ]);
+    for (script, weight) in scripts {
+        cmd.arg("-f").arg(format!("{}@{weight}", script.display()));
+    }
+    cmd.arg(database_url);
+    let out = cmd.output().context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number_after = |prefix: &str| -> anyhow::Result<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .with_context(|| format!("pgbench printed no `{prefix}`: {text}"))?;
+        line.split('=')
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("pgbench line `{line}`"))
+    };
+    Ok(PgbenchResult {
+        tps: number_after("tps")?,
+        latency_ms: number_after("latency average")?,
+    })
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // The kernel's USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The process and all its descendants (a Postgres cluster: the postmaster and its backends).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut all = vec![root];
+    let mut i = 0;
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    all
+}
+
+/// Resident memory of a process, in MiB, from `/proc/<pid>/status`.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Prints the figures as a table, a line each.
+pub fn print(figures: &[Figure]) {
+    println!(
+        "{:<13} {:<34} {:>12} {:<6} {:>12}  {:>7}  ceiling",
+        "scenario", "figure", "value", "unit", "ceiling", "ratio"
+    );
+    for f in figures {
+        let ceiling = f
+            .ceiling
+            .map(|c| format!("{c:.2}"))
+            .unwrap_or_else(|| "-".into());
+        let ratio = f
+            .ratio
+            .map(|r| format!("{:.0}%", r * 100.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<13} {:<34} {:>12.2} {:<6} {:>12}  {:>7}  {}",
+            f.scenario,
+            f.metric,
+            f.value,
+            f.unit,
+            ceiling,
+            ratio,
+            f.ceiling_is.as_deref().unwrap_or("")
+        );
+    }
+}

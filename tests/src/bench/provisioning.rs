@@ -1,0 +1,73 @@
+//! Provisioning cost: `pro` checkouts to ready against the local stand-ins, with one worker:
+//! the wall time, and the control plane's CPU per node (api, worker and every Postgres process,
+//! from `/proc`), so that a slow stand-in does not hide our own cost.
+
+use std::time::{Duration, Instant};
+
+use super::{cpu_time, process_tree, Figure, Size};
+use crate::stack::Stack;
+
+const SCENARIO: &str = "provisioning";
+
+/// CPU the api, the workers and the Postgres cluster have used so far.
+fn control_plane_cpu(stack: &Stack) -> Duration {
+    let mut pids: Vec<u32> = stack.apis.iter().map(|(p, _)| p.pid()).collect();
+    pids.extend(stack.workers.iter().map(|w| w.pid()));
+    if let Some(pg) = &stack.pg.process {
+        pids.extend(process_tree(pg.pid()));
+    }
+    pids.into_iter().map(cpu_time).sum()
+}
+
+pub async fn run(stack: &mut Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
+    let count = size.count(200, 10);
+    if stack.workers.is_empty() {
+        stack.start_worker()?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_before = control_plane_cpu(stack);
+    let started = Instant::now();
+    let mut nodes = Vec::with_capacity(count);
+    for n in 0..count {
+        nodes.extend(
+            stack
+                .send_checkout(&format!("bench-pro-{n}"), "pro")
+                .await?,
+        );
+    }
+    let pool = stack.pool().await?;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let (ready, failed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'ready'), \
+             count(*) FILTER (WHERE state = 'failed') FROM nodes WHERE id::text = ANY($1)",
+        )
+        .bind(&nodes)
+        .fetch_one(&pool)
+        .await?;
+        anyhow::ensure!(failed == 0, "{failed} nodes failed");
+        if ready as usize == nodes.len() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{ready} of {} ready in time",
+            nodes.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = started.elapsed();
+    let cpu = control_plane_cpu(stack).saturating_sub(cpu_before);
+    pool.close().await;
+    let per_node_ms = cpu.as_secs_f64() * 1000.0 / count as f64;
+    Ok(vec![
+        Figure::new(
+            SCENARIO,
+            format!("{count} pro checkouts to ready"),
+            wall.as_secs_f64(),
+            "s",
+        ),
+        Figure::new(SCENARIO, "control-plane CPU per node", per_node_ms, "ms")
+            .under(20.0, "target"),
+    ])
+}

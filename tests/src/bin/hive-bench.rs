@@ -1,0 +1,87 @@
+//! hive-bench: every benchmark scenario against the local stack, each figure beside its ceiling.
+//! `scripts/bench.sh` runs it as a release build; CI runs the debug build with `--short`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use hive_tests::bench::{self, Figure, Size};
+use hive_tests::stack::{Stack, StackOptions};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of Hive's api and worker, each figure beside its ceiling")]
+struct Args {
+    /// A second a scenario and small counts: keeps the command working, measures nothing.
+    #[arg(long)]
+    short: bool,
+    /// Where to write the figures as JSON.
+    #[arg(long, default_value = "target/bench.json")]
+    json: PathBuf,
+    /// Only these scenarios (ingest, reads, dispatch, provisioning, reconcile).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// A fresh stack per scenario, with production pacing (only what the load needs is changed).
+async fn stack() -> anyhow::Result<Stack> {
+    let options = StackOptions {
+        extra_env: [
+            // One client address makes every request: the per-address limit would measure
+            // itself.
+            ("HIVE_RATE_LIMIT", "off"),
+            ("HIVE_RECONCILE_SCHEDULE", "off"),
+            // moto takes seconds to write a page of a thousand instances.
+            ("HIVE_HTTP_TIMEOUT_MS", "120000"),
+            ("RUST_LOG", "warn"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec(),
+        ..StackOptions::default()
+    };
+    let mut stack = Stack::start(options).await?;
+    stack.start_api()?;
+    Ok(stack)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let size = if args.short { Size::Short } else { Size::Full };
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut failed = Vec::new();
+    for scenario in ["ingest", "reads", "dispatch", "provisioning", "reconcile"] {
+        if !wanted(scenario) {
+            continue;
+        }
+        let mut stack = stack().await?;
+        let found = match scenario {
+            "ingest" => bench::ingest::run(&stack, size).await,
+            "reads" => bench::reads::run(&stack, size).await,
+            "dispatch" => bench::dispatch::run(&mut stack, size).await,
+            "provisioning" => bench::provisioning::run(&mut stack, size).await,
+            _ => bench::reconcile::run(&stack, size).await,
+        };
+        match found {
+            Ok(found) => {
+                // As they come: a later scenario that fails does not hide them.
+                bench::print(&found);
+                figures.extend(found);
+            }
+            Err(e) => {
+                eprintln!("{scenario} failed: {e:#}");
+                failed.push(scenario);
+            }
+        }
+    }
+    println!();
+    bench::print(&figures);
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&figures)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    println!("figures written to {}", args.json.display());
+    anyhow::ensure!(failed.is_empty(), "scenarios failed: {failed:?}");
+    Ok(())
+}
