@@ -67,7 +67,7 @@ pub struct EventView {
 }
 
 /// How many log entries a node view carries.
-const EVENTS_SHOWN: i64 = 20;
+pub const EVENTS_SHOWN: i64 = 20;
 
 impl NodeView {
     fn build(node: Node, events: Vec<EventView>, moves: &[(DateTime<Utc>, String)]) -> Self {
@@ -136,11 +136,18 @@ pub async fn views(pool: &sqlx::PgPool, nodes: Vec<Node>) -> Result<Vec<NodeView
         .collect())
 }
 
-/// The view of one node.
-pub async fn view(pool: &sqlx::PgPool, node: Node) -> Result<NodeView, ApiError> {
-    views(pool, vec![node])
+/// The view of a node read with its history (one round trip: see
+/// `store::node_with_history_for_user`).
+pub fn view_of(found: store::NodeWithHistory) -> NodeView {
+    let events = found.events.into_iter().map(EventView::from).collect();
+    NodeView::build(found.node, events, &found.moves)
+}
+
+/// The view of the user's node `id`; 404 when it is not theirs.
+pub async fn read_view(pool: &sqlx::PgPool, user: &str, id: Uuid) -> Result<NodeView, ApiError> {
+    store::node_with_history_for_user(pool, user, id, EVENTS_SHOWN)
         .await?
-        .pop()
+        .map(view_of)
         .ok_or(ApiError::NotFound)
 }
 
@@ -259,12 +266,7 @@ pub async fn get_node(
 ) -> Result<Json<NodeView>, ApiError> {
     // A malformed id names no node of this user: 404 like any other.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    // One round trip: the row with its history.
-    let found = store::node_with_history_for_user(&state.pool, &user, id, EVENTS_SHOWN)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    let events = found.events.into_iter().map(EventView::from).collect();
-    Ok(Json(NodeView::build(found.node, events, &found.moves)))
+    Ok(Json(read_view(&state.pool, &user, id).await?))
 }
 
 /// The user's node `id` (a malformed id names no node of theirs: 404 like any other).
@@ -306,10 +308,10 @@ async fn control(
     }
     tx.commit().await.map_err(store::StoreError::from)?;
     tracing::info!(node_id = %node.id, user, ?control, "node control recorded");
-    let node = store::node_for_user(&state.pool, user, node.id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    Ok((StatusCode::ACCEPTED, Json(view(&state.pool, node).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(read_view(&state.pool, user, node.id).await?),
+    ))
 }
 
 /// Reboots the node's instance; it is `restarting`, then `ready` again.
@@ -483,8 +485,8 @@ pub async fn create_node(
     )
     .await?;
     tx.commit().await.map_err(store::StoreError::from)?;
-    let node = store::node_for_user(&state.pool, &user, id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    Ok((StatusCode::ACCEPTED, Json(view(&state.pool, node).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(read_view(&state.pool, &user, id).await?),
+    ))
 }

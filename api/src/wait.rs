@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorBody};
-use crate::nodes::{view, NodeView};
+use crate::nodes::{read_view, view_of, NodeView, EVENTS_SHOWN};
 use crate::AppState;
 
 /// The channel the node guard announces moves on.
@@ -153,13 +153,14 @@ pub async fn wait_for_status(
     let mut changes = state.changes.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let node = store::node_for_user(&state.pool, &user, id)
+        let found = store::node_with_history_for_user(&state.pool, &user, id, EVENTS_SHOWN)
             .await?
             .ok_or(ApiError::NotFound)?;
+        let node = &found.node;
         if node.status() == wanted {
-            return Ok((StatusCode::OK, Json(view(&state.pool, node).await?)));
+            return Ok((StatusCode::OK, Json(view_of(found))));
         }
-        if !reachable(&node, wanted) {
+        if !reachable(node, wanted) {
             return Err(ApiError::Conflict(format!(
                 "node {id} is {:?} and cannot become {raw} unless someone acts",
                 node.status()
@@ -181,15 +182,13 @@ pub async fn wait_for_status(
             Ok(true) => continue,
             // The deadline passed (or the api is stopping): the node as it is now.
             Ok(false) | Err(_) => {
-                let node = store::node_for_user(&state.pool, &user, id)
-                    .await?
-                    .ok_or(ApiError::NotFound)?;
-                let code = if node.status() == wanted {
+                let view = read_view(&state.pool, &user, id).await?;
+                let code = if view.status == wanted {
                     StatusCode::OK
                 } else {
                     StatusCode::REQUEST_TIMEOUT
                 };
-                return Ok((code, Json(view(&state.pool, node).await?)));
+                return Ok((code, Json(view)));
             }
         }
     }
