@@ -855,11 +855,6 @@ fn metrics_addr_setting<F: Fn(&str) -> Option<String>>(
 }
 
 impl WorkerConfig {
-    /// The settings of one of this worker's regions.
-    pub fn region(&self, name: &str) -> Option<&RegionSettings> {
-        self.regions.iter().find(|r| r.name == name)
-    }
-
     pub fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
         let cloudflare_api_base = http_base(env, "CLOUDFLARE_API_BASE", CLOUDFLARE_PRODUCTION_API)?;
         // Every binary reads the configuration file, so a malformed one stops each at start.

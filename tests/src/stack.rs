@@ -658,6 +658,38 @@ impl Stack {
         Ok(())
     }
 
+    /// An instance tagged for the node `ghost` (which need not exist), launched straight in
+    /// moto in `region`'s first subnet; its id.
+    pub async fn plant_instance_orphan(
+        &self,
+        region: &RegionFixture,
+        ghost: &str,
+    ) -> anyhow::Result<String> {
+        use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+        let ec2 =
+            aws_sdk_ec2::Client::new(&sdk_config(&self.moto.endpoint(), &region.region).await);
+        let out = ec2
+            .run_instances()
+            .image_id(&region.ami_id)
+            .instance_type(InstanceType::T4gSmall)
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&region.subnet_ids[0])
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(Tag::builder().key("hive:node-id").value(ghost).build())
+                    .build(),
+            )
+            .send()
+            .await?;
+        Ok(out
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .context("launch without an instance")?
+            .to_string())
+    }
     /// Creates a node secret of node `ghost`, which has no row: an orphan for the reconciler.
     pub async fn plant_secret_orphan(&self, ghost: &str) -> anyhow::Result<()> {
         aws_sdk_secretsmanager::Client::new(&self.sdk)

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use hive_tests::stack::{Stack, StackOptions, NODE_DOMAIN};
 
 async fn wait_ready(stack: &Stack, node: &str) {
@@ -34,20 +33,8 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
     // Orphans: resources named and tagged like a node's, of a node that does not exist.
     let ghost = uuid::Uuid::new_v4().to_string();
     let ghost_host = format!("{ghost}.{NODE_DOMAIN}");
-    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
-    ec2.run_instances()
-        .image_id(&stack.aws.ami_id)
-        .instance_type(aws_sdk_ec2::types::InstanceType::T4gSmall)
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&stack.aws.subnet_id)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(Tag::builder().key("hive:node-id").value(&ghost).build())
-                .build(),
-        )
-        .send()
+    stack
+        .plant_instance_orphan(&stack.aws.home, &ghost)
         .await
         .unwrap();
     stack.plant_secret_orphan(&ghost.to_string()).await.unwrap();
@@ -92,6 +79,7 @@ async fn the_reconciler_removes_planted_orphans_and_heals_a_vanished_instance() 
             .fetch_one(&pool)
             .await
             .unwrap();
+    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
     ec2.terminate_instances()
         .instance_ids(&old_instance)
         .send()

@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
-use hive_tests::aws_fixture::{sdk_config, RegionFixture};
+use hive_tests::aws_fixture::RegionFixture;
 use hive_tests::stack::{Stack, StackOptions};
 use serde_json::Value;
 
@@ -104,25 +103,8 @@ async fn wait_all_ready(stack: &Stack, nodes: &[String]) {
 
 /// Plants an instance tagged for a node that does not exist, in `region`.
 async fn plant_orphan(stack: &Stack, region: &RegionFixture) -> String {
-    let ec2 = aws_sdk_ec2::Client::new(&sdk_config(&stack.moto.endpoint(), &region.region).await);
     let ghost = uuid::Uuid::new_v4().to_string();
-    let out = ec2
-        .run_instances()
-        .image_id(&region.ami_id)
-        .instance_type(InstanceType::T4gSmall)
-        .min_count(1)
-        .max_count(1)
-        .subnet_id(&region.subnet_ids[0])
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(Tag::builder().key("hive:node-id").value(&ghost).build())
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    out.instances()[0].instance_id().unwrap().to_string()
+    stack.plant_instance_orphan(region, &ghost).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
