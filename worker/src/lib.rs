@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
-use apalis_postgres::{Config, PostgresStorage, Pubsub};
+use apalis_postgres::{Config, PostgresStorage};
 use backon::{ExponentialBuilder, Retryable};
 use hive_jobs::cloud::Clouds;
 use hive_jobs::config::WorkerConfig;
 use hive_jobs::engine::Engine;
 use hive_jobs::queue::{node_queue, ProvisionNode};
 use tracing::Instrument;
+
+mod wakeup;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -84,7 +86,11 @@ where
     };
     tracing::info!(worker = %worker_name, ?regions, concurrency = config.concurrency, "hive-worker started");
     let engine = Arc::new(Engine::new(pool.clone(), clouds, config.clone()));
-    let sweeper = tokio::spawn(sweep_stalled_nodes(pool.clone(), config.stall_after));
+    let sweeper = tokio::spawn(sweep_stalled_nodes(
+        pool.clone(),
+        config.stall_after,
+        config.job_retention,
+    ));
 
     // Shutdown is a flag every run of the apalis workers watches.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -182,7 +188,7 @@ async fn run_queue(
                 // table, delivered at commit), one listening connection per queue. The
                 // interval still finds jobs due later (they notify nobody) and covers a
                 // listener that was lost.
-                .stream(Pubsub::new(pool.clone(), queue.to_string())),
+                .stream(wakeup::QueueWakeups::new(pool.clone(), queue.to_string())),
         );
     let worker = WorkerBuilder::new(worker_name)
         .backend(backend)
@@ -213,12 +219,19 @@ async fn run_queue(
 }
 
 /// Every so often, gives a new job to nodes whose job was lost (see `requeue_stalled`): the
-/// queue is not the source of truth, the node rows are.
-async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration) {
+/// queue is not the source of truth, the node rows are. And deletes jobs finished longer than
+/// `retention` ago, a batch a tick.
+async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration, retention: Duration) {
+    const PRUNED_PER_TICK: i64 = 10_000;
     let mut every = tokio::time::interval((stall_after / 2).max(Duration::from_millis(200)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        match hive_jobs::store::prune_done_jobs(&pool, retention, PRUNED_PER_TICK).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "finished jobs pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+        }
         match hive_jobs::store::requeue_stalled(&pool, stall_after).await {
             Ok(ids) if !ids.is_empty() => {
                 tracing::warn!(nodes = ?ids, "re-enqueued nodes whose job was lost");
