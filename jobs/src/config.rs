@@ -788,6 +788,9 @@ pub struct WorkerConfig {
     /// A node due this long ago that nobody works on has lost its job; the worker's sweep
     /// enqueues a new one (`HIVE_STALL_AFTER_MS`, default 30 s).
     pub stall_after: Duration,
+    /// How long a finished job stays in the queue's table before the sweep deletes it
+    /// (`HIVE_JOB_RETENTION_SECS`, default an hour): a waiting node leaves a job per look.
+    pub job_retention: Duration,
     /// How long a stopping worker lets jobs in flight finish (`HIVE_SHUTDOWN_DEADLINE_MS`).
     pub shutdown_deadline: Duration,
     /// Test-only fault injection; never set in production.
@@ -894,6 +897,7 @@ impl WorkerConfig {
             poll: env.millis_or("HIVE_QUEUE_POLL_MS", 1_000)?,
             heartbeat: env.millis_or("HIVE_HEARTBEAT_MS", 10_000)?,
             stall_after: env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
+            job_retention: env.secs_or("HIVE_JOB_RETENTION_SECS", 3_600)?,
             shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
             reconcile_schedule: reconcile_schedule(env)?,
             reconcile_grace: env.secs_or("HIVE_RECONCILE_GRACE_SECS", 600)?,

@@ -77,6 +77,17 @@ pub fn poll_after(pacing: &Pacing, waited: Duration) -> Duration {
     Duration::from_millis(millis.round() as u64)
 }
 
+/// The priority of a step's next look or retry: after the looks of steps that began recently
+/// once it has waited a minute (the same minute that slows its polling), so that the slow
+/// ones of a crowd do not delay everyone else's.
+pub fn look_again_priority(waited: Duration) -> crate::queue::Priority {
+    if waited >= Duration::from_secs(60) {
+        crate::queue::Priority::Slow
+    } else {
+        crate::queue::Priority::Later
+    }
+}
+
 /// Decides what a step's result means. `jitter` is a draw from [0, 1] that spreads retries
 /// (full jitter); passing it in keeps this function pure.
 pub fn decide(step: &StepFacts, result: StepResult<'_>, rules: &Rules<'_>, jitter: f64) -> Action {

@@ -17,6 +17,19 @@ pub fn node_queue(region: &str) -> String {
     format!("hive-nodes:{region}")
 }
 
+/// Which jobs a worker takes first when more are due than it can run (apalis takes higher
+/// priorities first, then older ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A look again (or retry) of a step that has been slow to come for a while.
+    Slow = 0,
+    /// A look again (or retry) of a step that began recently.
+    Later = 1,
+    /// Something changed and the node has work now: a new node is not held up by a crowd of
+    /// waiting ones, however many of their looks are due.
+    Now = 2,
+}
+
 /// "Advance this node's state machine."
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionNode {
@@ -24,11 +37,27 @@ pub struct ProvisionNode {
 }
 
 /// Enqueues one job per node in the caller's transaction: the job exists if and only if the
-/// change that needs it commits.
+/// change that needs it commits. Due at once, it goes first ([`Priority::Now`]); later, after
+/// the work due now ([`Priority::Later`]).
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     node_ids: &[Uuid],
     delay: Duration,
+) -> StoreResult<()> {
+    let priority = if delay.is_zero() {
+        Priority::Now
+    } else {
+        Priority::Later
+    };
+    enqueue_as(tx, node_ids, delay, priority).await
+}
+
+/// As [`enqueue`], at the given priority.
+pub async fn enqueue_as(
+    tx: &mut Transaction<'_, Postgres>,
+    node_ids: &[Uuid],
+    delay: Duration,
+    priority: Priority,
 ) -> StoreResult<()> {
     if node_ids.is_empty() {
         return Ok(());
@@ -44,7 +73,7 @@ pub async fn enqueue(
         let args = serde_json::to_vec(&ProvisionNode { node_id: *node_id })?;
         // Step retries are ours (stored on the node); apalis retries a job only when the
         // handler itself failed (the database was unreachable).
-        let mut task = TaskBuilder::new(args);
+        let mut task = TaskBuilder::new(args).priority(priority as usize);
         if !delay.is_zero() {
             task = task.run_after(delay);
         }

@@ -666,16 +666,28 @@ pub async fn schedule(
     if updated == 0 {
         return Ok(Err(Fenced(node.id)));
     }
-    insert_event(
-        &mut *tx,
-        node.id,
-        node.generation,
-        node.state(),
-        kind,
-        waiting_for.or(last_error),
-    )
-    .await?;
-    queue::enqueue(&mut tx, &[node.id], delay).await?;
+    // A node waiting for the same thing as at its last look has nothing new to tell: one
+    // event per reason, not one per look (thousands of waiting nodes would fill the table).
+    let news = match why {
+        Postponed::Waiting(why) => node.waiting_for.as_deref() != Some(why),
+        Postponed::Retrying(_) => true,
+    };
+    if news {
+        insert_event(
+            &mut *tx,
+            node.id,
+            node.generation,
+            node.state(),
+            kind,
+            waiting_for.or(last_error),
+        )
+        .await?;
+    }
+    let waited = (Utc::now() - node.step_started_at)
+        .to_std()
+        .unwrap_or_default();
+    let priority = crate::policy::look_again_priority(waited);
+    queue::enqueue_as(&mut tx, &[node.id], delay, priority).await?;
     tx.commit().await?;
     Ok(Ok(()))
 }
@@ -833,25 +845,52 @@ pub async fn release(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
 /// request marked it so. Its job was lost (the database
 /// went away while the queue was recording it, say); this enqueues a new one and marks the node
 /// due now, in one transaction, skipping rows another worker is sweeping. Returns those nodes.
+///
+/// A queue that is merely behind is not a lost job: a node due after the oldest job still
+/// waiting in its region's queue may have its job in that backlog, and is left alone (else a
+/// busy queue would grow by duplicates of its own backlog). A node due before it cannot.
 pub async fn requeue_stalled(pool: &PgPool, stale_after: Duration) -> StoreResult<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<(Uuid,)> = sqlx::query_as(
-        "UPDATE nodes SET next_run_at = now() WHERE id IN ( \
+        "WITH backlog AS ( \
+           SELECT job_type, min(run_at) AS oldest FROM apalis.jobs \
+           WHERE status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts) \
+           GROUP BY job_type) \
+         UPDATE nodes SET next_run_at = now() WHERE id IN ( \
            SELECT id FROM nodes \
            WHERE (state <> ALL($2) OR next_run_at IS NOT NULL) \
              AND (lease_expires_at IS NULL OR lease_expires_at < now()) \
              AND COALESCE(next_run_at, step_started_at) < now() - $1 \
+             AND COALESCE(next_run_at, step_started_at) < COALESCE( \
+               (SELECT oldest FROM backlog WHERE job_type = $3 || nodes.region), 'infinity') \
            ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED) \
          RETURNING id",
     )
     .bind(stale_after)
     .bind(resting_states())
+    .bind(queue::node_queue(""))
     .fetch_all(&mut *tx)
     .await?;
     let ids: Vec<Uuid> = ids.into_iter().map(|(id,)| id).collect();
     queue::enqueue(&mut tx, &ids, Duration::ZERO).await?;
     tx.commit().await?;
     Ok(ids)
+}
+
+/// Deletes finished jobs done more than `older_than` ago, at most `limit` of them; how many.
+/// Node history lives in `node_events`; a done job only says that a look happened.
+pub async fn prune_done_jobs(pool: &PgPool, older_than: Duration, limit: i64) -> StoreResult<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM apalis.jobs WHERE id IN ( \
+           SELECT id FROM apalis.jobs WHERE status = 'Done' AND done_at < now() - $1 \
+           LIMIT $2)",
+    )
+    .bind(older_than)
+    .bind(limit)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(deleted)
 }
 
 /// A job to look at the node again after `delay`, outside any step (lease held elsewhere).

@@ -125,6 +125,11 @@ impl AwsProxy {
         self.lock().hold_new_instances = on;
     }
 
+    /// These instances (launched past the proxy) are reported `pending` until released.
+    pub fn hold_instances(&self, ids: impl IntoIterator<Item = String>) {
+        self.lock().held.extend(ids);
+    }
+
     /// Every held instance reports its real state again.
     pub fn release_pending(&self) {
         let mut state = self.lock();

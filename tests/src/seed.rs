@@ -21,46 +21,18 @@ pub struct Seeded {
 /// instance (tagged), its secret (bound), its tunnel and its proxied CNAME, as provisioning
 /// leaves them: a reconcile pass over them finds nothing to do.
 pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seeded>> {
-    // Instances in moto, each tagged with its node (500 a launch, tags one by one), in a
-    // subnet with room for them all.
+    // Instances in moto, each tagged with its node (tags one by one, below).
+    let owner_and_ids = launch_instances(stack, count, "10.42.64.0/18").await?;
+    let seeded: Vec<Seeded> = owner_and_ids
+        .into_iter()
+        .map(|(owner, id)| Seeded {
+            node: Uuid::new_v4(),
+            arn: format!("arn:aws:ec2:{}:{owner}:instance/{id}", stack.aws.region),
+            instance: id,
+            tunnel: Uuid::new_v4(),
+        })
+        .collect();
     let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&stack.aws.vpc_id)
-        .cidr_block("10.42.64.0/18")
-        .send()
-        .await?;
-    let subnet = subnet
-        .subnet()
-        .and_then(|s| s.subnet_id())
-        .context("subnet without id")?
-        .to_string();
-    let mut seeded = Vec::with_capacity(count);
-    for _ in 0..count / 500 {
-        let out = ec2
-            .run_instances()
-            .image_id(&stack.aws.ami_id)
-            .instance_type(InstanceType::T4gSmall)
-            .min_count(500)
-            .max_count(500)
-            .subnet_id(&subnet)
-            .send()
-            .await?;
-        let owner = out.owner_id().unwrap_or("123456789012").to_string();
-        for instance in out.instances() {
-            let id = instance
-                .instance_id()
-                .context("instance without id")?
-                .to_string();
-            seeded.push(Seeded {
-                node: Uuid::new_v4(),
-                arn: format!("arn:aws:ec2:{}:{owner}:instance/{id}", stack.aws.region),
-                instance: id,
-                tunnel: Uuid::new_v4(),
-            });
-        }
-    }
-    anyhow::ensure!(seeded.len() == count, "{} instances launched", seeded.len());
     let sm = aws_sdk_secretsmanager::Client::new(&stack.sdk);
     stream::iter(seeded.iter().map(|s| {
         let ec2 = ec2.clone();
@@ -186,4 +158,81 @@ pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seed
     tx.commit().await?;
     pool.close().await;
     Ok(seeded)
+}
+
+/// `count` (a multiple of 500) t4g.small instances launched in moto, 500 a call, in a new
+/// subnet of `cidr` with room for them all: (owner account, instance id) each.
+async fn launch_instances(
+    stack: &Stack,
+    count: usize,
+    cidr: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let ec2 = aws_sdk_ec2::Client::new(&stack.sdk);
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&stack.aws.vpc_id)
+        .cidr_block(cidr)
+        .send()
+        .await?;
+    let subnet = subnet
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .context("subnet without id")?
+        .to_string();
+    let mut launched = Vec::with_capacity(count);
+    for _ in 0..count.div_ceil(500) {
+        let out = ec2
+            .run_instances()
+            .image_id(&stack.aws.ami_id)
+            .instance_type(InstanceType::T4gSmall)
+            .min_count(500)
+            .max_count(500)
+            .subnet_id(&subnet)
+            .send()
+            .await?;
+        let owner = out.owner_id().unwrap_or("123456789012").to_string();
+        for instance in out.instances() {
+            let id = instance.instance_id().context("instance without id")?;
+            launched.push((owner.clone(), id.to_string()));
+        }
+    }
+    anyhow::ensure!(
+        launched.len() >= count,
+        "{} instances launched",
+        launched.len()
+    );
+    launched.truncate(count);
+    Ok(launched)
+}
+
+/// `count` (a multiple of 500) `pro` nodes of as many users, each waiting for its instance
+/// (`waiting_for_instance`, its instance launched in moto and held `pending` by the AWS
+/// proxy), each with a job due in a second, as a region slow to start instances leaves them.
+pub async fn waiting_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Uuid>> {
+    let instances: Vec<String> = launch_instances(stack, count, "10.42.128.0/18")
+        .await?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    stack.aws_proxy.hold_instances(instances.iter().cloned());
+    let ids = crate::bench::reads::seed_nodes(stack, count, "waiting_for_instance").await?;
+    let pool = stack.pool().await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE nodes SET instance_id = n.instance, applied_instance_type = NULL, \
+         applied_volume_gb = NULL \
+         FROM unnest($1::uuid[], $2::text[]) AS n(id, instance) WHERE nodes.id = n.id",
+    )
+    .bind(&ids)
+    .bind(&instances)
+    .execute(&mut *tx)
+    .await?;
+    // As a look again enqueues it: postponed, so at the default priority.
+    hive_jobs::queue::enqueue(&mut tx, &ids, std::time::Duration::from_secs(1)).await?;
+    tx.commit().await?;
+    pool.close().await;
+    Ok(ids)
 }

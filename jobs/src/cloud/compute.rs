@@ -9,6 +9,10 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use uuid::Uuid;
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use super::instance_reads::{self, Reads};
 use super::{aws_code, classify_aws, CloudError, CloudResult};
 use crate::config::Image;
 use crate::model::tags;
@@ -32,6 +36,8 @@ const PARAMETER_IMAGE_ROOT_DEVICE: &str = "/dev/xvda";
 pub struct Compute {
     ec2: aws_sdk_ec2::Client,
     region: String,
+    /// The region's batched reads (see `instance_reads`), started by the first read.
+    reads: Arc<OnceLock<Reads>>,
 }
 
 /// What we need to know of an instance.
@@ -92,7 +98,11 @@ fn live_states() -> Filter {
 
 impl Compute {
     pub fn new(ec2: aws_sdk_ec2::Client, region: String) -> Self {
-        Self { ec2, region }
+        Self {
+            ec2,
+            region,
+            reads: Arc::default(),
+        }
     }
 
     /// Whether EC2 answers our credentials in our region (`hivectl doctor`).
@@ -176,6 +186,44 @@ impl Compute {
             Err(e) if super::aws_code(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
             Err(e) => Err(classify_aws("ec2:DescribeInstances", e)),
         }
+    }
+
+    /// The instance by id, read together with the other reads waiting at the same moment
+    /// (one `DescribeInstances` for a crowd of waiting nodes); `None` as for [`describe`].
+    ///
+    /// [`describe`]: Compute::describe
+    pub async fn observe(&self, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
+        let reads = self.reads.get_or_init(|| {
+            // The sending task gets a client of its own, so it ends when we are dropped.
+            instance_reads::spawn(Compute::new(self.ec2.clone(), self.region.clone()))
+        });
+        instance_reads::read(reads, instance_id).await
+    }
+
+    /// The live instances among `ids` (at most `instance_reads::MOST_PER_CALL`), by id. A
+    /// filter rather than `InstanceIds`: one unknown id fails a whole `InstanceIds` call.
+    pub async fn describe_many(
+        &self,
+        ids: &[String],
+    ) -> CloudResult<HashMap<String, InstanceInfo>> {
+        let mut found = Vec::with_capacity(ids.len());
+        let mut pages = self
+            .ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("instance-id")
+                    .set_values(Some(ids.to_vec()))
+                    .build(),
+            )
+            .max_results(1000)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
+            found.extend(self.instances(&page));
+        }
+        Ok(instance_reads::by_id(found))
     }
 
     fn instances(

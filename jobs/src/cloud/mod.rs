@@ -3,6 +3,7 @@
 pub mod budget;
 pub mod cloudflare;
 pub mod compute;
+pub mod instance_reads;
 pub mod route53;
 pub mod secrets;
 

@@ -9,13 +9,14 @@ use crate::model::Node;
 use crate::store::Created;
 use crate::user_data::{self, UserDataParams};
 
-/// The node's recorded instance as EC2 sees it now; gone is a permanent failure (the
-/// reconciler brings a ready node whose instance vanished back to launching).
+/// The node's recorded instance as EC2 sees it now, read together with the other nodes'
+/// reads of the moment; gone is a permanent failure (the reconciler brings a ready node whose
+/// instance vanished back to launching).
 async fn current(ctx: &StepContext<'_>, node: &Node) -> CloudResult<InstanceInfo> {
     let instance_id = required(node, "instance_id", &node.instance_id)?;
     ctx.aws
         .compute
-        .describe(instance_id)
+        .observe(instance_id)
         .await?
         .ok_or_else(|| CloudError::permanent("ec2", format!("instance {instance_id} has vanished")))
 }

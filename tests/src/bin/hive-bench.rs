@@ -17,7 +17,7 @@ struct Args {
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "target/bench.json")]
     json: PathBuf,
-    /// Only these scenarios (ingest, reads, dispatch, provisioning, reconcile).
+    /// Only these scenarios (ingest, reads, dispatch, provisioning, waiting, reconcile).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -50,7 +50,14 @@ async fn main() -> anyhow::Result<()> {
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut figures: Vec<Figure> = Vec::new();
     let mut failed = Vec::new();
-    for scenario in ["ingest", "reads", "dispatch", "provisioning", "reconcile"] {
+    for scenario in [
+        "ingest",
+        "reads",
+        "dispatch",
+        "provisioning",
+        "waiting",
+        "reconcile",
+    ] {
         if !wanted(scenario) {
             continue;
         }
@@ -60,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
             "reads" => bench::reads::run(&stack, size).await,
             "dispatch" => bench::dispatch::run(&mut stack, size).await,
             "provisioning" => bench::provisioning::run(&mut stack, size).await,
+            "waiting" => bench::waiting::run(&mut stack, size).await,
             _ => bench::reconcile::run(&stack, size).await,
         };
         match found {

@@ -1,0 +1,82 @@
+//! Reads of single instances, gathered into one `DescribeInstances` per batch.
+//!
+//! Every waiting step reads its node's instance, and thousands of nodes may wait at once (a
+//! region slow to start instances). One call per read would spend the region's EC2 budget on
+//! polling and starve the launches of new nodes. Here one task per region sends the reads:
+//! while its call is out, the reads that arrive queue up and go together in the next one, so
+//! a lone read is sent at once and a crowd of reads costs one call per batch.
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::compute::{Compute, InstanceInfo};
+use super::{CloudError, CloudResult};
+
+/// The most instance ids one call filters on (EC2 takes at most 200 values per filter).
+pub const MOST_PER_CALL: usize = 200;
+
+/// One read waiting for its batch: the instance id, and where its answer goes.
+pub struct Read {
+    instance_id: String,
+    answer: oneshot::Sender<CloudResult<Option<InstanceInfo>>>,
+}
+
+/// The queue of one region's reads.
+pub type Reads = mpsc::UnboundedSender<Read>;
+
+/// Starts the task that sends `compute`'s batched reads; it ends when the last sender is gone.
+pub fn spawn(compute: Compute) -> Reads {
+    let (sender, mut queue) = mpsc::unbounded_channel::<Read>();
+    tokio::spawn(async move {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MOST_PER_CALL {
+                match queue.try_recv() {
+                    Ok(read) => batch.push(read),
+                    Err(_) => break,
+                }
+            }
+            let mut ids: Vec<String> = batch.iter().map(|r| r.instance_id.clone()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let found = compute.describe_many(&ids).await;
+            tracing::debug!(
+                reads = batch.len(),
+                instances = ids.len(),
+                "instances read together"
+            );
+            for read in batch {
+                let answer = match &found {
+                    Ok(found) => Ok(found.get(&read.instance_id).cloned()),
+                    Err(e) => Err(e.clone()),
+                };
+                // The reader may have gone (its job was cancelled); nobody is left to tell.
+                let _gone = read.answer.send(answer);
+            }
+        }
+    });
+    sender
+}
+
+/// Queues a read of `instance_id` and waits for its batch's answer.
+pub async fn read(reads: &Reads, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
+    let (answer, answered) = oneshot::channel();
+    let lost = || CloudError::transient("ec2:DescribeInstances", "the batched read was lost");
+    reads
+        .send(Read {
+            instance_id: instance_id.to_string(),
+            answer,
+        })
+        .map_err(|_| lost())?;
+    answered.await.map_err(|_| lost())?
+}
+
+/// The live instances among `found`, by id.
+pub fn by_id(found: Vec<InstanceInfo>) -> HashMap<String, InstanceInfo> {
+    found
+        .into_iter()
+        .filter(|i| i.state != "terminated")
+        .map(|i| (i.id.clone(), i))
+        .collect()
+}
