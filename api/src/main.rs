@@ -25,15 +25,16 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     // Postgres may still be starting: retry the first connection for a while.
-    let pool = (|| hive_jobs::store::connect_and_migrate(&config.database_url, 16))
-        .retry(
-            ExponentialBuilder::default()
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(10),
-        )
-        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
-        .await
-        .context("connecting to the database")?;
+    let pool =
+        (|| hive_jobs::store::connect_and_migrate(&config.database_url, config.db_connections))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_times(10),
+            )
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
+            .await
+            .context("connecting to the database")?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;

@@ -485,6 +485,9 @@ pub fn valid_region(region: &str) -> bool {
 #[derive(Clone)]
 pub struct ApiConfig {
     pub database_url: String,
+    /// Connections the api holds to Postgres (`HIVE_API_DB_CONNECTIONS`, default 32): a burst
+    /// of webhooks commits in groups as large as the connections that carry it.
+    pub db_connections: u32,
     /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served), never on the
     /// public listener.
     pub metrics_addr: Option<SocketAddr>,
@@ -525,6 +528,7 @@ impl std::fmt::Debug for ApiConfig {
         // Secrets are left out on purpose.
         f.debug_struct("ApiConfig")
             .field("listen_addr", &self.listen_addr)
+            .field("db_connections", &self.db_connections)
             .field("plans", &self.plans)
             .field("default_region", &self.default_region)
             .field("node_domain", &self.node_domain)
@@ -653,8 +657,16 @@ impl ApiConfig {
                 _ => regions[0].clone(),
             },
         };
+        let db_connections: u32 = env.parsed_or("HIVE_API_DB_CONNECTIONS", 32)?;
+        if db_connections == 0 {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_API_DB_CONNECTIONS",
+                reason: "must be at least 1".into(),
+            });
+        }
         Ok(Self {
             database_url: env.required("DATABASE_URL")?,
+            db_connections,
             metrics_addr: metrics_addr_setting(env)?,
             listen_addr: env
                 .parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
@@ -1222,6 +1234,17 @@ mod tests {
         .unwrap();
         assert_eq!(ok.stripe_webhook_secrets, vec!["whsec_a", "whsec_b"]);
         assert_eq!(ok.node_domain, "nodes.example.com");
+        assert_eq!(ok.db_connections, 32);
         assert!(!format!("{ok:?}").contains("whsec_a"));
+        let e = ApiConfig::from_env(&env(&[
+            ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
+            ("HIVE_JWT_SECRET", "0123456789abcdef0123"),
+            ("DATABASE_URL", "postgres://x"),
+            ("AWS_REGION", "eu-west-1"),
+            ("HIVE_NODE_DOMAIN", "nodes.example.com"),
+            ("HIVE_API_DB_CONNECTIONS", "0"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("HIVE_API_DB_CONNECTIONS"), "{e}");
     }
 }
