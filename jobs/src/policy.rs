@@ -77,16 +77,24 @@ pub fn poll_after(pacing: &Pacing, waited: Duration) -> Duration {
     Duration::from_millis(millis.round() as u64)
 }
 
-/// The priority of a step's next look or retry: after the looks of steps that began recently
-/// once it has waited a minute (the same minute that slows its polling), so that the slow
-/// ones of a crowd do not delay everyone else's.
+/// The priority of a step's next look or retry: the longer its step has waited, the later it
+/// goes among the looks due at once, so that a crowd of waiting nodes does not delay a new
+/// node's few looks (a node provisions in seconds when nothing is slow). After a minute (the
+/// same minute that slows its polling) it goes after everyone else's.
 pub fn look_again_priority(waited: Duration) -> crate::queue::Priority {
-    if waited >= Duration::from_secs(60) {
-        crate::queue::Priority::Slow
+    use crate::queue::Priority;
+    if waited < FRESH_FOR {
+        Priority::Fresh
+    } else if waited < Duration::from_secs(60) {
+        Priority::Later
     } else {
-        crate::queue::Priority::Later
+        Priority::Slow
     }
 }
+
+/// How long a step's looks count as a new node's: longer than a whole provisioning takes
+/// when nothing is slow.
+pub const FRESH_FOR: Duration = Duration::from_secs(20);
 
 /// Decides what a step's result means. `jitter` is a draw from [0, 1] that spreads retries
 /// (full jitter); passing it in keeps this function pure.
@@ -291,6 +299,24 @@ mod tests {
         ] {
             assert_eq!(advance(state, reason), Action::Advance { to }, "{state}");
         }
+    }
+
+    #[test]
+    fn the_longer_a_step_waits_the_later_its_looks_go() {
+        use crate::queue::Priority;
+        let at = |secs| look_again_priority(Duration::from_secs(secs));
+        assert_eq!(at(0), Priority::Fresh);
+        assert_eq!(at(FRESH_FOR.as_secs() - 1), Priority::Fresh);
+        assert_eq!(at(FRESH_FOR.as_secs()), Priority::Later);
+        assert_eq!(at(60), Priority::Slow);
+        // Work due now goes before every look; apalis takes the highest first.
+        let order = [
+            Priority::Slow,
+            Priority::Later,
+            Priority::Fresh,
+            Priority::Now,
+        ];
+        assert!(order.windows(2).all(|w| (w[0] as usize) < (w[1] as usize)));
     }
 
     #[test]

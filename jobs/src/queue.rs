@@ -23,11 +23,15 @@ pub fn node_queue(region: &str) -> String {
 pub enum Priority {
     /// A look again (or retry) of a step that has been slow to come for a while.
     Slow = 0,
-    /// A look again (or retry) of a step that began recently.
+    /// Work due later: a look again (or retry) of a step that began a while ago.
     Later = 1,
+    /// A look again (or retry) of a step that began moments ago: the next step of a new node
+    /// goes before the looks of a crowd that began waiting earlier, which a saturated worker
+    /// would otherwise run first (oldest first) while the new node's look waits behind them.
+    Fresh = 2,
     /// Something changed and the node has work now: a new node is not held up by a crowd of
     /// waiting ones, however many of their looks are due.
-    Now = 2,
+    Now = 3,
 }
 
 /// "Advance this node's state machine."

@@ -223,7 +223,7 @@ pub async fn waiting_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Uu
         .await?;
     sqlx::query(
         "UPDATE nodes SET instance_id = n.instance, applied_instance_type = NULL, \
-         applied_volume_gb = NULL \
+         applied_volume_gb = NULL, next_run_at = now() + interval '1 second' \
          FROM unnest($1::uuid[], $2::text[]) AS n(id, instance) WHERE nodes.id = n.id",
     )
     .bind(&ids)
