@@ -7,6 +7,10 @@ use backon::{ExponentialBuilder, Retryable};
 use hive_api::{router, AppState};
 use hive_jobs::config::{process_env, ApiConfig};
 
+// mimalloc: glibc's malloc and free were an eighth of the api's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run().await {

@@ -77,9 +77,10 @@ async fn receive(
     )
     .map_err(|e| unverified(ApiError::BadRequest(e.to_string())))?;
 
-    let payload: serde_json::Value = serde_json::from_slice(body)
+    let event = EventEnvelope::from_body(body).map_err(|e| unverified(e.into()))?;
+    // Parsed above, hence text; stored as delivered rather than serialized again.
+    let payload = std::str::from_utf8(body)
         .map_err(|_| unverified(ApiError::BadRequest("body is not JSON".into())))?;
-    let event = EventEnvelope::of(&payload).map_err(|e| unverified(e.into()))?;
     let meaning = stripe_events::meaning(&event, &state.config).map_err(|e| {
         hive_jobs::metrics::webhook_event(&event.event_type, "rejected");
         ApiError::from(e)
@@ -94,7 +95,7 @@ async fn receive(
             event_type: &event.event_type,
             api_version: event.api_version.as_deref(),
             livemode: event.livemode,
-            payload: &payload,
+            payload,
         },
     )
     .await?;

@@ -102,7 +102,8 @@ pub struct StripeEventRecord<'a> {
     pub event_type: &'a str,
     pub api_version: Option<&'a str>,
     pub livemode: bool,
-    pub payload: &'a serde_json::Value,
+    /// The event's JSON as it was delivered (already checked to parse).
+    pub payload: &'a str,
 }
 
 /// Records an event by its id. Returns false when it was recorded before (a redelivery); a
@@ -113,7 +114,7 @@ pub async fn record_stripe_event(
 ) -> StoreResult<bool> {
     let inserted = sqlx::query(
         "INSERT INTO stripe_events (id, event_type, api_version, livemode, payload) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5::text::jsonb) ON CONFLICT (id) DO NOTHING",
     )
     .bind(event.id)
     .bind(event.event_type)

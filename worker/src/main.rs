@@ -1,5 +1,9 @@
 use hive_jobs::config::{process_env, WorkerConfig};
 
+// mimalloc: glibc's malloc and free were an eighth of the api's CPU under load (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     hive_jobs::telemetry::init();

@@ -23,19 +23,23 @@ struct Args {
 }
 
 /// A fresh stack per scenario, with production pacing (only what the load needs is changed).
+/// `HIVE_*` settings in hive-bench's own environment go to the stack's binaries last, so a
+/// setting can be measured (`HIVE_API_DB_CONNECTIONS=16 hive-bench --only ingest`).
 async fn stack() -> anyhow::Result<Stack> {
+    let mut extra_env: Vec<(String, String)> = [
+        // One client address makes every request: the per-address limit would measure
+        // itself.
+        ("HIVE_RATE_LIMIT", "off"),
+        ("HIVE_RECONCILE_SCHEDULE", "off"),
+        // moto takes seconds to write a page of a thousand instances.
+        ("HIVE_HTTP_TIMEOUT_MS", "120000"),
+        ("RUST_LOG", "warn"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    extra_env.extend(std::env::vars().filter(|(k, _)| k.starts_with("HIVE_")));
     let options = StackOptions {
-        extra_env: [
-            // One client address makes every request: the per-address limit would measure
-            // itself.
-            ("HIVE_RATE_LIMIT", "off"),
-            ("HIVE_RECONCILE_SCHEDULE", "off"),
-            // moto takes seconds to write a page of a thousand instances.
-            ("HIVE_HTTP_TIMEOUT_MS", "120000"),
-            ("RUST_LOG", "warn"),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .to_vec(),
+        extra_env,
         ..StackOptions::default()
     };
     let mut stack = Stack::start(options).await?;
