@@ -120,7 +120,11 @@ impl Engine {
     /// Runs the node's current step and carries out the policy's decision. True when the node
     /// may go on right away.
     async fn run_one(&self, node: &Node, owner: Uuid) -> StoreResult<bool> {
-        store::step_started(&self.pool, node).await?;
+        // A look again at a waiting step is not a new start: its start and its reason are in
+        // the log already, and a crowd of waiting nodes would add a row per look.
+        if node.waiting_for.is_none() {
+            store::step_started(&self.pool, node).await?;
+        }
         let started = std::time::Instant::now();
         let ran = self.run_step_with_chaos(node).await;
         let took = started.elapsed();

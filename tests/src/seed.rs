@@ -230,8 +230,14 @@ pub async fn waiting_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Uu
     .bind(&instances)
     .execute(&mut *tx)
     .await?;
-    // As a look again enqueues it: postponed, so at the default priority.
-    hive_jobs::queue::enqueue(&mut tx, &ids, std::time::Duration::from_secs(1)).await?;
+    // As a look again of a step that just began enqueues it.
+    hive_jobs::queue::enqueue_as(
+        &mut tx,
+        &ids,
+        std::time::Duration::from_secs(1),
+        hive_jobs::policy::look_again_priority(std::time::Duration::ZERO),
+    )
+    .await?;
     tx.commit().await?;
     pool.close().await;
     Ok(ids)

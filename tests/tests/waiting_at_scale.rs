@@ -51,18 +51,28 @@ async fn five_hundred_waiting_nodes_read_ec2_together_and_a_new_node_still_gets_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Each still waits, with one `waiting` event however often it was looked at.
-    let (still, events): (i64, i64) = sqlx::query_as(
+    // Each still waits, with one `started` and one `waiting` event however often it was
+    // looked at.
+    let (still, events, starts): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM nodes WHERE id = ANY($1) \
                  AND state = 'waiting_for_instance' AND waiting_for = 'instance is pending'), \
-                (SELECT count(*) FROM node_events WHERE node_id = ANY($1) AND kind = 'waiting')",
+                (SELECT count(*) FROM node_events WHERE node_id = ANY($1) AND kind = 'waiting'), \
+                (SELECT count(*) FROM node_events WHERE node_id = ANY($1) AND kind = 'started')",
     )
     .bind(&waiting)
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(still as usize, WAITING);
+    let states: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "SELECT state, waiting_for, count(*) FROM nodes WHERE id = ANY($1) GROUP BY 1, 2",
+    )
+    .bind(&waiting)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(still as usize, WAITING, "{states:?}");
     assert_eq!(events as usize, WAITING, "one waiting event per node");
+    assert_eq!(starts as usize, WAITING, "one started event per node");
 
     // A new node goes all the way while the crowd keeps waiting.
     let nodes = stack.send_checkout("user-new", "pro").await.unwrap();
