@@ -19,19 +19,36 @@ pub fn node_queue(region: &str) -> String {
 
 /// Which jobs a worker takes first when more are due than it can run (apalis takes higher
 /// priorities first, then older ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Priority {
     /// A look again (or retry) of a step that has been slow to come for a while.
-    Slow = 0,
+    Slow,
     /// Work due later: a look again (or retry) of a step that began a while ago.
-    Later = 1,
-    /// A look again (or retry) of a step that began moments ago: the next step of a new node
-    /// goes before the looks of a crowd that began waiting earlier, which a saturated worker
-    /// would otherwise run first (oldest first) while the new node's look waits behind them.
-    Fresh = 2,
+    Later,
+    /// A look again (or retry) of a step that began moments ago, the younger the step the
+    /// higher the band (0 to [`Priority::FRESHEST`]): the next look of a new node goes before
+    /// the looks of a crowd that began waiting even a few seconds earlier, which a saturated
+    /// worker would otherwise run first (oldest first) while the new node's look waits behind
+    /// them.
+    Fresh(u8),
     /// Something changed and the node has work now: a new node is not held up by a crowd of
     /// waiting ones, however many of their looks are due.
-    Now = 3,
+    Now,
+}
+
+impl Priority {
+    /// The highest band of [`Priority::Fresh`].
+    pub const FRESHEST: u8 = 4;
+
+    /// The number apalis stores and orders by (higher first).
+    pub fn rank(self) -> usize {
+        match self {
+            Priority::Slow => 0,
+            Priority::Later => 1,
+            Priority::Fresh(band) => 2 + usize::from(band.min(Self::FRESHEST)),
+            Priority::Now => 3 + usize::from(Self::FRESHEST),
+        }
+    }
 }
 
 /// "Advance this node's state machine."
@@ -77,7 +94,7 @@ pub async fn enqueue_as(
         let args = serde_json::to_vec(&ProvisionNode { node_id: *node_id })?;
         // Step retries are ours (stored on the node); apalis retries a job only when the
         // handler itself failed (the database was unreachable).
-        let mut task = TaskBuilder::new(args).priority(priority as usize);
+        let mut task = TaskBuilder::new(args).priority(priority.rank());
         if !delay.is_zero() {
             task = task.run_after(delay);
         }
