@@ -26,6 +26,16 @@ use crate::workflows::run_step;
 /// less than that is the queue's rounding of run times to whole seconds.
 const EARLY_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(1500);
 
+/// What the engine does after a step.
+enum Next {
+    /// The node rests or waits; this job is done.
+    Stop,
+    /// Take the lease again and read the node afresh (after a failure turned it to its undo).
+    Reread,
+    /// Run the node's next step from the row its commit returned.
+    Run(Box<Node>),
+}
+
 pub struct Engine {
     pool: PgPool,
     clouds: Arc<Clouds>,
@@ -51,10 +61,15 @@ impl Engine {
     /// job is then retried by the queue.
     pub async fn advance(&self, node_id: Uuid, job_id: &str) -> StoreResult<()> {
         let owner = Uuid::new_v4();
+        // The node as the last step's commit left it: still leased, its next step's start
+        // logged. `None`: take the lease and read the node afresh.
+        let mut committed: Option<Node> = None;
         loop {
-            let node =
+            let (node, start_logged) = if let Some(node) = committed.take() {
+                (node, true)
+            } else {
                 match store::acquire(&self.pool, node_id, owner, self.config.pacing.lease).await? {
-                    Lease::Held(node) => *node,
+                    Lease::Held(node) => (*node, false),
                     Lease::HeldElsewhere { until } => {
                         // Someone is on it; look again when their lease runs out, in case they died.
                         store::enqueue_later(&self.pool, node_id, until + Duration::from_secs(1))
@@ -65,7 +80,8 @@ impl Engine {
                         tracing::warn!(%node_id, job_id, "job for a node that does not exist");
                         return Ok(());
                     }
-                };
+                }
+            };
             if self.clouds.region(&node.region).is_none() {
                 // Jobs go to their region's queue, which only workers of that region take;
                 // this one came by another way (an old queue name). Hand it on, untouched.
@@ -110,19 +126,24 @@ impl Engine {
                 attempt = node.attempt,
                 request_id = node.request_id.as_deref().unwrap_or_default(),
             );
-            let keep_going = self.run_one(&node, owner).instrument(span).await?;
-            if !keep_going {
-                return Ok(());
+            match self
+                .run_one(&node, owner, start_logged)
+                .instrument(span)
+                .await?
+            {
+                Next::Stop => return Ok(()),
+                Next::Reread => {}
+                Next::Run(node) => committed = Some(*node),
             }
         }
     }
 
-    /// Runs the node's current step and carries out the policy's decision. True when the node
-    /// may go on right away.
-    async fn run_one(&self, node: &Node, owner: Uuid) -> StoreResult<bool> {
+    /// Runs the node's current step and carries out the policy's decision: what the loop of
+    /// [`Engine::advance`] does next.
+    async fn run_one(&self, node: &Node, owner: Uuid, start_logged: bool) -> StoreResult<Next> {
         // A look again at a waiting step is not a new start: its start and its reason are in
         // the log already, and a crowd of waiting nodes would add a row per look.
-        if node.waiting_for.is_none() {
+        if node.waiting_for.is_none() && !start_logged {
             store::step_started(&self.pool, node).await?;
         }
         let started = std::time::Instant::now();
@@ -155,49 +176,51 @@ impl Engine {
                     Ok(Outcome::Done(created)) => created,
                     _ => Default::default(),
                 };
-                let committed = store::commit_step(&self.pool, node, owner, to, &created).await?;
+                let lease = self.config.pacing.lease;
+                let committed =
+                    store::commit_step(&self.pool, node, owner, to, &created, lease).await?;
                 if committed.is_ok() {
                     tracing::info!(next = %to, "step succeeded");
                 }
-                committed.map(|()| true)
+                committed.map(|now| Next::Run(Box::new(now)))
             }
             Action::LookAgain { after, why } => {
                 tracing::debug!(why, "not yet; looking again later");
                 store::schedule(&self.pool, node, owner, after, Postponed::Waiting(&why))
                     .await?
-                    .map(|()| false)
+                    .map(|()| Next::Stop)
             }
             Action::Retry { after, error } => {
                 tracing::warn!(error = %error, delay_ms = after.as_millis() as u64, "transient failure; retry scheduled");
                 store::schedule(&self.pool, node, owner, after, Postponed::Retrying(&error))
                     .await?
-                    .map(|()| false)
+                    .map(|()| Next::Stop)
             }
             // The node goes on at once, to its undo.
             Action::FailAndUndo { error } => {
                 tracing::error!(error, unwind = true, "step failed");
                 store::fail(&self.pool, node, owner, &error, Failure::Undo)
                     .await?
-                    .map(|()| true)
+                    .map(|()| Next::Reread)
             }
             Action::FailAndKeep { error } => {
                 tracing::error!(error, unwind = false, "step failed");
                 store::fail(&self.pool, node, owner, &error, Failure::Keep)
                     .await?
-                    .map(|()| false)
+                    .map(|()| Next::Stop)
             }
         };
         let step = node.state().as_str();
         match committed {
-            Ok(go_on) => {
+            Ok(next) => {
                 crate::metrics::step(workflow, step, outcome, took);
-                Ok(go_on)
+                Ok(next)
             }
             Err(fenced) => {
                 crate::metrics::step(workflow, step, "fenced", took);
                 tracing::warn!(%fenced, "step result dropped");
                 store::release(&self.pool, node.id, owner).await?;
-                Ok(false)
+                Ok(Next::Stop)
             }
         }
     }
