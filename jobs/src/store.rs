@@ -580,24 +580,44 @@ pub async fn commit_step(
     created: &Created,
     lease: Duration,
 ) -> StoreResult<Result<Node, Fenced>> {
-    let mut tx = pool.begin().await?;
+    // Torn down: nothing of these ids exists any more.
+    let torn_down =
+        to == NodeState::Terminated || (to == NodeState::Failed && node.state().is_teardown());
+    // One statement, so one round trip and its own transaction: the move (the guard's trigger
+    // logs the transition), the step's success and the next step's start. Fenced, the update
+    // matches no row and so nothing is logged. The events are numbered in this order.
     let sql = format!(
-        "UPDATE nodes SET state = $5, tunnel_id = COALESCE($6, tunnel_id), \
-         secret_arn = COALESCE($7, secret_arn), instance_id = COALESCE($8, instance_id), \
-         dns_record_id = COALESCE($9, dns_record_id), \
-         applied_instance_type = COALESCE($10, applied_instance_type), \
-         applied_volume_gb = COALESCE($11, applied_volume_gb), \
-         restarts_done = COALESCE($12, restarts_done), \
-         placement = COALESCE($14, placement), \
-         fallback_type = CASE WHEN $15::text IS NULL THEN fallback_type ELSE $15 END, \
-         fallback_for = CASE WHEN $15::text IS NULL THEN fallback_for ELSE $16 END, \
-         attempt = 0, step_started_at = now(), next_run_at = NULL, updated_at = now(), \
-         waiting_for = NULL, last_error = NULL, lease_expires_at = now() + $17, \
-         error = CASE WHEN teardown_reason = $13 THEN error END \
-         WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4 \
-         RETURNING {NODE_COLUMNS}"
+        "WITH moved AS ( \
+             UPDATE nodes SET state = $5, \
+             tunnel_id = CASE WHEN $18 THEN NULL ELSE COALESCE($6, tunnel_id) END, \
+             secret_arn = CASE WHEN $18 THEN NULL ELSE COALESCE($7, secret_arn) END, \
+             instance_id = CASE WHEN $18 THEN NULL ELSE COALESCE($8, instance_id) END, \
+             dns_record_id = CASE WHEN $18 THEN NULL ELSE COALESCE($9, dns_record_id) END, \
+             applied_instance_type = CASE WHEN $18 THEN NULL \
+                 ELSE COALESCE($10, applied_instance_type) END, \
+             applied_volume_gb = CASE WHEN $18 THEN NULL \
+                 ELSE COALESCE($11, applied_volume_gb) END, \
+             restarts_done = COALESCE($12, restarts_done), \
+             placement = CASE WHEN $18 THEN NULL ELSE COALESCE($14, placement) END, \
+             fallback_type = CASE WHEN $18 THEN NULL WHEN $15::text IS NULL THEN fallback_type \
+                 ELSE $15 END, \
+             fallback_for = CASE WHEN $18 THEN NULL WHEN $15::text IS NULL THEN fallback_for \
+                 ELSE $16 END, \
+             attempt = 0, step_started_at = now(), next_run_at = NULL, updated_at = now(), \
+             waiting_for = NULL, last_error = NULL, lease_expires_at = now() + $17, \
+             error = CASE WHEN teardown_reason = $13 THEN error END \
+             WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4 \
+             RETURNING {NODE_COLUMNS}), \
+         logged AS ( \
+             INSERT INTO node_events (node_id, generation, step, kind, detail) \
+             SELECT moved.id, moved.generation, e.step, e.kind, e.detail \
+             FROM moved, (VALUES (1, $2::text, $19::text, $20::text), \
+                                 (2, $5::text, $21::text, NULL)) AS e (n, step, kind, detail) \
+             WHERE e.n = 1 OR $22 \
+             ORDER BY e.n) \
+         SELECT * FROM moved"
     );
-    let updated = sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
+    let moved = sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
         .bind(node.id)
         .bind(node.state().as_str())
         .bind(node.generation)
@@ -615,52 +635,14 @@ pub async fn commit_step(
         .bind(created.fallback.as_ref().map(|f| f.0.as_str()))
         .bind(created.fallback.as_ref().map(|f| f.1.as_str()))
         .bind(lease)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some(mut now) = updated else {
-        return Ok(Err(Fenced(node.id)));
-    };
-    if to == NodeState::Terminated || (to == NodeState::Failed && node.state().is_teardown()) {
-        // Torn down: nothing of these ids exists any more.
-        let sql = format!(
-            "UPDATE nodes SET tunnel_id = NULL, secret_arn = NULL, instance_id = NULL, \
-             dns_record_id = NULL, applied_instance_type = NULL, applied_volume_gb = NULL, \
-             placement = NULL, fallback_type = NULL, fallback_for = NULL \
-             WHERE id = $1 RETURNING {NODE_COLUMNS}"
-        );
-        now = sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
-            .bind(node.id)
-            .fetch_one(&mut *tx)
-            .await?;
-    }
-    if to.has_step() {
-        // The step's success and the next one's start, in one statement.
-        sqlx::query(
-            "INSERT INTO node_events (node_id, generation, step, kind, detail) \
-             VALUES ($1, $2, $3, $4, $5), ($1, $2, $6, $7, NULL)",
-        )
-        .bind(node.id)
-        .bind(node.generation)
-        .bind(node.state().as_str())
+        .bind(torn_down)
         .bind(EventKind::Succeeded.as_str())
         .bind(created.note.as_deref())
-        .bind(to.as_str())
         .bind(EventKind::Started.as_str())
-        .execute(&mut *tx)
+        .bind(to.has_step())
+        .fetch_optional(pool)
         .await?;
-    } else {
-        insert_event(
-            &mut *tx,
-            node.id,
-            node.generation,
-            node.state(),
-            EventKind::Succeeded,
-            created.note.as_deref(),
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(Ok(now))
+    Ok(moved.ok_or(Fenced(node.id)))
 }
 
 /// Why a step is put off.
