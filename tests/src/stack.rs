@@ -288,6 +288,12 @@ impl Stack {
         Ok(PgPool::connect(&self.database_url).await?)
     }
 
+    /// One connection to the stack's database.
+    pub async fn connection(&self) -> anyhow::Result<sqlx::PgConnection> {
+        use sqlx::Connection;
+        Ok(sqlx::PgConnection::connect(&self.database_url).await?)
+    }
+
     /// A JWT for `user`, valid for `ttl` (negative: already expired).
     pub fn jwt(user: &str, ttl_secs: i64) -> String {
         let claims = serde_json::json!({

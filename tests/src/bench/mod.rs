@@ -168,18 +168,30 @@ pub fn pgbench(
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Duration {
+    // utime and stime are fields 14 and 15 of the whole line.
+    stat_ticks(pid, [14, 15])
+}
+
+/// CPU used by the children of `pid` that have exited and been waited for (cutime, cstime).
+pub fn reaped_children_cpu(pid: u32) -> Duration {
+    stat_ticks(pid, [16, 17])
+}
+
+/// The sum of the two numbered fields (counting from 1, as `man proc` does) of
+/// `/proc/{pid}/stat`, clock ticks as a duration; zero for a process that is gone.
+fn stat_ticks(pid: u32, fields: [usize; 2]) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
-    // Fields after the command name, which is in parentheses and may hold spaces.
+    // Fields after the command name (field 2), which is in parentheses and may hold spaces.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
         return Duration::ZERO;
     };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: u64 = [11, 12]
+    let after_name: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
         .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .map(|&n| n - 3)
+        .filter_map(|i| after_name.get(i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     // The kernel's USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)

@@ -4,16 +4,26 @@
 
 use std::time::{Duration, Instant};
 
-use super::{cpu_time, process_tree, Figure, Size};
+use sqlx::Connection;
+
+use super::{cpu_time, process_tree, reaped_children_cpu, Figure, Size};
 use crate::stack::Stack;
 
 const SCENARIO: &str = "provisioning";
 
-/// CPU the api, the workers and the Postgres cluster have used so far, each.
-fn control_plane_cpu(stack: &Stack) -> [Duration; 3] {
+/// CPU the api, the workers and the Postgres cluster have used so far, each; the Postgres
+/// backend of the benchmark's own connection (`bench_backend`) is not the control plane's.
+fn control_plane_cpu(stack: &Stack, bench_backend: u32) -> [Duration; 3] {
     let sum = |pids: Vec<u32>| pids.into_iter().map(cpu_time).sum::<Duration>();
     let postgres = match &stack.pg.process {
-        Some(pg) => sum(process_tree(pg.pid())),
+        // Backends that have exited are counted in the postmaster's reaped children.
+        Some(pg) => {
+            sum(process_tree(pg.pid())
+                .into_iter()
+                .filter(|&pid| pid != bench_backend)
+                .collect())
+                + reaped_children_cpu(pg.pid())
+        }
         None => Duration::ZERO,
     };
     [
@@ -24,12 +34,12 @@ fn control_plane_cpu(stack: &Stack) -> [Duration; 3] {
 }
 
 /// Transactions the database has committed or rolled back so far.
-async fn transactions(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+async fn transactions(conn: &mut sqlx::PgConnection) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT xact_commit + xact_rollback FROM pg_stat_database \
          WHERE datname = current_database()",
     )
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await?)
 }
 
@@ -39,9 +49,14 @@ pub async fn run(stack: &mut Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
         stack.start_worker()?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pool = stack.pool().await?;
-    let transactions_before = transactions(&pool).await?;
-    let cpu_before = control_plane_cpu(stack);
+    // One connection for the benchmark's own queries, so that its backend can be left out.
+    let mut conn = stack.connection().await?;
+    let bench_backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let bench_backend = u32::try_from(bench_backend)?;
+    let transactions_before = transactions(&mut conn).await?;
+    let cpu_before = control_plane_cpu(stack, bench_backend);
     let started = Instant::now();
     let mut nodes = Vec::with_capacity(count);
     for n in 0..count {
@@ -52,13 +67,15 @@ pub async fn run(stack: &mut Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(900);
+    let mut polls = 0;
     loop {
+        polls += 1;
         let (ready, failed): (i64, i64) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE state = 'ready'), \
              count(*) FILTER (WHERE state = 'failed') FROM nodes WHERE id::text = ANY($1)",
         )
         .bind(&nodes)
-        .fetch_one(&pool)
+        .fetch_one(&mut conn)
         .await?;
         anyhow::ensure!(failed == 0, "{failed} nodes failed");
         if ready as usize == nodes.len() {
@@ -72,12 +89,12 @@ pub async fn run(stack: &mut Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let wall = started.elapsed();
-    let cpu_after = control_plane_cpu(stack);
-    // (Statistics reach pg_stat_database within a second; the readiness polls of this
-    // function are counted too, about one per 50 ms.)
+    let cpu_after = control_plane_cpu(stack, bench_backend);
+    // Statistics reach pg_stat_database within a second. The readiness polls above (one
+    // transaction each) and the first count are the benchmark's, not the control plane's.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let transactions = transactions(&pool).await? - transactions_before;
-    pool.close().await;
+    let transactions = transactions(&mut conn).await? - transactions_before - polls - 1;
+    conn.close().await?;
     let per_node_ms = |d: Duration| d.as_secs_f64() * 1000.0 / count as f64;
     let used: Vec<Duration> = (0..3)
         .map(|i| cpu_after[i].saturating_sub(cpu_before[i]))
