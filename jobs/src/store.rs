@@ -1750,20 +1750,39 @@ pub async fn take_budget(
     burst: f64,
     per_sec: f64,
 ) -> StoreResult<Option<Duration>> {
-    let available: f64 = sqlx::query_scalar(
+    // What the bucket holds now: what it held, plus the refill since.
+    const AVAILABLE: &str =
+        "LEAST($2, tokens + EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at) \
+        * CASE WHEN shrunk_until > clock_timestamp() THEN $3 / 2 ELSE $3 END)";
+    // Most calls find a token: one plain update of an existing row, which matches nothing
+    // when the bucket is empty (or not made yet). The row lock makes a concurrent taker
+    // re-check the bucket as this one left it.
+    let taken = sqlx::query_scalar::<_, i32>(AssertSqlSafe(format!(
+        "UPDATE rate_budgets SET tokens = {AVAILABLE} - 1, refreshed_at = clock_timestamp() \
+         WHERE name = $1 AND {AVAILABLE} >= 1 RETURNING 1"
+    )))
+    .bind(name)
+    .bind(burst)
+    .bind(per_sec)
+    .fetch_optional(pool)
+    .await?;
+    if taken.is_some() {
+        return Ok(None);
+    }
+    // Empty or new: make the row if need be, refill it, and take one if the refill made one.
+    let available: f64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "WITH made AS ( \
              INSERT INTO rate_budgets (name, tokens) VALUES ($1, $2) \
              ON CONFLICT (name) DO NOTHING), \
          cur AS ( \
-             SELECT name, LEAST($2, tokens + EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at) \
-                 * CASE WHEN shrunk_until > clock_timestamp() THEN $3 / 2 ELSE $3 END) AS available \
+             SELECT name, {AVAILABLE} AS available \
              FROM rate_budgets WHERE name = $1 FOR UPDATE) \
          UPDATE rate_budgets b SET \
              tokens = cur.available - CASE WHEN cur.available >= 1 THEN 1 ELSE 0 END, \
              refreshed_at = clock_timestamp() \
          FROM cur WHERE b.name = cur.name \
-         RETURNING cur.available",
-    )
+         RETURNING cur.available"
+    )))
     .bind(name)
     .bind(burst)
     .bind(per_sec)
