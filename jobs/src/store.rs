@@ -106,10 +106,11 @@ pub struct StripeEventRecord<'a> {
     pub payload: &'a str,
 }
 
-/// Records an event by its id. Returns false when it was recorded before (a redelivery); a
+/// Records an event by its id, in the caller's transaction or, for an event that changes
+/// nothing else, as its own. Returns false when it was recorded before (a redelivery); a
 /// concurrent delivery of the same id waits here for the first to commit, then sees it.
 pub async fn record_stripe_event(
-    tx: &mut Transaction<'_, Postgres>,
+    db: impl sqlx::PgExecutor<'_>,
     event: &StripeEventRecord<'_>,
 ) -> StoreResult<bool> {
     let inserted = sqlx::query(
@@ -121,7 +122,7 @@ pub async fn record_stripe_event(
     .bind(event.api_version)
     .bind(event.livemode)
     .bind(event.payload)
-    .execute(&mut **tx)
+    .execute(db)
     .await?
     .rows_affected();
     Ok(inserted == 1)
