@@ -96,15 +96,18 @@ async fn receive(
     // Nine in ten events change nothing but their own row: one statement, its own
     // transaction (a retry storm costs one round trip an event, not four).
     if matches!(meaning, Meaning::Record) {
-        let new = store::record_stripe_event(&state.pool, &record).await?;
-        return Ok(recorded(&event, new, &[]));
+        return Ok(if store::record_stripe_event(&state.pool, &record).await? {
+            recorded(&event, &[])
+        } else {
+            duplicate(&event)
+        });
     }
     let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
     request_id.tag(&mut tx).await?;
     let new = store::record_stripe_event(&mut *tx, &record).await?;
     if !new {
         tx.rollback().await.map_err(store::StoreError::from)?;
-        return Ok(recorded(&event, false, &[]));
+        return Ok(duplicate(&event));
     }
     let applied = stripe_events::apply(&mut tx, &meaning, &event.id, &state.config)
         .await
@@ -116,16 +119,18 @@ async fn receive(
         })?;
     tx.commit().await.map_err(store::StoreError::from)?;
     let added = applied.map(|a| a.added).unwrap_or_default();
-    Ok(recorded(&event, true, &added))
+    Ok(recorded(&event, &added))
 }
 
-/// The answer to a delivery, counted and logged: `new` is false for a redelivery.
-fn recorded(event: &EventEnvelope, new: bool, added: &[uuid::Uuid]) -> Json<serde_json::Value> {
-    if !new {
-        tracing::info!(event_id = %event.id, "duplicate delivery");
-        hive_jobs::metrics::webhook_event(&event.event_type, "duplicate");
-        return Json(serde_json::json!({ "received": true, "duplicate": true }));
-    }
+/// The answer to a redelivery of an event recorded before, counted and logged.
+fn duplicate(event: &EventEnvelope) -> Json<serde_json::Value> {
+    tracing::info!(event_id = %event.id, "duplicate delivery");
+    hive_jobs::metrics::webhook_event(&event.event_type, "duplicate");
+    Json(serde_json::json!({ "received": true, "duplicate": true }))
+}
+
+/// The answer to a newly recorded event and the nodes it added, counted and logged.
+fn recorded(event: &EventEnvelope, added: &[uuid::Uuid]) -> Json<serde_json::Value> {
     hive_jobs::metrics::webhook_event(&event.event_type, "recorded");
     tracing::info!(
         event_id = %event.id,
