@@ -165,6 +165,29 @@ async fn events_are_recorded_once_and_parsed_leniently() {
     assert_eq!(counts(&pool).await, (3, 1, 1, 1));
 }
 
+/// An event we only record is stored by one statement outside any transaction: its
+/// redelivery must still be answered as a duplicate and stored once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_record_only_event_is_a_duplicate_stored_once() {
+    let stack = api_only().await;
+    let pool = stack.pool().await.unwrap();
+    let fixtures = Fixtures::load().unwrap();
+    let customer = fixtures
+        .event("customer.created", fixtures.object("customer").unwrap())
+        .unwrap();
+    let body = serde_json::to_vec(&customer).unwrap();
+    let sig = signature(&body, WEBHOOK_SECRET);
+
+    let (status, answer) = stack.post_webhook(&body, Some(&sig)).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({ "received": true, "nodes": [] }));
+
+    let (status, answer) = stack.post_webhook(&body, Some(&sig)).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({ "received": true, "duplicate": true }));
+    assert_eq!(counts(&pool).await, (1, 0, 0, 0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_app_sees_only_its_own_nodes() {
     let stack = api_only().await;
