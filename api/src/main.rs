@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
-use hive_api::{router, AppState};
+use hive_api::{router, AppState, SharedState};
 use hive_jobs::config::{process_env, ApiConfig};
 
 // mimalloc: glibc's malloc and free were an eighth of the api's CPU under load (BENCHMARKS.md).
@@ -75,14 +75,14 @@ async fn run() -> anyhow::Result<()> {
     if let Some(limits) = &limits {
         tokio::spawn(limits.clone().sweep());
     }
-    let state = AppState {
+    let state = AppState::new(SharedState {
         pool,
         config: Arc::new(config),
         stripe,
         changes,
         tokens,
         limits,
-    };
+    });
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(hive_jobs::telemetry::shutdown_signal())
