@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the local stack need and this machine lacks:
-# moto, checkov and schemathesis (PyPI), cloud-init, shellcheck and openssl (Debian). PostgreSQL's binaries come with the machine.
+# moto, checkov and schemathesis (PyPI), cloud-init, shellcheck, openssl and wrk (Debian). PostgreSQL's binaries come with the machine.
 set -euo pipefail
 
 # shellcheck source=scripts/tools.env
@@ -15,6 +15,8 @@ command -v cloud-init >/dev/null 2>&1 || missing+=(cloud-init)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 # The api tests make an identity provider's keys with it.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# hive-bench's HTTP load generator for the reads scenario.
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
 fi

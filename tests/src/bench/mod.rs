@@ -26,12 +26,21 @@ pub enum Size {
 }
 
 impl Size {
-    /// The load phase of a throughput scenario.
-    pub fn duration(self) -> Duration {
+    /// A throughput scenario alternates slices of its load with slices of its ceiling, so that
+    /// both see the same machine: on a shared VM the cores' speed moves by half within a
+    /// minute, and a ceiling measured after the load compared two different machines. How many
+    /// slices of load (and as many of ceiling) it runs: 10 s of each in a full run.
+    pub fn rounds(self) -> u32 {
         match self {
-            Size::Full => Duration::from_secs(10),
-            Size::Short => Duration::from_secs(1),
+            Size::Full => 10,
+            Size::Short => 1,
         }
+    }
+
+    /// How long one slice lasts: a second (slices of two seconds were no steadier, and pair the
+    /// load with its ceiling less closely).
+    pub fn slice(self) -> Duration {
+        Duration::from_secs(1)
     }
 
     /// A count that is `full` in a full run, and small in a short one.
@@ -112,11 +121,39 @@ impl Latencies {
     }
 }
 
-/// What pgbench measured.
-#[derive(Debug, Clone, Copy)]
+/// What pgbench measured, over one run or several slices.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct PgbenchResult {
-    pub tps: f64,
-    pub latency_ms: f64,
+    pub transactions: u64,
+    /// Seconds spent running transactions (connection set-up left out, as pgbench's tps does).
+    pub seconds: f64,
+    /// Sum over transactions of their latency, in milliseconds.
+    latency_sum_ms: f64,
+    /// pgbench's own CPU (its client threads): what the ceiling's load generator took from the
+    /// cores it shares with Postgres.
+    pub client_cpu: Duration,
+}
+
+impl PgbenchResult {
+    pub fn tps(&self) -> f64 {
+        self.transactions as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+
+    pub fn latency_ms(&self) -> f64 {
+        self.latency_sum_ms / self.transactions.max(1) as f64
+    }
+
+    pub fn client_cpu_per_tx(&self) -> Duration {
+        self.client_cpu / u32::try_from(self.transactions.max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// This slice and another, as one measurement.
+    pub fn add(&mut self, other: PgbenchResult) {
+        self.transactions += other.transactions;
+        self.seconds += other.seconds;
+        self.latency_sum_ms += other.latency_sum_ms;
+        self.client_cpu += other.client_cpu;
+    }
 }
 
 /// Runs pgbench on `database_url`'s server with these scripts (`file@weight`), `clients`
@@ -141,7 +178,9 @@ pub fn pgbench(
         cmd.arg("-f").arg(format!("{}@{weight}", script.display()));
     }
     cmd.arg(database_url);
+    let children_before = reaped_children_cpu(std::process::id());
     let out = cmd.output().context("running pgbench")?;
+    let client_cpu = reaped_children_cpu(std::process::id()).saturating_sub(children_before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     anyhow::ensure!(
         out.status.success(),
@@ -160,10 +199,152 @@ pub fn pgbench(
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("pgbench line `{line}`"))
     };
+    let transactions = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed:")
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .with_context(|| format!("pgbench printed no transaction count: {text}"))?;
+    let tps = number_after("tps")?;
     Ok(PgbenchResult {
-        tps: number_after("tps")?,
-        latency_ms: number_after("latency average")?,
+        transactions,
+        seconds: transactions as f64 / tps.max(f64::MIN_POSITIVE),
+        latency_sum_ms: number_after("latency average")? * transactions as f64,
+        client_cpu,
     })
+}
+
+/// What wrk measured, over one run or several slices: the HTTP side's load generator, a C
+/// event loop like pgbench's, so that both sides of a ratio pay a similar price for their client.
+#[derive(Debug, Clone, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub seconds: f64,
+    /// Every answer's latency (wrk's histogram, to the microsecond).
+    pub latencies: Latencies,
+    /// Answers of 400 and above, and connections that failed or timed out.
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+    /// wrk's own CPU.
+    pub client_cpu: Duration,
+}
+
+impl WrkResult {
+    pub fn per_second(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(f64::MIN_POSITIVE)
+    }
+
+    pub fn client_cpu_per_request(&self) -> Duration {
+        self.client_cpu / u32::try_from(self.requests.max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// This slice and another, as one measurement.
+    pub fn add(&mut self, other: WrkResult) {
+        self.requests += other.requests;
+        self.seconds += other.seconds;
+        self.latencies.0.extend(other.latencies.0);
+        self.non_2xx += other.non_2xx;
+        self.socket_errors += other.socket_errors;
+        self.client_cpu += other.client_cpu;
+    }
+}
+
+/// Runs wrk against `url` with a Lua `script` (its `done` prints the two lines parsed here:
+/// the counts, and the latency histogram as `microseconds:count` pairs) and the script's
+/// arguments, `connections` connections on two threads for `duration`.
+pub fn wrk(
+    url: &str,
+    script: &Path,
+    script_args: &[&str],
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<WrkResult> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "2",
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{}s", duration.as_secs().max(1)),
+        "--timeout",
+        "10s",
+    ])
+    .arg("-s")
+    .arg(script)
+    .arg(url)
+    .arg("--")
+    .args(script_args);
+    let children_before = reaped_children_cpu(std::process::id());
+    let out = cmd
+        .output()
+        .context("running wrk (Debian's package `wrk`)")?;
+    let client_cpu = reaped_children_cpu(std::process::id()).saturating_sub(children_before);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "wrk failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hive-bench: "))
+        .with_context(|| format!("wrk's script printed no figures: {text}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no `{name}` in wrk's line `{line}`"))
+    };
+    let histogram = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hive-bench latency:"))
+        .context("wrk's script printed no latencies")?;
+    let mut latencies = Latencies::default();
+    for pair in histogram.split_whitespace() {
+        let parsed = pair
+            .split_once(':')
+            .and_then(|(us, n)| Some((us.parse::<f64>().ok()?, n.parse::<usize>().ok()?)));
+        let (us, n) = parsed.with_context(|| format!("wrk latency `{pair}`"))?;
+        latencies.0.extend(std::iter::repeat_n(us / 1000.0, n));
+    }
+    Ok(WrkResult {
+        requests: field("requests")?,
+        seconds: field("duration_us")? as f64 / 1e6,
+        latencies,
+        non_2xx: field("non2xx")?,
+        socket_errors: field("socket_errors")?,
+        client_cpu,
+    })
+}
+
+/// CPU this process (the load generator) has used so far, all its threads.
+pub fn own_cpu() -> Duration {
+    cpu_time(std::process::id())
+}
+
+/// The load generator's CPU per request beside pgbench's per transaction: both share the two
+/// cores with what they measure, so a heavier client lowers its side's figure.
+pub fn client_cpu_figure(
+    scenario: &'static str,
+    per_request: Duration,
+    ceiling: &PgbenchResult,
+) -> Figure {
+    let per = |d: Duration| d.as_secs_f64() * 1e6;
+    Figure::new(
+        scenario,
+        "load generator CPU per request",
+        per(per_request),
+        "µs",
+    )
+    .under(
+        per(ceiling.client_cpu_per_tx()),
+        "pgbench's CPU per transaction",
+    )
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -238,6 +419,34 @@ pub fn rss_mib(pid: u32) -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Each figure's median over runs of one scenario (the runs list the same figures in the same
+/// order): the value, the ceiling and the ratio each taken as its own median.
+pub fn medians(runs: &[Vec<Figure>]) -> Vec<Figure> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    let median = |mut values: Vec<f64>| -> Option<f64> {
+        values.sort_by(|a, b| a.total_cmp(b));
+        let n = values.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(values[n / 2]),
+            _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    };
+    (0..first.len())
+        .map(|i| {
+            let same: Vec<&Figure> = runs.iter().filter_map(|run| run.get(i)).collect();
+            Figure {
+                value: median(same.iter().map(|f| f.value).collect()).unwrap_or(0.0),
+                ceiling: median(same.iter().filter_map(|f| f.ceiling).collect()),
+                ratio: median(same.iter().filter_map(|f| f.ratio).collect()),
+                ..first[i].clone()
+            }
+        })
+        .collect()
 }
 
 /// Prints the figures as a table, a line each.

@@ -1,12 +1,13 @@
 //! Status reads: `GET /api/v1/nodes/{id}` with valid tokens over nodes of as many users, at 32
-//! connections. Ceiling: pgbench point selects of the same rows.
+//! connections, made by wrk. Ceiling: pgbench point selects of the same rows, in slices
+//! alternating with the load's.
 
-use std::time::Instant;
+use std::fmt::Write;
 
 use anyhow::Context;
 use uuid::Uuid;
 
-use super::{pgbench, Figure, Latencies, Size};
+use super::{client_cpu_figure, pgbench, wrk, Figure, PgbenchResult, Size, WrkResult};
 use crate::stack::Stack;
 
 const CONNECTIONS: usize = 32;
@@ -64,47 +65,17 @@ pub async fn seed_nodes(stack: &Stack, count: usize, state: &str) -> anyhow::Res
 pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
     let count = size.count(10_000, 500);
     let ids = seed_nodes(stack, count, "ready").await?;
-    // Each user's token, made before the clock starts.
-    let tokens: Vec<String> = (1..=count)
-        .map(|i| Stack::jwt(&format!("bench-user-{i}"), 3600))
-        .collect();
-    let targets: std::sync::Arc<Vec<(String, String)>> = std::sync::Arc::new(
-        ids.iter()
-            .zip(tokens)
-            .map(|(id, token)| (stack.api_url(&format!("/api/v1/nodes/{id}")), token))
-            .collect(),
-    );
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CONNECTIONS)
-        .build()?;
-    let started = Instant::now();
-    let until = started + size.duration();
-    let mut connections = tokio::task::JoinSet::new();
-    for connection in 0..CONNECTIONS {
-        let (targets, client) = (targets.clone(), client.clone());
-        connections.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut i = connection * 7919;
-            while Instant::now() < until {
-                let (url, token) = &targets[i % targets.len()];
-                i += 31;
-                let sent = Instant::now();
-                let answer = client.get(url).bearer_auth(token).send().await?;
-                let status = answer.status().as_u16();
-                answer.bytes().await?;
-                anyhow::ensure!(status == 200, "a status read answered {status}");
-                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-            }
-            anyhow::Ok(latencies)
-        });
-    }
-    let mut latencies = Latencies::default();
-    while let Some(load) = connections.join_next().await {
-        latencies.0.extend(load??);
-    }
-    let rate = latencies.0.len() as f64 / started.elapsed().as_secs_f64();
-
+    // Each node's path and its user's token, made before the clock starts, for wrk's script.
     let dir = tempfile::tempdir()?;
+    let targets = dir.path().join("targets.txt");
+    let mut lines = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        let token = Stack::jwt(&format!("bench-user-{}", i + 1), 3600);
+        writeln!(lines, "/api/v1/nodes/{id} {token}")?;
+    }
+    std::fs::write(&targets, lines)?;
+    let script = dir.path().join("reads.lua");
+    std::fs::write(&script, include_str!("reads.lua"))?;
     let select_sql = dir.path().join("select.sql");
     std::fs::write(
         &select_sql,
@@ -113,23 +84,56 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
              SELECT n.* FROM nodes n WHERE n.id = (SELECT id FROM bench_ids WHERE i = :i);\n"
         ),
     )?;
-    let ceiling = pgbench(
-        &stack.database_url,
-        &[(&select_sql, 1)],
-        CONNECTIONS as u32,
-        size.duration(),
-    )
-    .context("the reads ceiling")?;
+    let (mut load, mut ceiling) = (WrkResult::default(), PgbenchResult::default());
+    for _ in 0..size.rounds() {
+        let slice = wrk(
+            &stack.api_url("/"),
+            &script,
+            &[&targets.to_string_lossy()],
+            CONNECTIONS as u32,
+            size.slice(),
+        )
+        .context("the reads load")?;
+        load.add(slice);
+        let slice = pgbench(
+            &stack.database_url,
+            &[(&select_sql, 1)],
+            CONNECTIONS as u32,
+            size.slice(),
+        )
+        .context("the reads ceiling")?;
+        ceiling.add(slice);
+    }
+    // A wrong token (401) or a missing node (404) would be fast and measure nothing.
+    anyhow::ensure!(
+        load.non_2xx == 0 && load.socket_errors == 0,
+        "of {} status reads, {} were not answered 200 and {} failed on the socket",
+        load.requests,
+        load.non_2xx,
+        load.socket_errors
+    );
     Ok(vec![
         Figure::new(
             SCENARIO,
             format!("reads per second ({count} nodes)"),
-            rate,
+            load.per_second(),
             "1/s",
         )
-        .against(ceiling.tps, "pgbench point selects"),
-        Figure::new(SCENARIO, "p50 latency", latencies.percentile(50.0), "ms")
-            .under(ceiling.latency_ms, "pgbench mean latency"),
-        Figure::new(SCENARIO, "p99 latency", latencies.percentile(99.0), "ms").under(5.0, "target"),
+        .against(ceiling.tps(), "pgbench point selects"),
+        Figure::new(
+            SCENARIO,
+            "p50 latency",
+            load.latencies.percentile(50.0),
+            "ms",
+        )
+        .under(ceiling.latency_ms(), "pgbench mean latency"),
+        Figure::new(
+            SCENARIO,
+            "p99 latency",
+            load.latencies.percentile(99.0),
+            "ms",
+        )
+        .under(5.0, "target"),
+        client_cpu_figure(SCENARIO, load.client_cpu_per_request(), &ceiling),
     ])
 }

@@ -20,6 +20,10 @@ struct Args {
     /// Only these scenarios (ingest, reads, dispatch, provisioning, waiting, reconcile).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run each scenario this many times, each on a fresh stack, and report each figure's
+    /// median: on a shared machine one run's ratio moves by a fifth either way.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
 }
 
 /// A fresh stack per scenario, with production pacing (only what the load needs is changed).
@@ -65,28 +69,36 @@ async fn main() -> anyhow::Result<()> {
         if !wanted(scenario) {
             continue;
         }
-        let mut stack = stack().await?;
-        let found = match scenario {
-            "ingest" => bench::ingest::run(&stack, size).await,
-            "reads" => bench::reads::run(&stack, size).await,
-            "dispatch" => bench::dispatch::run(&mut stack, size).await,
-            "provisioning" => bench::provisioning::run(&mut stack, size).await,
-            "waiting" => bench::waiting::run(&mut stack, size).await,
-            _ => bench::reconcile::run(&stack, size).await,
-        };
-        match found {
-            Ok(found) => {
-                // As they come: a later scenario that fails does not hide them.
-                bench::print(&found);
-                figures.extend(found);
-            }
-            Err(e) => {
-                eprintln!("{scenario} failed: {e:#}");
-                failed.push(scenario);
+        let mut runs = Vec::new();
+        for _ in 0..args.repeat {
+            let mut stack = stack().await?;
+            let found = match scenario {
+                "ingest" => bench::ingest::run(&stack, size).await,
+                "reads" => bench::reads::run(&stack, size).await,
+                "dispatch" => bench::dispatch::run(&mut stack, size).await,
+                "provisioning" => bench::provisioning::run(&mut stack, size).await,
+                "waiting" => bench::waiting::run(&mut stack, size).await,
+                _ => bench::reconcile::run(&stack, size).await,
+            };
+            match found {
+                Ok(found) => {
+                    // As they come: a later scenario that fails does not hide them.
+                    bench::print(&found);
+                    runs.push(found);
+                }
+                Err(e) => {
+                    eprintln!("{scenario} failed: {e:#}");
+                    failed.push(scenario);
+                    break;
+                }
             }
         }
+        figures.extend(bench::medians(&runs));
     }
     println!();
+    if args.repeat > 1 {
+        println!("medians of {} runs:", args.repeat);
+    }
     bench::print(&figures);
     if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
