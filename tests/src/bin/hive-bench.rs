@@ -41,7 +41,9 @@ async fn stack() -> anyhow::Result<Stack> {
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .to_vec();
-    extra_env.extend(std::env::vars().filter(|(k, _)| k.starts_with("HIVE_")));
+    extra_env.extend(
+        std::env::vars().filter(|(k, _)| k.starts_with("HIVE_") || k == "TOKIO_WORKER_THREADS"),
+    );
     let options = StackOptions {
         extra_env,
         ..StackOptions::default()
