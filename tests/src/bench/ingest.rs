@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use super::{client_cpu_figure, own_cpu, pgbench, Figure, Latencies, PgbenchResult, Size};
+use super::{
+    own_cpu, per_each, pgbench, throughput_figures, Figure, Latencies, PgbenchResult, Size, SLICE,
+};
 use crate::stack::{Stack, WEBHOOK_SECRET};
 use crate::stripe_events::{signature, Fixtures};
 
@@ -90,17 +92,16 @@ async fn prepare_all(
     Ok(connections)
 }
 
-/// One slice of the load: every connection sends its events, one at a time, for `slice`.
+/// One slice of the load: every connection sends its events, one at a time, for `SLICE`.
 async fn load_slice(
     client: &reqwest::Client,
     url: &str,
     fixtures: &std::sync::Arc<Fixtures>,
     connections: Vec<Connection>,
-    slice: Duration,
     load: &mut Load,
 ) -> anyhow::Result<Vec<Connection>> {
     let started = Instant::now();
-    let until = started + slice;
+    let until = started + SLICE;
     let mut running = tokio::task::JoinSet::new();
     for mut connection in connections {
         let (fixtures, client, url) = (fixtures.clone(), client.clone(), url.to_string());
@@ -148,7 +149,7 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
     // Enough for 12,000 events a second, twice the best this api has done on these cores; a
     // connection that runs out makes the rest as it goes (its CPU then shows below).
     let per_connection =
-        12_000 * size.slice().as_secs() as usize * size.rounds() as usize / CONNECTIONS + 1;
+        12_000 * SLICE.as_secs() as usize * size.rounds() as usize / CONNECTIONS + 1;
     let mut connections = prepare_all(&fixtures, per_connection).await?;
     let ceiling_scripts = CeilingScripts::write(&fixtures)?;
 
@@ -167,21 +168,14 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
     for _ in 0..size.rounds() {
         let cpu_before = own_cpu();
         let (client, url, fixtures) = (client.clone(), url.clone(), fixtures.clone());
-        let slice = size.slice();
         (runtime, connections, load) = tokio::task::spawn_blocking(move || {
-            let connections = runtime.block_on(load_slice(
-                &client,
-                &url,
-                &fixtures,
-                connections,
-                slice,
-                &mut load,
-            ))?;
+            let connections =
+                runtime.block_on(load_slice(&client, &url, &fixtures, connections, &mut load))?;
             anyhow::Ok((runtime, connections, load))
         })
         .await??;
         client_cpu += own_cpu().saturating_sub(cpu_before);
-        ceiling.add(ceiling_scripts.run(stack, size.slice())?);
+        ceiling.add(ceiling_scripts.run(stack)?);
     }
     runtime.shutdown_background();
 
@@ -200,27 +194,21 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
     anyhow::ensure!(load.refused == 0, "{} events were refused", load.refused);
 
     let rate = load.accepted.len() as f64 / load.seconds.max(f64::MIN_POSITIVE);
-    let answered = u32::try_from(load.latencies.0.len().max(1)).unwrap_or(u32::MAX);
-    Ok(vec![
-        Figure::new(SCENARIO, "events accepted per second", rate, "1/s")
-            .against(ceiling.tps(), "pgbench: the handler's writes"),
-        Figure::new(
-            SCENARIO,
-            "p50 latency",
-            load.latencies.percentile(50.0),
-            "ms",
-        )
-        .under(ceiling.latency_ms(), "pgbench mean latency"),
-        Figure::new(
-            SCENARIO,
-            "p99 latency",
-            load.latencies.percentile(99.0),
-            "ms",
-        )
-        .under(20.0, "target"),
-        Figure::new(SCENARIO, "events stored once", stored as f64, "events"),
-        client_cpu_figure(SCENARIO, client_cpu / answered, &ceiling),
-    ])
+    let mut figures = throughput_figures(
+        SCENARIO,
+        ("events accepted per second".into(), rate),
+        &load.latencies,
+        20.0,
+        per_each(client_cpu, load.latencies.0.len() as u64),
+        (&ceiling, "pgbench: the handler's writes"),
+    );
+    figures.push(Figure::new(
+        SCENARIO,
+        "events stored once",
+        stored as f64,
+        "events",
+    ));
+    Ok(figures)
 }
 
 /// pgbench with the handler's writes: nine record-only events (one statement, as the handler
@@ -281,12 +269,12 @@ impl CeilingScripts {
     }
 
     /// One slice of the ceiling.
-    fn run(&self, stack: &Stack, slice: Duration) -> anyhow::Result<PgbenchResult> {
+    fn run(&self, stack: &Stack) -> anyhow::Result<PgbenchResult> {
         pgbench(
             &stack.database_url,
             &[(&self.record_sql, 9), (&self.checkout_sql, 1)],
             CONNECTIONS as u32,
-            slice,
+            SLICE,
         )
         .context("the ingest ceiling")
     }

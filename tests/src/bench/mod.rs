@@ -25,6 +25,10 @@ pub enum Size {
     Short,
 }
 
+/// How long one slice of a throughput scenario lasts: a second (slices of two seconds were no
+/// steadier, and pair the load with its ceiling less closely).
+pub const SLICE: Duration = Duration::from_secs(1);
+
 impl Size {
     /// A throughput scenario alternates slices of its load with slices of its ceiling, so that
     /// both see the same machine: on a shared VM the cores' speed moves by half within a
@@ -35,12 +39,6 @@ impl Size {
             Size::Full => 10,
             Size::Short => 1,
         }
-    }
-
-    /// How long one slice lasts: a second (slices of two seconds were no steadier, and pair the
-    /// load with its ceiling less closely).
-    pub fn slice(self) -> Duration {
-        Duration::from_secs(1)
     }
 
     /// A count that is `full` in a full run, and small in a short one.
@@ -144,7 +142,7 @@ impl PgbenchResult {
     }
 
     pub fn client_cpu_per_tx(&self) -> Duration {
-        self.client_cpu / u32::try_from(self.transactions.max(1)).unwrap_or(u32::MAX)
+        per_each(self.client_cpu, self.transactions)
     }
 
     /// This slice and another, as one measurement.
@@ -178,36 +176,24 @@ pub fn pgbench(
         cmd.arg("-f").arg(format!("{}@{weight}", script.display()));
     }
     cmd.arg(database_url);
-    let children_before = reaped_children_cpu(std::process::id());
-    let out = cmd.output().context("running pgbench")?;
-    let client_cpu = reaped_children_cpu(std::process::id()).saturating_sub(children_before);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, client_cpu) = run_client(cmd, "pgbench")?;
+    parse_pgbench(&text, client_cpu)
+}
+
+/// pgbench's report of one run, and the CPU it used.
+fn parse_pgbench(text: &str, client_cpu: Duration) -> anyhow::Result<PgbenchResult> {
     let number_after = |prefix: &str| -> anyhow::Result<f64> {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(prefix))
             .with_context(|| format!("pgbench printed no `{prefix}`: {text}"))?;
-        line.split('=')
+        line.split(['=', ':'])
             .nth(1)
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("pgbench line `{line}`"))
     };
-    let transactions = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("number of transactions actually processed:")
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .with_context(|| format!("pgbench printed no transaction count: {text}"))?;
+    let transactions = number_after("number of transactions actually processed")? as u64;
     let tps = number_after("tps")?;
     Ok(PgbenchResult {
         transactions,
@@ -215,6 +201,28 @@ pub fn pgbench(
         latency_sum_ms: number_after("latency average")? * transactions as f64,
         client_cpu,
     })
+}
+
+/// Runs a load generator (`what`, for errors) to its end: what it printed, and the CPU it
+/// used (a child that exited and was waited for, counted through this process's reaped
+/// children).
+fn run_client(mut cmd: Command, what: &str) -> anyhow::Result<(String, Duration)> {
+    let children_before = reaped_children_cpu(std::process::id());
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let client_cpu = reaped_children_cpu(std::process::id()).saturating_sub(children_before);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((text, client_cpu))
+}
+
+/// A total shared out over `n` (requests, transactions): the cost of each.
+fn per_each(total: Duration, n: u64) -> Duration {
+    total / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
 
 /// What wrk measured, over one run or several slices: the HTTP side's load generator, a C
@@ -238,7 +246,7 @@ impl WrkResult {
     }
 
     pub fn client_cpu_per_request(&self) -> Duration {
-        self.client_cpu / u32::try_from(self.requests.max(1)).unwrap_or(u32::MAX)
+        per_each(self.client_cpu, self.requests)
     }
 
     /// This slice and another, as one measurement.
@@ -278,18 +286,12 @@ pub fn wrk(
     .arg(url)
     .arg("--")
     .args(script_args);
-    let children_before = reaped_children_cpu(std::process::id());
-    let out = cmd
-        .output()
-        .context("running wrk (Debian's package `wrk`)")?;
-    let client_cpu = reaped_children_cpu(std::process::id()).saturating_sub(children_before);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(
-        out.status.success(),
-        "wrk failed: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (text, client_cpu) = run_client(cmd, "wrk (Debian's package `wrk`)")?;
+    parse_wrk(&text, client_cpu)
+}
+
+/// The two lines of wrk's script (the counts; the latency histogram), and the CPU wrk used.
+fn parse_wrk(text: &str, client_cpu: Duration) -> anyhow::Result<WrkResult> {
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("hive-bench: "))
@@ -322,29 +324,40 @@ pub fn wrk(
     })
 }
 
+/// The figures every throughput scenario prints: its rate against pgbench's, its p50 against
+/// pgbench's mean latency, its p99 against the target, and both load generators' CPU.
+pub fn throughput_figures(
+    scenario: &'static str,
+    rate: (String, f64),
+    latencies: &Latencies,
+    p99_target_ms: f64,
+    client_cpu_per_request: Duration,
+    ceiling: (&PgbenchResult, &str),
+) -> Vec<Figure> {
+    let (ceiling, ceiling_is) = ceiling;
+    let per = |d: Duration| d.as_secs_f64() * 1e6;
+    vec![
+        Figure::new(scenario, rate.0, rate.1, "1/s").against(ceiling.tps(), ceiling_is),
+        Figure::new(scenario, "p50 latency", latencies.percentile(50.0), "ms")
+            .under(ceiling.latency_ms(), "pgbench mean latency"),
+        Figure::new(scenario, "p99 latency", latencies.percentile(99.0), "ms")
+            .under(p99_target_ms, "target"),
+        Figure::new(
+            scenario,
+            "load generator CPU per request",
+            per(client_cpu_per_request),
+            "µs",
+        )
+        .under(
+            per(ceiling.client_cpu_per_tx()),
+            "pgbench's CPU per transaction",
+        ),
+    ]
+}
+
 /// CPU this process (the load generator) has used so far, all its threads.
 pub fn own_cpu() -> Duration {
     cpu_time(std::process::id())
-}
-
-/// The load generator's CPU per request beside pgbench's per transaction: both share the two
-/// cores with what they measure, so a heavier client lowers its side's figure.
-pub fn client_cpu_figure(
-    scenario: &'static str,
-    per_request: Duration,
-    ceiling: &PgbenchResult,
-) -> Figure {
-    let per = |d: Duration| d.as_secs_f64() * 1e6;
-    Figure::new(
-        scenario,
-        "load generator CPU per request",
-        per(per_request),
-        "µs",
-    )
-    .under(
-        per(ceiling.client_cpu_per_tx()),
-        "pgbench's CPU per transaction",
-    )
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -474,5 +487,61 @@ pub fn print(figures: &[Figure]) {
             ratio,
             f.ceiling_is.as_deref().unwrap_or("")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgbench_slices_combine_weighted_by_their_transactions() {
+        let report = |n: u64, tps: f64, latency: f64| {
+            format!(
+                "number of transactions actually processed: {n}\n\
+                 latency average = {latency} ms\n\
+                 tps = {tps} (without initial connection time)\n"
+            )
+        };
+        let mut total = PgbenchResult::default();
+        let fast = parse_pgbench(&report(3000, 3000.0, 1.0), Duration::from_millis(30)).unwrap();
+        let slow = parse_pgbench(&report(1000, 1000.0, 4.0), Duration::from_millis(10)).unwrap();
+        total.add(fast);
+        total.add(slow);
+        assert_eq!(total.transactions, 4000);
+        assert!((total.tps() - 2000.0).abs() < 1e-6, "{}", total.tps());
+        assert!((total.latency_ms() - 1.75).abs() < 1e-9);
+        assert_eq!(total.client_cpu_per_tx(), Duration::from_micros(10));
+        assert!(parse_pgbench("tps = 5\n", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn wrk_histograms_give_exact_percentiles_across_slices() {
+        let text = "Running 1s test\n\
+                    hive-bench: requests=100 duration_us=1000000 non2xx=0 socket_errors=0\n\
+                    hive-bench latency: 1000:98 9000:2\n";
+        let mut total = parse_wrk(text, Duration::from_millis(2)).unwrap();
+        total.add(parse_wrk(text, Duration::from_millis(2)).unwrap());
+        assert_eq!(total.requests, 200);
+        assert!((total.per_second() - 100.0).abs() < 1e-9);
+        assert_eq!(total.latencies.percentile(50.0), 1.0);
+        assert_eq!(total.latencies.percentile(99.0), 9.0);
+        assert_eq!(total.client_cpu_per_request(), Duration::from_micros(20));
+        assert!(parse_wrk("hive-bench: requests=1\n", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn medians_take_each_figure_from_the_middle_run() {
+        let run = |value: f64, ceiling: f64| {
+            vec![Figure::new("reads", "reads per second", value, "1/s").against(ceiling, "pgbench")]
+        };
+        let runs = [run(10.0, 20.0), run(30.0, 40.0), run(20.0, 100.0)];
+        let medians = medians(&runs);
+        assert_eq!(medians.len(), 1);
+        assert_eq!(medians[0].value, 20.0);
+        assert_eq!(medians[0].ceiling, Some(40.0));
+        // The middle of the runs' ratios (0.5, 0.75, 0.2), not value over ceiling.
+        assert_eq!(medians[0].ratio, Some(0.5));
+        assert!(super::medians(&[]).is_empty());
     }
 }

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use anyhow::Context;
 use uuid::Uuid;
 
-use super::{client_cpu_figure, pgbench, wrk, Figure, PgbenchResult, Size, WrkResult};
+use super::{pgbench, throughput_figures, wrk, Figure, PgbenchResult, Size, WrkResult, SLICE};
 use crate::stack::Stack;
 
 const CONNECTIONS: usize = 32;
@@ -91,7 +91,7 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
             &script,
             &[&targets.to_string_lossy()],
             CONNECTIONS as u32,
-            size.slice(),
+            SLICE,
         )
         .context("the reads load")?;
         load.add(slice);
@@ -99,7 +99,7 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
             &stack.database_url,
             &[(&select_sql, 1)],
             CONNECTIONS as u32,
-            size.slice(),
+            SLICE,
         )
         .context("the reads ceiling")?;
         ceiling.add(slice);
@@ -112,28 +112,15 @@ pub async fn run(stack: &Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
         load.non_2xx,
         load.socket_errors
     );
-    Ok(vec![
-        Figure::new(
-            SCENARIO,
+    Ok(throughput_figures(
+        SCENARIO,
+        (
             format!("reads per second ({count} nodes)"),
             load.per_second(),
-            "1/s",
-        )
-        .against(ceiling.tps(), "pgbench point selects"),
-        Figure::new(
-            SCENARIO,
-            "p50 latency",
-            load.latencies.percentile(50.0),
-            "ms",
-        )
-        .under(ceiling.latency_ms(), "pgbench mean latency"),
-        Figure::new(
-            SCENARIO,
-            "p99 latency",
-            load.latencies.percentile(99.0),
-            "ms",
-        )
-        .under(5.0, "target"),
-        client_cpu_figure(SCENARIO, load.client_cpu_per_request(), &ceiling),
-    ])
+        ),
+        &load.latencies,
+        5.0,
+        load.client_cpu_per_request(),
+        (&ceiling, "pgbench point selects"),
+    ))
 }
