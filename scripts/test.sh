@@ -31,6 +31,10 @@ set +e
 target/debug/hive-bench --short --json target/bench-short.json
 bench_status=$?
 set -e
+# Every scenario printed its figures, each scenario at least one beside its ceiling.
+if [ "$bench_status" -eq 0 ]; then
+  python3 scripts/check-bench-json.py target/bench-short.json || bench_status=1
+fi
 echo "benchmarks (short): exit ${bench_status}"
 if [ "$status" -eq 0 ]; then status=$bench_status; fi
 exit "$status"
