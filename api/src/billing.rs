@@ -53,7 +53,7 @@ pub async fn billing(
     AuthUser(user): AuthUser,
 ) -> Result<Json<BillingView>, ApiError> {
     let grace = TimeDelta::from_std(state.config.past_due_grace).unwrap_or_default();
-    let subscriptions = store::user_subscriptions(&state.pool, &user)
+    let subscriptions = store::user_subscriptions(&mut *state.conn().await?, &user)
         .await?
         .into_iter()
         .map(|(sub, nodes)| SubscriptionView {
@@ -132,7 +132,7 @@ pub async fn usage(
     let to = time("to", query.to.as_deref())?.unwrap_or(now);
     let from = match time("from", query.from.as_deref())? {
         Some(from) => from,
-        None => store::user_subscriptions(&state.pool, &user)
+        None => store::user_subscriptions(&mut *state.conn().await?, &user)
             .await?
             .into_iter()
             .find_map(|(sub, _)| sub.current_period_start)
@@ -141,7 +141,7 @@ pub async fn usage(
     if from >= to {
         return Err(ApiError::BadRequest("`from` must be before `to`".into()));
     }
-    let moves = store::user_transitions(&state.pool, &user, to).await?;
+    let moves = store::user_transitions(&mut *state.conn().await?, &user, to).await?;
     let used = usage::ready_time(&moves, from, to);
     let hours = |d: TimeDelta| d.num_milliseconds() as f64 / 3_600_000.0;
     let total = used.values().fold(TimeDelta::zero(), |a, b| a + *b);

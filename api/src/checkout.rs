@@ -190,7 +190,7 @@ pub async fn checkout(
         .subscription_data(subscription)
         .success_url(request.success_url)
         .cancel_url(request.cancel_url);
-    if let Some(customer) = store::user_customer(&state.pool, &user).await? {
+    if let Some(customer) = store::user_customer(&mut *state.conn().await?, &user).await? {
         create = create.customer(customer);
     }
     let session = create
@@ -246,7 +246,7 @@ pub async fn portal(
     url("return_url", &request.return_url)?;
     let strategy = strategy(&headers)?;
     let client = stripe_client(&state)?;
-    let customer = store::user_customer(&state.pool, &user)
+    let customer = store::user_customer(&mut *state.conn().await?, &user)
         .await?
         .ok_or(ApiError::NotFound)?;
     let session = CreateBillingPortalSession::new()

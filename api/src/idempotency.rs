@@ -62,7 +62,7 @@ async fn keyed_request(
     hash.update([0]);
     hash.update(&body);
     let fingerprint = hex::encode(hash.finalize());
-    match store::claim_idempotency_key(&state.pool, &user, key, &fingerprint).await? {
+    match store::claim_idempotency_key(&mut *state.conn().await?, &user, key, &fingerprint).await? {
         IdempotencyClaim::Mismatch => Err(ApiError::Unprocessable(
             "this Idempotency-Key was used with another request".into(),
         )),
@@ -83,13 +83,14 @@ async fn keyed_request(
             let body = match to_bytes(body, usize::MAX).await {
                 Ok(body) => body,
                 Err(e) => {
-                    store::finish_idempotency_key(&state.pool, &user, key, None).await?;
+                    store::finish_idempotency_key(&mut *state.conn().await?, &user, key, None)
+                        .await?;
                     tracing::error!(error = %e, "reading an answer failed");
                     return Err(ApiError::Upstream("the answer could not be read".into()));
                 }
             };
             let kept = (parts.status.as_u16() < 500).then(|| (parts.status.as_u16(), &body[..]));
-            store::finish_idempotency_key(&state.pool, &user, key, kept).await?;
+            store::finish_idempotency_key(&mut *state.conn().await?, &user, key, kept).await?;
             Ok(Response::from_parts(parts, Body::from(body)))
         }
     }

@@ -22,6 +22,7 @@ use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use hive_jobs::config::ApiConfig;
+use hive_jobs::connections::Connections;
 use sqlx::PgPool;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -51,7 +52,11 @@ impl std::ops::Deref for AppState {
 
 /// The parts of [`AppState`].
 pub struct SharedState {
+    /// For `LISTEN` and the health check: every request's statements go through `db`.
     pub pool: PgPool,
+    /// The requests' connections (not sqlx's pool, which pings each after every use: see
+    /// `hive_jobs::connections`).
+    pub db: Connections,
     pub config: Arc<ApiConfig>,
     /// Stripe's API client; `None` when no secret key is configured.
     pub stripe: Option<Arc<stripe::Client>>,
@@ -61,6 +66,18 @@ pub struct SharedState {
     pub tokens: Arc<auth::Tokens>,
     /// Per-user and per-address limits; `None` when off.
     pub limits: Option<Arc<rate_limit::RateLimits>>,
+}
+
+impl SharedState {
+    /// A connection for one request's statements; give it back (drop it) before taking
+    /// another, or a full pool could wait on itself.
+    pub async fn conn(&self) -> Result<hive_jobs::connections::Conn, error::ApiError> {
+        Ok(self
+            .db
+            .get()
+            .await
+            .map_err(hive_jobs::store::StoreError::from)?)
+    }
 }
 
 /// The header that carries a request's id, on the way in (a caller's own is kept) and out.

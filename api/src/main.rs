@@ -11,6 +11,9 @@ use hive_jobs::config::{process_env, ApiConfig};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The listener's connection and one for the rest of sqlx's pool's few users.
+const SQLX_POOL_SIZE: u32 = 2;
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run().await {
@@ -29,16 +32,25 @@ async fn run() -> anyhow::Result<()> {
         }
     };
     // Postgres may still be starting: retry the first connection for a while.
-    let pool =
-        (|| hive_jobs::store::connect_and_migrate(&config.database_url, config.db_connections))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_max_times(10),
-            )
-            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
-            .await
-            .context("connecting to the database")?;
+    // sqlx's pool, for migrations, `LISTEN`, the health check and the metrics' gauges: the
+    // requests' statements go through `db` below.
+    let pool = (|| hive_jobs::store::connect_and_migrate(&config.database_url, SQLX_POOL_SIZE))
+        .retry(
+            ExponentialBuilder::default()
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(10),
+        )
+        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
+        .await
+        .context("connecting to the database")?;
+    // The requests' connections (`HIVE_API_DB_CONNECTIONS`), opened as first needed: sqlx's
+    // pool would ping each after every use (hive_jobs::connections).
+    let options: sqlx::postgres::PgConnectOptions = config
+        .database_url
+        .parse()
+        .context("reading DATABASE_URL")?;
+    let db = hive_jobs::connections::Connections::new(options, config.db_connections as usize)
+        .context("making the connection pool")?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;
@@ -77,6 +89,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let state = AppState::new(SharedState {
         pool,
+        db,
         config: Arc::new(config),
         stripe,
         changes,

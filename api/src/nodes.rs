@@ -13,10 +13,12 @@ use axum::Json;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use hive_jobs::conditions::{self, Condition};
+use hive_jobs::connections::Connections;
 use hive_jobs::model::TeardownReason;
 use hive_jobs::model::{Desired, Node, NodeState, NodeStatus};
 use hive_jobs::{requests, store};
 use serde::{Deserialize, Serialize};
+use sqlx::Connection;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -115,9 +117,12 @@ impl From<hive_jobs::model::NodeEvent> for EventView {
 }
 
 /// The views of `nodes`, with their conditions and recent events (two queries in all).
-pub async fn views(pool: &sqlx::PgPool, nodes: Vec<Node>) -> Result<Vec<NodeView>, ApiError> {
+pub async fn views(
+    conn: &mut sqlx::PgConnection,
+    nodes: Vec<Node>,
+) -> Result<Vec<NodeView>, ApiError> {
     let ids: Vec<Uuid> = nodes.iter().map(|n| n.id).collect();
-    let (events, moves) = store::recent_history(pool, &ids, EVENTS_SHOWN).await?;
+    let (events, moves) = store::recent_history(conn, &ids, EVENTS_SHOWN).await?;
     let mut events_of: HashMap<Uuid, Vec<EventView>> = HashMap::new();
     for (id, e) in events {
         events_of.entry(id).or_default().push(EventView::from(e));
@@ -144,8 +149,9 @@ pub fn view_of(found: store::NodeWithHistory) -> NodeView {
 }
 
 /// The view of the user's node `id`; 404 when it is not theirs.
-pub async fn read_view(pool: &sqlx::PgPool, user: &str, id: Uuid) -> Result<NodeView, ApiError> {
-    store::node_with_history_for_user(pool, user, id, EVENTS_SHOWN)
+pub async fn read_view(db: &Connections, user: &str, id: Uuid) -> Result<NodeView, ApiError> {
+    let mut conn = db.get().await.map_err(store::StoreError::from)?;
+    store::node_with_history_for_user(&mut *conn, user, id, EVENTS_SHOWN)
         .await?
         .map(view_of)
         .ok_or(ApiError::NotFound)
@@ -229,8 +235,14 @@ pub async fn list_nodes(
             .filter(|s| s.status() == wanted || (wanted == NodeStatus::Failed && s.is_teardown()))
             .collect()
     });
-    let page =
-        store::page_nodes_for_user(&state.pool, &user, cursor, states.as_deref(), limit).await?;
+    let page = store::page_nodes_for_user(
+        &mut *state.conn().await?,
+        &user,
+        cursor,
+        states.as_deref(),
+        limit,
+    )
+    .await?;
     let next_cursor = (page.len() as i64 == limit)
         .then(|| page.last().map(store::NodeCursor::after))
         .flatten()
@@ -243,7 +255,7 @@ pub async fn list_nodes(
         .filter(|n| wanted.is_none_or(|w| n.status() == w))
         .collect();
     Ok(Json(NodeList {
-        nodes: views(&state.pool, nodes).await?,
+        nodes: views(&mut *state.conn().await?, nodes).await?,
         next_cursor,
     }))
 }
@@ -266,13 +278,13 @@ pub async fn get_node(
 ) -> Result<Json<NodeView>, ApiError> {
     // A malformed id names no node of this user: 404 like any other.
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
-    Ok(Json(read_view(&state.pool, &user, id).await?))
+    Ok(Json(read_view(&state.db, &user, id).await?))
 }
 
 /// The user's node `id` (a malformed id names no node of theirs: 404 like any other).
 async fn own_node(state: &AppState, user: &str, id: &str) -> Result<Node, ApiError> {
     let id = Uuid::parse_str(id).map_err(|_| ApiError::NotFound)?;
-    store::node_for_user(&state.pool, user, id)
+    store::node_for_user(&mut *state.conn().await?, user, id)
         .await?
         .ok_or(ApiError::NotFound)
 }
@@ -296,7 +308,8 @@ async fn control(
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
     let node = own_node(state, user, id).await?;
     let by = format!("user {user}");
-    let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    let mut conn = state.conn().await?;
+    let mut tx = conn.begin().await.map_err(store::StoreError::from)?;
     request.tag(&mut tx).await?;
     match control {
         Control::Restart => requests::restart(&mut tx, node.id, &by).await?,
@@ -307,10 +320,11 @@ async fn control(
         }
     }
     tx.commit().await.map_err(store::StoreError::from)?;
+    drop(conn);
     tracing::info!(node_id = %node.id, user, ?control, "node control recorded");
     Ok((
         StatusCode::ACCEPTED,
-        Json(read_view(&state.pool, user, node.id).await?),
+        Json(read_view(&state.db, user, node.id).await?),
     ))
 }
 
@@ -452,7 +466,7 @@ pub async fn create_node(
             )));
         }
     }
-    let subscriptions = store::user_subscriptions(&state.pool, &user).await?;
+    let subscriptions = store::user_subscriptions(&mut *state.conn().await?, &user).await?;
     let chosen = match request.subscription_id {
         Some(id) => subscriptions
             .iter()
@@ -473,7 +487,8 @@ pub async fn create_node(
         .and_then(|p| state.config.plans.0.get(p))
         .ok_or_else(|| ApiError::Conflict("the subscription's plan is not known yet".into()))?;
     let by = format!("user {user}");
-    let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    let mut conn = state.conn().await?;
+    let mut tx = conn.begin().await.map_err(store::StoreError::from)?;
     request_id.tag(&mut tx).await?;
     let id = requests::add_node(
         &mut tx,
@@ -485,8 +500,9 @@ pub async fn create_node(
     )
     .await?;
     tx.commit().await.map_err(store::StoreError::from)?;
+    drop(conn);
     Ok((
         StatusCode::ACCEPTED,
-        Json(read_view(&state.pool, &user, id).await?),
+        Json(read_view(&state.db, &user, id).await?),
     ))
 }

@@ -153,9 +153,11 @@ pub async fn wait_for_status(
     let mut changes = state.changes.subscribe();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let found = store::node_with_history_for_user(&state.pool, &user, id, EVENTS_SHOWN)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        // The connection goes back before the wait below.
+        let found =
+            store::node_with_history_for_user(&mut *state.conn().await?, &user, id, EVENTS_SHOWN)
+                .await?
+                .ok_or(ApiError::NotFound)?;
         let node = &found.node;
         if node.status() == wanted {
             return Ok((StatusCode::OK, Json(view_of(found))));
@@ -182,7 +184,7 @@ pub async fn wait_for_status(
             Ok(true) => continue,
             // The deadline passed (or the api is stopping): the node as it is now.
             Ok(false) | Err(_) => {
-                let view = read_view(&state.pool, &user, id).await?;
+                let view = read_view(&state.db, &user, id).await?;
                 let code = if view.status == wanted {
                     StatusCode::OK
                 } else {

@@ -12,6 +12,7 @@ use hive_jobs::billing::BillingError;
 use hive_jobs::requests::RequestError;
 use hive_jobs::store::{self, StripeEventRecord};
 use hive_jobs::stripe_events::{self, EventEnvelope, EventError, Meaning};
+use sqlx::Connection;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::request_id::RequestId;
@@ -96,13 +97,16 @@ async fn receive(
     // Nine in ten events change nothing but their own row: one statement, its own
     // transaction (a retry storm costs one round trip an event, not four).
     if matches!(meaning, Meaning::Record) {
-        return Ok(if store::record_stripe_event(&state.pool, &record).await? {
-            recorded(&event, &[])
-        } else {
-            duplicate(&event)
-        });
+        return Ok(
+            if store::record_stripe_event(&mut *state.conn().await?, &record).await? {
+                recorded(&event, &[])
+            } else {
+                duplicate(&event)
+            },
+        );
     }
-    let mut tx = state.pool.begin().await.map_err(store::StoreError::from)?;
+    let mut conn = state.conn().await?;
+    let mut tx = conn.begin().await.map_err(store::StoreError::from)?;
     request_id.tag(&mut tx).await?;
     let new = store::record_stripe_event(&mut *tx, &record).await?;
     if !new {

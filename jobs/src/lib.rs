@@ -6,6 +6,7 @@ pub mod billing;
 pub mod cloud;
 pub mod conditions;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod metrics;
 pub mod model;

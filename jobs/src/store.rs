@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 // Queries are built only from constants here (the column list), hence AssertSqlSafe.
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::billing::StripeStatus;
@@ -25,6 +25,8 @@ pub enum StoreError {
     Queue(#[from] apalis_postgres::Error),
     #[error("job payload: {0}")]
     Payload(#[from] serde_json::Error),
+    #[error("{0}")]
+    Connections(#[from] crate::connections::ConnectionsError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -263,7 +265,7 @@ impl NodeCursor {
 /// A page of the user's nodes in creation order, after `cursor`, of the given states (all when
 /// `None`), at most `limit`.
 pub async fn page_nodes_for_user(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
     cursor: Option<NodeCursor>,
     states: Option<&[NodeState]>,
@@ -283,14 +285,14 @@ pub async fn page_nodes_for_user(
         .bind(cursor.map(|c| c.ordinal))
         .bind(states)
         .bind(limit)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?)
 }
 
 /// The last `per_node` log entries of each node, oldest first, and every move of each (for
 /// its conditions), in two queries whatever the number of nodes.
 pub async fn recent_history(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node_ids: &[Uuid],
     per_node: i64,
 ) -> StoreResult<(Vec<(Uuid, NodeEvent)>, Vec<(Uuid, DateTime<Utc>, String)>)> {
@@ -308,7 +310,7 @@ pub async fn recent_history(
     )
     .bind(node_ids)
     .bind(per_node)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let moves: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
         "SELECT node_id, at, detail FROM node_events WHERE node_id = ANY($1) AND kind = $2 \
@@ -316,7 +318,7 @@ pub async fn recent_history(
     )
     .bind(node_ids)
     .bind(EventKind::Transition.as_str())
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let events = events.into_iter().map(|r| (r.node_id, r.event)).collect();
     Ok((events, moves))
@@ -336,7 +338,7 @@ pub struct NodeWithHistory {
 /// [`recent_history`] gives a list, in the same round trip as the row (a status read is the
 /// app's commonest call).
 pub async fn node_with_history_for_user(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
     id: Uuid,
     per_node: i64,
@@ -369,7 +371,7 @@ pub async fn node_with_history_for_user(
         .bind(user_id)
         .bind(per_node)
         .bind(EventKind::Transition.as_str())
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await?;
     Ok(row.map(|r| NodeWithHistory {
         node: r.node,
@@ -383,12 +385,16 @@ pub async fn node_with_history_for_user(
     }))
 }
 
-pub async fn node_for_user(pool: &PgPool, user_id: &str, id: Uuid) -> StoreResult<Option<Node>> {
+pub async fn node_for_user(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: &str,
+    id: Uuid,
+) -> StoreResult<Option<Node>> {
     let sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1 AND user_id = $2");
     Ok(sqlx::query_as::<_, Node>(AssertSqlSafe(sql))
         .bind(id)
         .bind(user_id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await?)
 }
 
@@ -1462,15 +1468,15 @@ pub async fn follow_billing(
 /// The user's subscriptions (bound to them), newest first, each with how many of its nodes
 /// are not going away.
 pub async fn user_subscriptions(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
-    subscriptions(pool, Some(user_id)).await
+    subscriptions(db, Some(user_id)).await
 }
 
 /// Every move of the user's nodes up to `until`, as (node, when, `from -> to`), in order.
 pub async fn user_transitions(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
     until: DateTime<Utc>,
 ) -> StoreResult<Vec<(Uuid, DateTime<Utc>, String)>> {
@@ -1481,18 +1487,21 @@ pub async fn user_transitions(
     .bind(user_id)
     .bind(EventKind::Transition.as_str())
     .bind(until)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?)
 }
 
 /// The user's Stripe customer (of their newest subscription that has one).
-pub async fn user_customer(pool: &PgPool, user_id: &str) -> StoreResult<Option<String>> {
+pub async fn user_customer(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: &str,
+) -> StoreResult<Option<String>> {
     let found: Option<(String,)> = sqlx::query_as(
         "SELECT stripe_customer_id FROM subscriptions \
          WHERE user_id = $1 AND stripe_customer_id IS NOT NULL ORDER BY created_at DESC LIMIT 1",
     )
     .bind(user_id)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(found.map(|(c,)| c))
 }
@@ -1515,12 +1524,12 @@ const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Claims `key` of `user_id` for the request `fingerprint`.
 pub async fn claim_idempotency_key(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     user_id: &str,
     key: &str,
     fingerprint: &str,
 ) -> StoreResult<IdempotencyClaim> {
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND created_at < now() - $3",
     )
@@ -1564,7 +1573,7 @@ pub async fn claim_idempotency_key(
 
 /// Records the answer to a claimed key; `None` forgets the key (a failure worth retrying).
 pub async fn finish_idempotency_key(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
     key: &str,
     answer: Option<(u16, &[u8])>,
@@ -1578,14 +1587,14 @@ pub async fn finish_idempotency_key(
             .bind(key)
             .bind(i32::from(status))
             .bind(body)
-            .execute(pool)
+            .execute(db)
             .await?;
         }
         None => {
             sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2")
                 .bind(user_id)
                 .bind(key)
-                .execute(pool)
+                .execute(db)
                 .await?;
         }
     }
@@ -1595,30 +1604,26 @@ pub async fn finish_idempotency_key(
 /// Subscriptions for the operator (of one user, when given), newest first, with their live
 /// node counts.
 pub async fn subscriptions(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     user_id: Option<&str>,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
-    subscriptions_where(pool, "$1::text IS NULL OR user_id = $1", user_id).await
+    subscriptions_where(db, "$1::text IS NULL OR user_id = $1", user_id).await
 }
 
 /// One subscription by our id or Stripe's, with its live node count.
 pub async fn subscription_of(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     id: &str,
 ) -> StoreResult<Option<(SubscriptionState, i64)>> {
-    let mut found = subscriptions_where(
-        pool,
-        "id::text = $1 OR stripe_subscription_id = $1",
-        Some(id),
-    )
-    .await?;
+    let mut found =
+        subscriptions_where(db, "id::text = $1 OR stripe_subscription_id = $1", Some(id)).await?;
     Ok(found.pop())
 }
 
 /// The subscriptions matching `condition` (on `$1`), newest first, each with how many of its
 /// nodes are not going away.
 async fn subscriptions_where(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     condition: &'static str,
     arg: Option<&str>,
 ) -> StoreResult<Vec<(SubscriptionState, i64)>> {
@@ -1636,7 +1641,7 @@ async fn subscriptions_where(
     let rows: Vec<Row> = sqlx::query_as(AssertSqlSafe(sql))
         .bind(arg)
         .bind(Desired::Gone.as_str())
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     Ok(rows.into_iter().map(|r| (r.sub, r.live)).collect())
 }

@@ -1,0 +1,82 @@
+//! The api's connection pool (`hive_jobs::connections`), against a real Postgres: a connection
+//! comes back without a round trip of its own, yet a transaction dropped without its commit
+//! lets go of its locks at once, and a statement cancelled half-way leaves the connection usable.
+
+use std::time::Duration;
+
+use hive_jobs::connections::Connections;
+use hive_tests::process::Postgres;
+use sqlx::{Connection, PgConnection};
+
+async fn setup() -> (Postgres, Connections, PgConnection) {
+    let pg = Postgres::start().expect("postgres");
+    let url = pg.url("postgres");
+    let mut other = PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("CREATE TABLE lockable (id int PRIMARY KEY)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO lockable VALUES (1)")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let db = Connections::new(url.parse().unwrap(), 1).expect("pool");
+    (pg, db, other)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_transaction_lets_go_of_its_locks_at_once() {
+    let (_pg, db, mut other) = setup().await;
+    {
+        let mut conn = db.get().await.unwrap();
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("SELECT id FROM lockable WHERE id = 1 FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // Dropped without commit or rollback, as a request that fails half-way does: sqlx only
+        // queues the ROLLBACK, to be sent when the connection is next used.
+    }
+    // Nobody uses the pool again: the row must still be free within moments.
+    sqlx::query("SET lock_timeout = '3s'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("SELECT id FROM lockable WHERE id = 1 FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .expect("the dropped transaction still holds its lock");
+    // And the connection went back to the pool, outside any transaction.
+    let mut conn = db.get().await.unwrap();
+    let (in_tx,): (bool,) = sqlx::query_as("SELECT now() <> statement_timestamp()")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert!(!in_tx, "the returned connection is still in a transaction");
+    assert_eq!(db.status(), (1, 0), "one connection, in use");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_cancelled_half_way_leaves_the_connection_usable() {
+    let (_pg, db, _other) = setup().await;
+    let first_pid: i32 = {
+        let mut conn = db.get().await.unwrap();
+        let pid: (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        let slow = sqlx::query("SELECT pg_sleep(0.5)").execute(&mut *conn);
+        // The client went away: the statement's future is dropped before its answer.
+        assert!(tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err());
+        pid.0
+    };
+    let mut conn = db.get().await.unwrap();
+    let (pid, one): (i32, i32) = sqlx::query_as("SELECT pg_backend_pid(), 1")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("the connection after a cancelled statement");
+    assert_eq!(one, 1);
+    assert_eq!(pid, first_pid, "the same connection, kept");
+}
