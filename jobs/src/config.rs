@@ -485,7 +485,7 @@ pub fn valid_region(region: &str) -> bool {
 #[derive(Clone)]
 pub struct ApiConfig {
     pub database_url: String,
-    /// Connections the api holds to Postgres (`HIVE_API_DB_CONNECTIONS`, default 8): about
+    /// Connections the api's requests use (`HIVE_API_DB_CONNECTIONS`, default 8): about
     /// twice the database's cores. More only queue inside Postgres: on the two-core bench, 32
     /// took a third fewer webhooks per second than 8, at twice the p99 (BENCHMARKS.md).
     pub db_connections: u32,

@@ -27,16 +27,21 @@ async fn setup() -> (Postgres, Connections, PgConnection) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_transaction_lets_go_of_its_locks_at_once() {
     let (_pg, db, mut other) = setup().await;
-    {
+    let pooled_pid: i32 = {
         let mut conn = db.get().await.unwrap();
         let mut tx = conn.begin().await.unwrap();
         sqlx::query("SELECT id FROM lockable WHERE id = 1 FOR UPDATE")
             .execute(&mut *tx)
             .await
             .unwrap();
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
         // Dropped without commit or rollback, as a request that fails half-way does: sqlx only
         // queues the ROLLBACK, to be sent when the connection is next used.
-    }
+        pid
+    };
     // Nobody uses the pool again: the row must still be free within moments.
     sqlx::query("SET lock_timeout = '3s'")
         .execute(&mut other)
@@ -46,13 +51,28 @@ async fn a_dropped_transaction_lets_go_of_its_locks_at_once() {
         .execute(&mut other)
         .await
         .expect("the dropped transaction still holds its lock");
-    // And the connection went back to the pool, outside any transaction.
-    let mut conn = db.get().await.unwrap();
-    let (in_tx,): (bool,) = sqlx::query_as("SELECT now() <> statement_timestamp()")
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-    assert!(!in_tx, "the returned connection is still in a transaction");
+    // And the pooled connection is idle, outside any transaction, back in the pool (the
+    // flush that returns it may still be reading Postgres's answer: a moment's grace).
+    let mut seen = (String::new(), (0, 0));
+    for _ in 0..40 {
+        let (state,): (String,) =
+            sqlx::query_as("SELECT state FROM pg_stat_activity WHERE pid = $1")
+                .bind(pooled_pid)
+                .fetch_one(&mut other)
+                .await
+                .unwrap();
+        seen = (state, db.status());
+        if seen == ("idle".to_string(), (1, 1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen,
+        ("idle".to_string(), (1, 1)),
+        "the pooled connection after a dropped transaction: its state, and (open, idle)"
+    );
+    let _conn = db.get().await.unwrap();
     assert_eq!(db.status(), (1, 0), "one connection, in use");
 }
 
