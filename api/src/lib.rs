@@ -121,6 +121,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             rate_limit::by_address,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            check_connections_after_a_failure,
+        ))
         .layer(middleware::from_fn(body_limit::layer))
         .layer(
             TraceLayer::new_for_http()
@@ -145,6 +149,21 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(http_metrics::layer))
         .with_state(state)
+}
+
+/// After any answer of ours that is a server error, every pooled connection is pinged before
+/// its next use: a connection whose backend died (a Postgres restart, a failover) would
+/// otherwise fail every request it serves until the load pauses (`hive_jobs::connections`).
+async fn check_connections_after_a_failure(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    if response.status().is_server_error() {
+        state.db.suspect_all();
+    }
+    response
 }
 
 /// Browsers may call the api from the allowed origins only (none unless configured).

@@ -74,7 +74,7 @@ async fn run() -> anyhow::Result<()> {
         .context("building the Stripe client")?
         .map(Arc::new);
     let changes = hive_api::wait::NodeChanges::default();
-    tokio::spawn(changes.clone().listen(pool.clone()));
+    tokio::spawn(changes.clone().listen(pool.clone(), db.clone()));
     let tokens = Arc::new(
         hive_api::auth::Tokens::new(&config.tokens).context("building the token checker")?,
     );

@@ -9,6 +9,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use hive_jobs::connections::Connections;
 use hive_jobs::model::{Desired, Node, NodeStatus};
 use hive_jobs::policy::Intent;
 use hive_jobs::store;
@@ -49,8 +50,10 @@ impl NodeChanges {
     }
 
     /// Listens for node moves for as long as the api runs, reconnecting when Postgres goes
-    /// away (the waiters then look again, since moves may have been missed meanwhile).
-    pub async fn listen(self, pool: PgPool) {
+    /// away (the waiters then look again, since moves may have been missed meanwhile). The
+    /// listener is the first to see Postgres go away, having a read always pending: it has the
+    /// requests' connections checked before their next use (they died with it).
+    pub async fn listen(self, pool: PgPool, requests: Connections) {
         loop {
             match PgListener::connect_with(&pool).await {
                 Ok(mut listener) => match listener.listen(CHANNEL).await {
@@ -63,9 +66,11 @@ impl NodeChanges {
                                 }
                             }
                             Ok(None) => {
+                                requests.suspect_all();
                                 let _no_waiters = self.sender.send(Uuid::nil());
                             }
                             Err(e) => {
+                                requests.suspect_all();
                                 tracing::warn!(error = %e, "node listener failed; listening again");
                                 break;
                             }

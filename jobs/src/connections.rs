@@ -10,12 +10,18 @@
 //!   commit queues its `ROLLBACK` until the connection is next used) sends it at once, so that
 //!   the transaction's locks do not wait for the next request;
 //! - on its way out, one idle for longer than [`PING_WHEN_IDLE_FOR`] is pinged (a restart or a
-//!   dropped link may have killed it), and one older than [`MAX_LIFETIME`] is replaced.
+//!   dropped link may have killed it), and one older than [`MAX_LIFETIME`] is replaced;
+//! - after its owner saw a failure ([`Connections::suspect_all`]), every connection is pinged
+//!   once on its way out. A connection whose backend died fails every statement from then on,
+//!   and a busy pool never leaves it idle long enough for the ping above: without this, a
+//!   Postgres restart under load would fail requests until the load paused.
 //!
 //! A statement that was cancelled half-way (its client went away) leaves only answers to read:
 //! sqlx reads them before the connection's next statement.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
@@ -45,26 +51,37 @@ pub enum ConnectionsError {
 /// Opens and checks connections for deadpool.
 pub struct Manager {
     options: PgConnectOptions,
+    /// Bumped by [`Connections::suspect_all`].
+    suspicion: Arc<AtomicU64>,
+}
+
+/// A pooled connection, and the suspicion it was last checked against.
+pub struct Pooled {
+    conn: PgConnection,
+    checked_at: u64,
 }
 
 impl managed::Manager for Manager {
-    type Type = PgConnection;
+    type Type = Pooled;
     type Error = sqlx::Error;
 
-    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
-        self.options.connect().await
+    async fn create(&self) -> Result<Pooled, sqlx::Error> {
+        let checked_at = self.suspicion.load(Ordering::Acquire);
+        let conn = self.options.connect().await?;
+        Ok(Pooled { conn, checked_at })
     }
 
-    async fn recycle(
-        &self,
-        conn: &mut PgConnection,
-        metrics: &Metrics,
-    ) -> RecycleResult<sqlx::Error> {
+    async fn recycle(&self, pooled: &mut Pooled, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
         if metrics.age() > MAX_LIFETIME {
             return Err(RecycleError::message("past its lifetime"));
         }
-        if conn.should_flush() || metrics.last_used() > PING_WHEN_IDLE_FOR {
-            conn.ping().await.map_err(RecycleError::Backend)?;
+        let suspicion = self.suspicion.load(Ordering::Acquire);
+        if pooled.conn.should_flush()
+            || metrics.last_used() > PING_WHEN_IDLE_FOR
+            || pooled.checked_at != suspicion
+        {
+            pooled.conn.ping().await.map_err(RecycleError::Backend)?;
+            pooled.checked_at = suspicion;
         }
         Ok(())
     }
@@ -74,12 +91,18 @@ impl managed::Manager for Manager {
 #[derive(Clone)]
 pub struct Connections {
     pool: managed::Pool<Manager>,
+    suspicion: Arc<AtomicU64>,
 }
 
 impl Connections {
     /// At most `size` connections to `options`, opened as they are first needed.
     pub fn new(options: PgConnectOptions, size: usize) -> Result<Self, ConnectionsError> {
-        let pool = managed::Pool::builder(Manager { options })
+        let suspicion = Arc::new(AtomicU64::new(0));
+        let manager = Manager {
+            options,
+            suspicion: suspicion.clone(),
+        };
+        let pool = managed::Pool::builder(manager)
             .max_size(size)
             .wait_timeout(Some(WAIT))
             .create_timeout(Some(WAIT))
@@ -87,7 +110,14 @@ impl Connections {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| ConnectionsError::Build(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self { pool, suspicion })
+    }
+
+    /// Something failed that a dead connection could explain (a statement's error, a 5xx):
+    /// every connection is pinged before its next use, and a dead one replaced. Costs one round
+    /// trip per connection, once.
+    pub fn suspect_all(&self) {
+        self.suspicion.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A connection, back in the pool when dropped.
@@ -116,13 +146,17 @@ impl Deref for Conn {
 
     fn deref(&self) -> &PgConnection {
         // Taken only in `drop`.
-        self.0.as_deref().expect("a connection until dropped")
+        &self.0.as_deref().expect("a connection until dropped").conn
     }
 }
 
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.0.as_deref_mut().expect("a connection until dropped")
+        &mut self
+            .0
+            .as_deref_mut()
+            .expect("a connection until dropped")
+            .conn
     }
 }
 
@@ -131,7 +165,7 @@ impl Drop for Conn {
         let Some(mut object) = self.0.take() else {
             return;
         };
-        if !object.should_flush() {
+        if !object.conn.should_flush() {
             // Clean: back to the pool at once (`Object`'s own drop).
             return;
         }
@@ -140,7 +174,7 @@ impl Drop for Conn {
         // connection goes back as it is and is pinged on its way out.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = object.ping().await {
+                if let Err(e) = object.conn.ping().await {
                     tracing::warn!(error = %e, "a returned connection failed; closing it");
                     // Out of the pool: dropping the connection closes its socket.
                     drop(Object::take(object));

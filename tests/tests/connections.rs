@@ -100,3 +100,41 @@ async fn a_statement_cancelled_half_way_leaves_the_connection_usable() {
     assert_eq!(one, 1);
     assert_eq!(pid, first_pid, "the same connection, kept");
 }
+
+async fn pid_of(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await?;
+    Ok(pid)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_whose_backend_died_is_replaced_once_a_failure_is_reported() {
+    let (_pg, db, mut other) = setup().await;
+    let first = {
+        let mut conn = db.get().await.unwrap();
+        pid_of(&mut conn).await.unwrap()
+    };
+    // Its backend dies (as in a restart or a failover), between two uses close together.
+    let (killed,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert!(killed);
+    // Used again at once (no idle time to ping it for): it fails, and keeps failing.
+    for _ in 0..3 {
+        let mut conn = db.get().await.unwrap();
+        assert!(
+            pid_of(&mut conn).await.is_err(),
+            "a dead connection answered"
+        );
+    }
+    // Its owner reports the failure: the next use finds a live connection.
+    db.suspect_all();
+    let mut conn = db.get().await.expect("a new connection");
+    let second = pid_of(&mut conn)
+        .await
+        .expect("a live connection after the report");
+    assert_ne!(second, first, "a new backend");
+}

@@ -268,3 +268,75 @@ async fn the_app_sees_only_its_own_nodes() {
     let (status, health) = stack.get_as("/healthz", None).await.unwrap();
     assert_eq!((status, health["status"].clone()), (200, json!("ok")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_gets_over_its_database_connections_dying_at_the_first_failure() {
+    let stack = api_only().await;
+    let pool = stack.pool().await.unwrap();
+    stack.send_checkout("user-backends", "team").await.unwrap();
+    let token = Stack::jwt("user-backends", 60);
+    for _ in 0..3 {
+        let (status, _) = stack.get_as("/api/v1/nodes", Some(&token)).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    // Every other backend dies (a restart or failover, seen from the api's side), and the app
+    // asks again at once: no idle time after which the pool would have pinged them anyway.
+    let (killed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(killed > 0, "no api connection to kill");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = stack.get_as("/api/v1/nodes", Some(&token)).await.unwrap();
+        if status != 200 {
+            assert_json_error(status, &body, 500, "internal");
+        }
+        statuses.push(status);
+    }
+    assert!(
+        statuses[1..].iter().all(|s| *s == 200),
+        "after the first failure every request is answered: {statuses:?}"
+    );
+    // Webhooks are recorded again too.
+    stack
+        .send_checkout("user-backends-2", "team")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_request_after_a_postgres_restart_is_answered() {
+    use sqlx::Connection;
+    let mut stack = api_only().await;
+    let nodes = stack.send_checkout("user-restart", "team").await.unwrap();
+    let token = Stack::jwt("user-restart", 60);
+    for _ in 0..3 {
+        let (status, _) = stack.get_as("/api/v1/nodes", Some(&token)).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    // A restart: every connection the api holds dies with it.
+    stack.pg.stop();
+    stack.pg.run().unwrap();
+    let url = stack.pg.url("postgres");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sqlx::PgConnection::connect(&url).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "postgres did not come back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Postgres takes connections again: the app's very next request is answered, not failed
+    // on a connection that died in the restart.
+    let (status, body) = stack.get_as("/api/v1/nodes", Some(&token)).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["nodes"].as_array().map(Vec::len),
+        Some(nodes.len()),
+        "{body}"
+    );
+}
