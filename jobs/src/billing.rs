@@ -270,15 +270,19 @@ pub async fn apply(
                 .0
                 .get(plan_name)
                 .ok_or_else(|| BillingError::UnknownPlan(plan_name.clone()))?;
-            // The entry points read the subscription's binding from its row.
-            store::save_subscription(tx, &sub).await?;
+            // The subscription is locked (above) and written back once, at the end: its
+            // nodes are locked here once, for both their count and their plan.
+            let nodes = store::lock_counted_nodes(tx, sub.id).await?;
+            let mut kept = nodes.as_slice();
             let entitled = plan.nodes as i32 * sub.quantity.max(0);
             if sub.nodes_entitled != Some(entitled) {
                 // The plan is a ceiling that the checkout (or a plan change) fills.
-                let scaled = requests::set_node_count(
+                let count = entitled.max(0) as u32;
+                let scaled = requests::set_locked_node_count(
                     tx,
-                    sub.id,
-                    entitled.max(0) as u32,
+                    &sub,
+                    &nodes,
+                    count,
                     NodeShape {
                         instance_type: Some(&plan.instance_type),
                         volume_gb: Some(plan.volume_gb),
@@ -290,8 +294,11 @@ pub async fn apply(
                 applied.added = scaled.added;
                 applied.removed = scaled.removed;
                 sub.nodes_entitled = Some(entitled);
+                // The oldest stay; those torn down are past `count`, those added have the
+                // plan's shape already.
+                kept = &nodes[..nodes.len().min(count as usize)];
             }
-            requests::follow_plan(tx, sub.id, &plan.instance_type, plan.volume_gb, &by).await?;
+            requests::follow_plan(tx, kept, &plan.instance_type, plan.volume_gb, &by).await?;
             let (desired, suspend_at) = match follow {
                 NodesFollow::Suspend => (Desired::Suspended, None),
                 NodesFollow::Run { suspend_at } => (Desired::Running, suspend_at),

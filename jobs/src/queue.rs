@@ -89,8 +89,30 @@ pub async fn enqueue_as(
             .bind(node_ids)
             .fetch_all(&mut **tx)
             .await?;
-    let mut by_region: BTreeMap<&str, Vec<_>> = BTreeMap::new();
+    let mut by_region: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
     for (node_id, region) in &regions {
+        by_region.entry(region).or_default().push(*node_id);
+    }
+    for (region, ids) in by_region {
+        enqueue_in_region(tx, region, &ids, delay, priority).await?;
+    }
+    Ok(())
+}
+
+/// As [`enqueue_as`], for nodes the caller knows to be in `region` (it has just made them
+/// there): no lookup of their rows.
+pub async fn enqueue_in_region(
+    tx: &mut Transaction<'_, Postgres>,
+    region: &str,
+    node_ids: &[Uuid],
+    delay: Duration,
+    priority: Priority,
+) -> StoreResult<()> {
+    if node_ids.is_empty() {
+        return Ok(());
+    }
+    let mut tasks = Vec::with_capacity(node_ids.len());
+    for node_id in node_ids {
         let args = serde_json::to_vec(&ProvisionNode { node_id: *node_id })?;
         // Step retries are ours (stored on the node); apalis retries a job only when the
         // handler itself failed (the database was unreachable).
@@ -98,10 +120,8 @@ pub async fn enqueue_as(
         if !delay.is_zero() {
             task = task.run_after(delay);
         }
-        by_region.entry(region).or_default().push(task.build());
+        tasks.push(task.build());
     }
-    for (region, tasks) in by_region {
-        apalis_postgres::queries::push_tasks(&mut **tx, &node_queue(region), tasks).await?;
-    }
+    apalis_postgres::queries::push_tasks(&mut **tx, &node_queue(region), tasks).await?;
     Ok(())
 }

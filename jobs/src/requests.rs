@@ -13,7 +13,9 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::model::{Desired, NodeState, TeardownReason};
-use crate::store::{self, IntentChange, IntentRow, NodeSpec, StoreError};
+use crate::store::{
+    self, CountedNode, IntentChange, IntentRow, NodeSpec, StoreError, SubscriptionState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -239,14 +241,29 @@ pub async fn set_node_count(
     node_domain: &str,
     by: &str,
 ) -> RequestResult<Scaled> {
+    let (sub, nodes) = store::lock_subscription_nodes(tx, subscription_id)
+        .await?
+        .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
+    set_locked_node_count(tx, &sub, &nodes, count, shape, node_domain, by).await
+}
+
+/// [`set_node_count`] for a subscription the caller has locked, as it stands in the caller's
+/// hands (`sub`, its binding read from there), with its counted nodes locked too.
+pub async fn set_locked_node_count(
+    tx: &mut Transaction<'_, Postgres>,
+    sub: &SubscriptionState,
+    nodes: &[CountedNode],
+    count: u32,
+    shape: NodeShape<'_>,
+    node_domain: &str,
+    by: &str,
+) -> RequestResult<Scaled> {
+    let subscription_id = sub.id;
     if count > 100 {
         return Err(RequestError::Invalid(format!(
             "{count} nodes is more than the 100 a subscription may have"
         )));
     }
-    let (sub, nodes) = store::lock_subscription_nodes(tx, subscription_id)
-        .await?
-        .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
     if sub.status == "ended" && count > 0 {
         return Err(RequestError::NotAllowed {
             id: subscription_id,
@@ -309,22 +326,20 @@ pub fn valid_instance_type(instance_type: &str) -> bool {
         .is_some_and(|size| !size.is_empty() && size.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
-/// Resizes every node of the subscription that does not have the plan's type and volume (a
-/// volume never shrinks: a smaller plan keeps the larger volume).
+/// Resizes every one of `nodes` (a subscription's counted nodes, locked by the caller) that
+/// does not have the plan's type and volume (a volume never shrinks: a smaller plan keeps the
+/// larger volume).
 pub async fn follow_plan(
     tx: &mut Transaction<'_, Postgres>,
-    subscription_id: Uuid,
+    nodes: &[CountedNode],
     instance_type: &str,
     volume_gb: i32,
     by: &str,
 ) -> RequestResult<()> {
-    let Some((_, nodes)) = store::lock_subscription_nodes(tx, subscription_id).await? else {
-        return Err(RequestError::SubscriptionNotFound(subscription_id));
-    };
     for (id, _, current_type, current_volume) in nodes {
-        let volume = volume_gb.max(current_volume);
-        if current_type != instance_type || current_volume != volume {
-            resize(tx, id, instance_type, volume, by).await?;
+        let volume = volume_gb.max(*current_volume);
+        if current_type != instance_type || *current_volume != volume {
+            resize(tx, *id, instance_type, volume, by).await?;
         }
     }
     Ok(())

@@ -147,36 +147,40 @@ pub async fn add_nodes(
     spec: &NodeSpec<'_>,
     ordinals: std::ops::Range<i32>,
 ) -> StoreResult<Vec<Uuid>> {
-    let mut ids = Vec::with_capacity(ordinals.len());
-    for ordinal in ordinals {
-        let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, \
-             hostname, state, volume_gb) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(id)
-        .bind(spec.subscription_id)
-        .bind(ordinal)
-        .bind(spec.user_id)
-        .bind(spec.region)
-        .bind(spec.instance_type)
-        .bind(format!("{id}.{}", spec.node_domain))
-        .bind(NodeState::Pending.as_str())
-        .bind(spec.volume_gb)
-        .execute(&mut **tx)
-        .await?;
-        insert_event(
-            &mut **tx,
-            id,
-            0,
-            NodeState::Pending,
-            EventKind::Created,
-            None,
-        )
-        .await?;
-        ids.push(id);
+    let ordinals: Vec<i32> = ordinals.collect();
+    if ordinals.is_empty() {
+        return Ok(Vec::new());
     }
-    queue::enqueue(tx, &ids, Duration::ZERO).await?;
+    let ids: Vec<Uuid> = ordinals.iter().map(|_| Uuid::new_v4()).collect();
+    let hostnames: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{id}.{}", spec.node_domain))
+        .collect();
+    // The nodes and their `created` events in one statement, however many: a checkout's
+    // transaction holds one of the api's connections for each of its round trips.
+    sqlx::query(
+        "WITH added AS ( \
+           INSERT INTO nodes (id, subscription_id, ordinal, user_id, region, instance_type, \
+             hostname, state, volume_gb) \
+           SELECT id, $2, ordinal, $3, $4, $5, hostname, $6, $7 \
+           FROM unnest($1::uuid[], $8::int4[], $9::text[]) AS n (id, ordinal, hostname) \
+           RETURNING id) \
+         INSERT INTO node_events (node_id, generation, step, kind, detail) \
+         SELECT id, 0, $6, $10, NULL FROM added",
+    )
+    .bind(&ids)
+    .bind(spec.subscription_id)
+    .bind(spec.user_id)
+    .bind(spec.region)
+    .bind(spec.instance_type)
+    .bind(NodeState::Pending.as_str())
+    .bind(spec.volume_gb)
+    .bind(&ordinals)
+    .bind(&hostnames)
+    .bind(EventKind::Created.as_str())
+    .execute(&mut **tx)
+    .await?;
+    queue::enqueue_in_region(tx, spec.region, &ids, Duration::ZERO, queue::Priority::Now).await?;
     Ok(ids)
 }
 
@@ -1264,12 +1268,15 @@ pub async fn change_intent(
     Ok(())
 }
 
+/// A node of a subscription that still counts: (id, ordinal, instance type, volume).
+pub type CountedNode = (Uuid, i32, String, i32);
+
 /// The subscription and its nodes that still count (not torn down nor being torn down),
-/// oldest first, as (id, ordinal, instance type, volume), locked in the caller's transaction.
+/// oldest first, locked in the caller's transaction.
 pub async fn lock_subscription_nodes(
     tx: &mut Transaction<'_, Postgres>,
     subscription_id: Uuid,
-) -> StoreResult<Option<(SubscriptionState, Vec<(Uuid, i32, String, i32)>)>> {
+) -> StoreResult<Option<(SubscriptionState, Vec<CountedNode>)>> {
     let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE");
     let sub: Option<SubscriptionState> = sqlx::query_as(AssertSqlSafe(sql))
         .bind(subscription_id)
@@ -1278,15 +1285,24 @@ pub async fn lock_subscription_nodes(
     let Some(sub) = sub else {
         return Ok(None);
     };
-    let nodes: Vec<(Uuid, i32, String, i32)> = sqlx::query_as(
+    let nodes = lock_counted_nodes(tx, subscription_id).await?;
+    Ok(Some((sub, nodes)))
+}
+
+/// The subscription's nodes that still count, oldest first, locked in the caller's
+/// transaction; the caller holds the subscription's lock.
+pub async fn lock_counted_nodes(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+) -> StoreResult<Vec<CountedNode>> {
+    Ok(sqlx::query_as(
         "SELECT id, ordinal, instance_type, volume_gb FROM nodes \
          WHERE subscription_id = $1 AND desired <> $2 ORDER BY ordinal FOR UPDATE",
     )
     .bind(subscription_id)
     .bind(Desired::Gone.as_str())
     .fetch_all(&mut **tx)
-    .await?;
-    Ok(Some((sub, nodes)))
+    .await?)
 }
 
 /// The highest ordinal a subscription's nodes ever had (new nodes take the next ones).
@@ -1341,20 +1357,19 @@ pub async fn lock_subscription(
     stripe_subscription_id: &str,
     stripe_event_id: &str,
 ) -> StoreResult<SubscriptionState> {
-    sqlx::query(
-        "INSERT INTO subscriptions (id, stripe_subscription_id, stripe_event_id) \
-         VALUES ($1, $2, $3) ON CONFLICT (stripe_subscription_id) DO NOTHING",
-    )
-    .bind(Uuid::new_v4())
-    .bind(stripe_subscription_id)
-    .bind(stripe_event_id)
-    .execute(&mut **tx)
-    .await?;
+    // One statement for both cases: a conflicting row is locked by the (no-op) update and
+    // returned as it is, a new one is returned as inserted.
     let sql = format!(
-        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions WHERE stripe_subscription_id = $1 FOR UPDATE"
+        "INSERT INTO subscriptions (id, stripe_subscription_id, stripe_event_id) \
+         VALUES ($1, $2, $3) \
+         ON CONFLICT (stripe_subscription_id) DO UPDATE \
+           SET stripe_subscription_id = subscriptions.stripe_subscription_id \
+         RETURNING {SUBSCRIPTION_COLUMNS}"
     );
     Ok(sqlx::query_as::<_, SubscriptionState>(AssertSqlSafe(sql))
+        .bind(Uuid::new_v4())
         .bind(stripe_subscription_id)
+        .bind(stripe_event_id)
         .fetch_one(&mut **tx)
         .await?)
 }
