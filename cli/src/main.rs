@@ -643,7 +643,9 @@ async fn scale(
 async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> anyhow::Result<()> {
     let config = hive_jobs::config::WorkerConfig::from_env(&hive_jobs::config::process_env())?;
     let pool = pool().await?;
-    let clouds = hive_jobs::cloud::Clouds::from_config(&config, Some(&pool)).await?;
+    // The providers' call budgets, shared with the workers.
+    let budgets = hive_jobs::connections::Connections::to_url(&config.database_url, 2)?;
+    let clouds = hive_jobs::cloud::Clouds::from_config(&config, Some(&budgets)).await?;
     let grace = std::time::Duration::from_secs(grace_secs);
     let ask_first = !dry_run && !yes;
     let report = if dry_run || ask_first {

@@ -113,6 +113,11 @@ impl Connections {
         Ok(Self { pool, suspicion })
     }
 
+    /// At most `size` connections to the database at `url`.
+    pub fn to_url(url: &str, size: usize) -> Result<Self, ConnectionsError> {
+        Self::new(url.parse()?, size)
+    }
+
     /// Something failed that a dead connection could explain (a statement's error, a 5xx):
     /// every connection is pinged before its next use, and a dead one replaced. Costs one round
     /// trip per connection, once.
@@ -135,6 +140,16 @@ impl Connections {
     pub fn status(&self) -> (usize, usize) {
         let status = self.pool.status();
         (status.size, status.available)
+    }
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (open, idle) = self.status();
+        f.debug_struct("Connections")
+            .field("open", &open)
+            .field("idle", &idle)
+            .finish()
     }
 }
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
-use sqlx::PgPool;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::cloud::{CloudError, CloudResult, Clouds};
 use crate::config::{Chaos, WorkerConfig};
+use crate::connections::{Conn, Connections};
 use crate::model::Node;
 use crate::policy::{self, Action, Intent, Rules, StepFacts, StepResult};
 use crate::steps::{Outcome, StepContext};
@@ -37,29 +37,38 @@ enum Next {
 }
 
 pub struct Engine {
-    pool: PgPool,
+    /// The engine's own statements. Not sqlx's pool: that pings each connection after every
+    /// use, a round trip more per statement (see `connections`).
+    db: Connections,
     clouds: Arc<Clouds>,
     config: WorkerConfig,
 }
 
 impl Engine {
     /// `clouds` is shared with the worker's reconciler.
-    pub fn new(pool: PgPool, clouds: Arc<Clouds>, config: WorkerConfig) -> Self {
-        Self {
-            pool,
-            clouds,
-            config,
-        }
+    pub fn new(db: Connections, clouds: Arc<Clouds>, config: WorkerConfig) -> Self {
+        Self { db, clouds, config }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// A connection for one statement or transaction.
+    async fn conn(&self) -> StoreResult<Conn> {
+        Ok(self.db.get().await?)
     }
 
     /// Runs the node's steps until it rests, must wait, or has failed; a resting node whose
     /// intent asks for a workflow starts it. Errors are only those of our own database; the
     /// job is then retried by the queue.
     pub async fn advance(&self, node_id: Uuid, job_id: &str) -> StoreResult<()> {
+        let advanced = self.advance_as_far_as_possible(node_id, job_id).await;
+        if advanced.is_err() {
+            // A connection whose backend died (a restart, a failover) fails every statement:
+            // check them all before their next use.
+            self.db.suspect_all();
+        }
+        advanced
+    }
+
+    async fn advance_as_far_as_possible(&self, node_id: Uuid, job_id: &str) -> StoreResult<()> {
         let owner = Uuid::new_v4();
         // The node as the last step's commit left it: still leased, its next step's start
         // logged. `None`: take the lease and read the node afresh.
@@ -68,12 +77,19 @@ impl Engine {
             let (node, start_logged) = if let Some(node) = committed.take() {
                 (node, true)
             } else {
-                match store::acquire(&self.pool, node_id, owner, self.config.pacing.lease).await? {
+                let lease = self.config.pacing.lease;
+                // Bound first: a scrutinee's temporaries (the connection) live through the match.
+                let taken = store::acquire(&mut *self.conn().await?, node_id, owner, lease).await?;
+                match taken {
                     Lease::Held(node) => (*node, false),
                     Lease::HeldElsewhere { until } => {
                         // Someone is on it; look again when their lease runs out, in case they died.
-                        store::enqueue_later(&self.pool, node_id, until + Duration::from_secs(1))
-                            .await?;
+                        store::enqueue_later(
+                            &mut *self.conn().await?,
+                            node_id,
+                            until + Duration::from_secs(1),
+                        )
+                        .await?;
                         return Ok(());
                     }
                     Lease::Gone => {
@@ -86,35 +102,36 @@ impl Engine {
                 // Jobs go to their region's queue, which only workers of that region take;
                 // this one came by another way (an old queue name). Hand it on, untouched.
                 tracing::warn!(%node_id, job_id, region = %node.region, "node of a region this worker does not drive; handed to its region's queue");
-                store::release(&self.pool, node_id, owner).await?;
-                return store::enqueue_later(&self.pool, node_id, Duration::ZERO).await;
+                store::release(&mut *self.conn().await?, node_id, owner).await?;
+                return store::enqueue_later(&mut *self.conn().await?, node_id, Duration::ZERO)
+                    .await;
             }
             let state = node.state();
             if !state.has_step() {
                 match policy::workflow_for(&Intent::of(&node, Utc::now())) {
                     Some(workflow) => {
                         tracing::info!(%node_id, job_id, from = %state, ?workflow, "intent starts a workflow");
-                        if store::start_workflow(&self.pool, &node, owner, workflow)
+                        if store::start_workflow(&mut *self.conn().await?, &node, owner, workflow)
                             .await?
                             .is_err()
                         {
-                            return store::release(&self.pool, node_id, owner).await;
+                            return store::release(&mut *self.conn().await?, node_id, owner).await;
                         }
                         continue;
                     }
                     None => {
                         // A past-due grace that has not ended yet: be back when it does.
                         if let Some(until) = node.pending_grace_end(Utc::now()) {
-                            store::enqueue_later(&self.pool, node_id, until).await?;
+                            store::enqueue_later(&mut *self.conn().await?, node_id, until).await?;
                         }
-                        return store::rest(&self.pool, node_id, owner).await;
+                        return store::rest(&mut *self.conn().await?, node_id, owner).await;
                     }
                 }
             }
             if let Some(at) = node.next_run_at {
                 if at - Utc::now() > EARLY_TOLERANCE {
                     // Another job is queued for that time.
-                    return store::release(&self.pool, node_id, owner).await;
+                    return store::release(&mut *self.conn().await?, node_id, owner).await;
                 }
             }
             let span = tracing::info_span!(
@@ -144,7 +161,7 @@ impl Engine {
         // A look again at a waiting step is not a new start: its start and its reason are in
         // the log already, and a crowd of waiting nodes would add a row per look.
         if node.waiting_for.is_none() && !start_logged {
-            store::step_started(&self.pool, node).await?;
+            store::step_started(&mut *self.conn().await?, node).await?;
         }
         let started = std::time::Instant::now();
         let ran = self.run_step_with_chaos(node).await;
@@ -178,7 +195,8 @@ impl Engine {
                 };
                 let lease = self.config.pacing.lease;
                 let committed =
-                    store::commit_step(&self.pool, node, owner, to, &created, lease).await?;
+                    store::commit_step(&mut *self.conn().await?, node, owner, to, &created, lease)
+                        .await?;
                 if committed.is_ok() {
                     tracing::info!(next = %to, "step succeeded");
                 }
@@ -186,26 +204,38 @@ impl Engine {
             }
             Action::LookAgain { after, why } => {
                 tracing::debug!(why, "not yet; looking again later");
-                store::schedule(&self.pool, node, owner, after, Postponed::Waiting(&why))
-                    .await?
-                    .map(|()| Next::Stop)
+                store::schedule(
+                    &mut *self.conn().await?,
+                    node,
+                    owner,
+                    after,
+                    Postponed::Waiting(&why),
+                )
+                .await?
+                .map(|()| Next::Stop)
             }
             Action::Retry { after, error } => {
                 tracing::warn!(error = %error, delay_ms = after.as_millis() as u64, "transient failure; retry scheduled");
-                store::schedule(&self.pool, node, owner, after, Postponed::Retrying(&error))
-                    .await?
-                    .map(|()| Next::Stop)
+                store::schedule(
+                    &mut *self.conn().await?,
+                    node,
+                    owner,
+                    after,
+                    Postponed::Retrying(&error),
+                )
+                .await?
+                .map(|()| Next::Stop)
             }
             // The node goes on at once, to its undo.
             Action::FailAndUndo { error } => {
                 tracing::error!(error, unwind = true, "step failed");
-                store::fail(&self.pool, node, owner, &error, Failure::Undo)
+                store::fail(&mut *self.conn().await?, node, owner, &error, Failure::Undo)
                     .await?
                     .map(|()| Next::Reread)
             }
             Action::FailAndKeep { error } => {
                 tracing::error!(error, unwind = false, "step failed");
-                store::fail(&self.pool, node, owner, &error, Failure::Keep)
+                store::fail(&mut *self.conn().await?, node, owner, &error, Failure::Keep)
                     .await?
                     .map(|()| Next::Stop)
             }
@@ -219,7 +249,7 @@ impl Engine {
             Err(fenced) => {
                 crate::metrics::step(workflow, step, "fenced", took);
                 tracing::warn!(%fenced, "step result dropped");
-                store::release(&self.pool, node.id, owner).await?;
+                store::release(&mut *self.conn().await?, node.id, owner).await?;
                 Ok(Next::Stop)
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 // Queries are built only from constants here (the column list), hence AssertSqlSafe.
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::billing::StripeStatus;
@@ -525,7 +525,12 @@ pub enum Lease {
 }
 
 /// Takes the node's lease for `owner`, unless a live lease of another run holds it.
-pub async fn acquire(pool: &PgPool, id: Uuid, owner: Uuid, lease: Duration) -> StoreResult<Lease> {
+pub async fn acquire(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Uuid,
+    lease: Duration,
+) -> StoreResult<Lease> {
     let sql = format!(
         "UPDATE nodes SET lease_owner = $2, lease_expires_at = now() + $3 \
          WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_expires_at < now()) \
@@ -535,7 +540,7 @@ pub async fn acquire(pool: &PgPool, id: Uuid, owner: Uuid, lease: Duration) -> S
         .bind(id)
         .bind(owner)
         .bind(lease)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?
     {
         return Ok(Lease::Held(Box::new(node)));
@@ -544,7 +549,7 @@ pub async fn acquire(pool: &PgPool, id: Uuid, owner: Uuid, lease: Duration) -> S
         "SELECT EXTRACT(EPOCH FROM (lease_expires_at - now()))::float8 FROM nodes WHERE id = $1",
     )
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(match remaining {
         None => Lease::Gone,
@@ -584,7 +589,7 @@ pub struct Fenced(pub Uuid);
 /// the start of that step logged: the engine runs the next step from it, in one round trip
 /// per step instead of three (take the lease, log the start, commit).
 pub async fn commit_step(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &Node,
     owner: Uuid,
     to: NodeState,
@@ -651,7 +656,7 @@ pub async fn commit_step(
         .bind(created.note.as_deref())
         .bind(EventKind::Started.as_str())
         .bind(to.has_step())
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await?;
     Ok(moved.ok_or(Fenced(node.id)))
 }
@@ -668,7 +673,7 @@ pub enum Postponed<'a> {
 /// Puts the node's step off until `delay` from now, releases the lease and enqueues the job
 /// that will run it then, all in one transaction, so a crash loses no backoff.
 pub async fn schedule(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &Node,
     owner: Uuid,
     delay: Duration,
@@ -678,7 +683,7 @@ pub async fn schedule(
         Postponed::Waiting(why) => (EventKind::Waiting, Some(why), None),
         Postponed::Retrying(error) => (EventKind::RetryScheduled, None, Some(error)),
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let updated = sqlx::query(
         "UPDATE nodes SET attempt = attempt + $8::int, next_run_at = now() + $5, \
          waiting_for = $6, last_error = COALESCE($7, last_error), \
@@ -720,7 +725,8 @@ pub async fn schedule(
         .to_std()
         .unwrap_or_default();
     let priority = crate::policy::look_again_priority(waited);
-    queue::enqueue_as(&mut tx, &[node.id], delay, priority).await?;
+    // The node's region is in hand: no lookup of its row.
+    queue::enqueue_in_region(&mut tx, &node.region, &[node.id], delay, priority).await?;
     tx.commit().await?;
     Ok(Ok(()))
 }
@@ -738,14 +744,14 @@ pub enum Failure {
 /// Sets the node `failed` at its current step, with the error an operator will see, undone or
 /// kept as `failure` says.
 pub async fn fail(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &Node,
     owner: Uuid,
     error: &str,
     failure: Failure,
 ) -> StoreResult<Result<(), Fenced>> {
     let unwind = failure == Failure::Undo;
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let sql = if unwind {
         "UPDATE nodes SET state = $6, teardown_reason = $7, \
          failed_step = $2, error = $5, attempt = 0, step_started_at = now(), next_run_at = NULL, \
@@ -791,7 +797,7 @@ pub async fn fail(
 /// Starts `workflow` on a resting node whose intent asks for it (the node keeps its lease and
 /// goes on at once), fenced like a step's commit.
 pub async fn start_workflow(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &Node,
     owner: Uuid,
     workflow: Workflow,
@@ -799,7 +805,7 @@ pub async fn start_workflow(
     let Some(first) = workflow.steps().first() else {
         return Ok(Ok(()));
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let updated = sqlx::query(
         "UPDATE nodes SET state = $5, attempt = 0, step_started_at = now(), next_run_at = NULL, \
          waiting_for = NULL, last_error = NULL, updated_at = now() \
@@ -830,9 +836,9 @@ pub async fn start_workflow(
 }
 
 /// Records that a step began, for the node's log.
-pub async fn step_started(pool: &PgPool, node: &Node) -> StoreResult<()> {
+pub async fn step_started(conn: &mut PgConnection, node: &Node) -> StoreResult<()> {
     insert_event(
-        pool,
+        &mut *conn,
         node.id,
         node.generation,
         node.state(),
@@ -844,7 +850,7 @@ pub async fn step_started(pool: &PgPool, node: &Node) -> StoreResult<()> {
 
 /// Gives the lease back of a node that rests with nothing to do, and clears its due mark (or
 /// moves it to the end of a past-due grace, when the worker must act on its own).
-pub async fn rest(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
+pub async fn rest(conn: &mut PgConnection, id: Uuid, owner: Uuid) -> StoreResult<()> {
     sqlx::query(
         "UPDATE nodes SET lease_owner = NULL, lease_expires_at = NULL, \
          next_run_at = CASE WHEN state <> ALL($3) THEN next_run_at \
@@ -855,20 +861,20 @@ pub async fn rest(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
     .bind(owner)
     .bind(resting_states())
     .bind(Desired::Running.as_str())
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
 /// Gives the lease back (the run ends without having scheduled or failed the node).
-pub async fn release(pool: &PgPool, id: Uuid, owner: Uuid) -> StoreResult<()> {
+pub async fn release(conn: &mut PgConnection, id: Uuid, owner: Uuid) -> StoreResult<()> {
     sqlx::query(
         "UPDATE nodes SET lease_owner = NULL, lease_expires_at = NULL \
          WHERE id = $1 AND lease_owner = $2",
     )
     .bind(id)
     .bind(owner)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -931,8 +937,8 @@ pub async fn prune_done_jobs(pool: &PgPool, older_than: Duration, limit: i64) ->
 }
 
 /// A job to look at the node again after `delay`, outside any step (lease held elsewhere).
-pub async fn enqueue_later(pool: &PgPool, id: Uuid, delay: Duration) -> StoreResult<()> {
-    let mut tx = pool.begin().await?;
+pub async fn enqueue_later(conn: &mut PgConnection, id: Uuid, delay: Duration) -> StoreResult<()> {
+    let mut tx = conn.begin().await?;
     queue::enqueue(&mut tx, &[id], delay).await?;
     tx.commit().await?;
     Ok(())
@@ -1766,7 +1772,7 @@ pub async fn clock_skew(pool: &PgPool) -> StoreResult<chrono::TimeDelta> {
 /// at half that rate while shrunk). `None`: taken; `Some(wait)`: none left, one is there after
 /// `wait`. The row is made on first use, full.
 pub async fn take_budget(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     name: &str,
     burst: f64,
     per_sec: f64,
@@ -1785,7 +1791,7 @@ pub async fn take_budget(
     .bind(name)
     .bind(burst)
     .bind(per_sec)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?;
     if taken.is_some() {
         return Ok(None);
@@ -1807,7 +1813,7 @@ pub async fn take_budget(
     .bind(name)
     .bind(burst)
     .bind(per_sec)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *conn)
     .await?
     // The row was made by this very statement (not visible to it yet): the budget is full.
     .unwrap_or(burst);
@@ -1821,7 +1827,7 @@ pub async fn take_budget(
 /// A provider answered "too many calls" although the budget allowed them: nothing more for
 /// `wait`, and half the rate until `shrink_for` has passed.
 pub async fn shrink_budget(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     name: &str,
     per_sec: f64,
     wait: Duration,
@@ -1837,7 +1843,7 @@ pub async fn shrink_budget(
     .bind(wait.as_secs_f64())
     .bind(per_sec)
     .bind(shrink_for.as_secs_f64())
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

@@ -66,7 +66,12 @@ where
         }
         tracing::info!(addr = %bound, "metrics at GET /metrics");
     }
-    let clouds = Arc::new(Clouds::from_config(&config, Some(&pool)).await?);
+    // The engine's statements and the call budgets' (sqlx's pool above, which apalis needs,
+    // pings a connection after every use).
+    let db =
+        hive_jobs::connections::Connections::to_url(&config.database_url, config.concurrency + 2)
+            .map_err(hive_jobs::store::StoreError::from)?;
+    let clouds = Arc::new(Clouds::from_config(&config, Some(&db)).await?);
     let regions = clouds.region_names();
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
     let reconciler = match &config.reconcile_schedule {
@@ -85,7 +90,7 @@ where
         }
     };
     tracing::info!(worker = %worker_name, ?regions, concurrency = config.concurrency, "hive-worker started");
-    let engine = Arc::new(Engine::new(pool.clone(), clouds, config.clone()));
+    let engine = Arc::new(Engine::new(db, clouds, config.clone()));
     let sweeper = tokio::spawn(sweep_stalled_nodes(
         pool.clone(),
         config.stall_after,

@@ -11,7 +11,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::connections::Connections;
+use crate::store::StoreResult;
 
 use super::{CloudError, CloudResult};
 
@@ -80,18 +81,18 @@ pub struct Budget {
 
 #[derive(Debug)]
 struct Shared {
-    pool: PgPool,
+    db: Connections,
     name: String,
     rate: Rate,
 }
 
 impl Budget {
     /// A budget named `name` (`cloudflare`, `ec2:eu-west-1`...); `None` spends freely.
-    pub fn new(pool: &PgPool, name: String, rate: Option<Rate>) -> Self {
+    pub fn new(db: &Connections, name: String, rate: Option<Rate>) -> Self {
         Self {
             inner: rate.map(|rate| {
                 Arc::new(Shared {
-                    pool: pool.clone(),
+                    db: db.clone(),
                     name,
                     rate,
                 })
@@ -111,14 +112,10 @@ impl Budget {
         };
         let started = tokio::time::Instant::now();
         loop {
-            let wait = crate::store::take_budget(
-                &shared.pool,
-                &shared.name,
-                shared.rate.burst(),
-                shared.rate.per_sec(),
-            )
-            .await
-            .map_err(|e| CloudError::transient("rate budget", e.to_string()))?;
+            let wait = shared
+                .take_one()
+                .await
+                .map_err(|e| CloudError::transient("rate budget", e.to_string()))?;
             let Some(wait) = wait else {
                 crate::metrics::budget_wait(&shared.name, started.elapsed());
                 return Ok(());
@@ -145,17 +142,47 @@ impl Budget {
         let wait = retry_after.unwrap_or(shared.rate.per);
         crate::metrics::budget_throttled(&shared.name);
         tracing::warn!(budget = %shared.name, ?wait, "rate limited although within budget; slowing down");
-        if let Err(e) = crate::store::shrink_budget(
-            &shared.pool,
-            &shared.name,
-            shared.rate.per_sec(),
-            wait,
-            shared.rate.per * SHRINK_PERIODS,
-        )
-        .await
-        {
+        if let Err(e) = shared.shrink(wait).await {
             tracing::warn!(budget = %shared.name, error = %e, "could not record the rate limit");
         }
+    }
+}
+
+impl Shared {
+    async fn take_one(&self) -> StoreResult<Option<Duration>> {
+        let (burst, per_sec) = (self.rate.burst(), self.rate.per_sec());
+        let taken = async {
+            let mut conn = self.db.get().await?;
+            crate::store::take_budget(&mut conn, &self.name, burst, per_sec).await
+        }
+        .await;
+        self.suspect_connections_after(taken)
+    }
+
+    async fn shrink(&self, wait: Duration) -> StoreResult<()> {
+        let shrunk = async {
+            let mut conn = self.db.get().await?;
+            let shrink_for = self.rate.per * SHRINK_PERIODS;
+            crate::store::shrink_budget(
+                &mut conn,
+                &self.name,
+                self.rate.per_sec(),
+                wait,
+                shrink_for,
+            )
+            .await
+        }
+        .await;
+        self.suspect_connections_after(shrunk)
+    }
+
+    /// A failed statement may be a connection whose backend died: check them all before
+    /// their next use.
+    fn suspect_connections_after<T>(&self, result: StoreResult<T>) -> StoreResult<T> {
+        if result.is_err() {
+            self.db.suspect_all();
+        }
+        result
     }
 }
 

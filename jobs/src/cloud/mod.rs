@@ -32,15 +32,15 @@ pub struct RegionClouds {
 impl Clouds {
     /// Clients from the AWS SDK's standard configuration (`AWS_ENDPOINT_URL`, credentials...),
     /// one set per configured region, and the Cloudflare settings. Their calls are taken from
-    /// the budgets shared in `pool`'s database; without a pool (`hivectl doctor`'s few
+    /// the budgets shared in `db`'s database; without one (`hivectl doctor`'s few
     /// probes, which must work before migrations ran) they spend freely.
     pub async fn from_config(
         config: &WorkerConfig,
-        pool: Option<&sqlx::PgPool>,
+        db: Option<&crate::connections::Connections>,
     ) -> CloudResult<Self> {
         let budgets = &config.budgets;
-        let budget = |name: String, rate| match pool {
-            Some(pool) => budget::Budget::new(pool, name, rate),
+        let budget = |name: String, rate| match db {
+            Some(db) => budget::Budget::new(db, name, rate),
             None => budget::Budget::unlimited(),
         };
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
