@@ -90,9 +90,11 @@ pub async fn run(stack: &mut Stack, size: Size) -> anyhow::Result<Vec<Figure>> {
     }
     let wall = started.elapsed();
     let cpu_after = control_plane_cpu(stack, bench_backend);
-    // Statistics reach pg_stat_database within a second. The readiness polls above (one
+    // A backend that reported its counters less than a second before it went idle reports
+    // the rest 10 s later (Postgres 15's `PGSTAT_IDLE_INTERVAL`): read pg_stat_database after
+    // that, or a busy run's last second is missing from it. The readiness polls above (one
     // transaction each) and the first count are the benchmark's, not the control plane's.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let transactions = transactions(&mut conn).await? - transactions_before - polls - 1;
     conn.close().await?;
     let per_node_ms = |d: Duration| d.as_secs_f64() * 1000.0 / count as f64;
