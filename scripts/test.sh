@@ -28,7 +28,7 @@ echo "tests: ${passed} passed, ${failed} failed"
 # The benchmark command in its short mode, on this build (a second a scenario): it must keep
 # working; its figures are not asserted (scripts/bench.sh measures, on a release build).
 set +e
-target/debug/hive-bench --short --json target/bench-short.json
+target/debug/hive-bench --short --statements --json target/bench-short.json
 bench_status=$?
 set -e
 # Every scenario printed its figures, each scenario at least one beside its ceiling.

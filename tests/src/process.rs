@@ -115,6 +115,8 @@ pub struct Postgres {
     pub dir: tempfile::TempDir,
     pub process: Option<Managed>,
     run_as: Option<(u32, u32)>,
+    /// Loads `pg_stat_statements` (for `hive-bench --statements`).
+    track_statements: bool,
 }
 
 pub fn pg_bin(name: &str) -> PathBuf {
@@ -133,6 +135,11 @@ pub fn pg_bin(name: &str) -> PathBuf {
 
 impl Postgres {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// As [`Postgres::start`]; `track_statements` loads `pg_stat_statements`.
+    pub fn start_with(track_statements: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("hive-pg-").tempdir()?;
         // Postgres refuses to run as root: run it as the `postgres` user when we are root.
         let run_as = if nix::unistd::geteuid().is_root() {
@@ -171,6 +178,7 @@ impl Postgres {
             dir,
             process: None,
             run_as,
+            track_statements,
         };
         pg.run()?;
         Ok(pg)
@@ -201,6 +209,11 @@ impl Postgres {
                 "-c",
                 "log_min_messages=warning",
             ])
+            .args(if self.track_statements {
+                &["-c", "shared_preload_libraries=pg_stat_statements"][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some((uid, gid)) = self.run_as {

@@ -53,6 +53,8 @@ pub struct StackOptions {
     pub extra_env: Vec<(String, String)>,
     /// Where the binaries' logs go; stderr when unset.
     pub log_dir: Option<PathBuf>,
+    /// Postgres loads `pg_stat_statements` (`hive-bench --statements`).
+    pub track_statements: bool,
 }
 
 impl Default for StackOptions {
@@ -67,6 +69,7 @@ impl Default for StackOptions {
                 ("HIVE_HTTP_TIMEOUT_MS".into(), "5000".into()),
             ],
             log_dir: None,
+            track_statements: false,
         }
     }
 }
@@ -97,10 +100,12 @@ pub struct Stack {
 impl Stack {
     /// Postgres, moto and the stand-in, with the AWS footprint in moto. No api or worker yet.
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
-        let (pg, moto) = tokio::task::spawn_blocking(|| -> anyhow::Result<(Postgres, Moto)> {
-            Ok((Postgres::start()?, Moto::start()?))
-        })
-        .await??;
+        let track_statements = options.track_statements;
+        let (pg, moto) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Postgres, Moto)> {
+                Ok((Postgres::start_with(track_statements)?, Moto::start()?))
+            })
+            .await??;
         let admin = PgPool::connect(&pg.url("postgres")).await?;
         sqlx::query("CREATE DATABASE hive").execute(&admin).await?;
         admin.close().await;

@@ -8,6 +8,7 @@ pub mod ingest;
 pub mod provisioning;
 pub mod reads;
 pub mod reconcile;
+pub mod statements;
 pub mod waiting;
 
 use std::path::Path;

@@ -24,12 +24,16 @@ struct Args {
     /// median: on a shared machine one run's ratio moves by a fifth either way.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
+    /// Load `pg_stat_statements` in each scenario's Postgres and print, after each run, the
+    /// statements that took the most of its time: the profile behind a figure.
+    #[arg(long)]
+    statements: bool,
 }
 
 /// A fresh stack per scenario, with production pacing (only what the load needs is changed).
 /// `HIVE_*` settings in hive-bench's own environment go to the stack's binaries last, so a
 /// setting can be measured (`HIVE_API_DB_CONNECTIONS=16 hive-bench --only ingest`).
-async fn stack() -> anyhow::Result<Stack> {
+async fn stack(track_statements: bool) -> anyhow::Result<Stack> {
     let mut extra_env: Vec<(String, String)> = [
         // One client address makes every request: the per-address limit would measure
         // itself.
@@ -46,6 +50,7 @@ async fn stack() -> anyhow::Result<Stack> {
     );
     let options = StackOptions {
         extra_env,
+        track_statements,
         ..StackOptions::default()
     };
     let mut stack = Stack::start(options).await?;
@@ -73,7 +78,10 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut runs = Vec::new();
         for _ in 0..args.repeat {
-            let mut stack = stack().await?;
+            let mut stack = stack(args.statements).await?;
+            if args.statements {
+                bench::statements::reset(&stack).await?;
+            }
             let found = match scenario {
                 "ingest" => bench::ingest::run(&stack, size).await,
                 "reads" => bench::reads::run(&stack, size).await,
@@ -87,6 +95,9 @@ async fn main() -> anyhow::Result<()> {
                     // As they come: a later scenario that fails does not hide them.
                     bench::print(&found);
                     runs.push(found);
+                    if args.statements {
+                        bench::statements::print_top(&stack, 15).await?;
+                    }
                 }
                 Err(e) => {
                     eprintln!("{scenario} failed: {e:#}");
