@@ -45,12 +45,11 @@ async fn run() -> anyhow::Result<()> {
         .context("connecting to the database")?;
     // The requests' connections (`HIVE_API_DB_CONNECTIONS`), opened as first needed: sqlx's
     // pool would ping each after every use (hive_jobs::connections).
-    let options: sqlx::postgres::PgConnectOptions = config
-        .database_url
-        .parse()
-        .context("reading DATABASE_URL")?;
-    let db = hive_jobs::connections::Connections::new(options, config.db_connections as usize)
-        .context("making the connection pool")?;
+    let db = hive_jobs::connections::Connections::to_url(
+        &config.database_url,
+        config.db_connections as usize,
+    )
+    .context("making the connection pool from DATABASE_URL")?;
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;

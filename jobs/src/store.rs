@@ -33,9 +33,6 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// How long a pooled connection may sit idle before it is checked on its way out.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
-
 /// Connects, then applies our migrations and apalis's. sqlx's migrator holds an advisory lock
 /// while it runs, so several binaries starting at once are safe.
 pub async fn connect_and_migrate(database_url: &str, max_connections: u32) -> StoreResult<PgPool> {
@@ -49,7 +46,8 @@ pub async fn connect_and_migrate(database_url: &str, max_connections: u32) -> St
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for > PING_WHEN_IDLE_FOR {
+                // As our own pool does (one setting for both).
+                if meta.idle_for > crate::connections::PING_WHEN_IDLE_FOR {
                     sqlx::Connection::ping(conn).await?;
                 }
                 Ok(true)
