@@ -1797,7 +1797,7 @@ pub async fn take_budget(
     // Empty or new: make the row if need be, refill it, and take one if the refill made one.
     let available: f64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "WITH made AS ( \
-             INSERT INTO rate_budgets (name, tokens) VALUES ($1, $2) \
+             INSERT INTO rate_budgets (name, tokens) VALUES ($1, $2 - 1) \
              ON CONFLICT (name) DO NOTHING), \
          cur AS ( \
              SELECT name, {AVAILABLE} AS available \
@@ -1813,7 +1813,8 @@ pub async fn take_budget(
     .bind(per_sec)
     .fetch_optional(&mut *conn)
     .await?
-    // The row was made by this very statement (not visible to it yet): the budget is full.
+    // The row was made by this very statement (not visible to it yet), full but for the
+    // token this call takes (a burst is at least one).
     .unwrap_or(burst);
     if available >= 1.0 {
         return Ok(None);

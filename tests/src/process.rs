@@ -234,6 +234,14 @@ impl Postgres {
         }
     }
 
+    /// Immediate shutdown (SIGQUIT): no checkpoint, so the next start runs crash recovery, as
+    /// after a crash of the server (the OS's buffers survive; that is all fsync=off risks).
+    pub fn crash(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop(Signal::SIGQUIT, Duration::from_secs(20));
+        }
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }

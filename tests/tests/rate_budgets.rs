@@ -50,3 +50,65 @@ async fn three_workers_share_one_cloudflare_budget_and_earn_no_429() {
     // More than two windows' worth: the budget, not luck, kept the workers under the limit.
     assert!(calls > 200, "only {calls} calls");
 }
+
+/// The buckets are an unlogged table: a take commits without waiting for a WAL flush, and a
+/// crash of Postgres empties the table. The next take makes its bucket again, full, on a pool
+/// whose connections all died with the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_of_postgres_starts_the_budgets_again_full() {
+    use hive_jobs::cloud::budget::{Budget, Rate};
+    use hive_jobs::connections::Connections;
+    use hive_tests::process::Postgres;
+
+    let mut pg = Postgres::start().expect("postgres");
+    let url = pg.url("postgres");
+    let pool = hive_jobs::store::connect_and_migrate(&url, 2)
+        .await
+        .expect("migrate");
+    let db = Connections::to_url(&url, 2).expect("connections");
+    // Two calls a second and a bucket of two: two takes spend it.
+    let rate = Rate {
+        calls: 20,
+        per: Duration::from_secs(10),
+    };
+    let budget = Budget::new(&db, "crash-test".into(), Some(rate));
+    budget.take().await.expect("first take");
+    budget.take().await.expect("second take");
+    let tokens: f64 = sqlx::query_scalar("SELECT tokens FROM rate_budgets WHERE name = $1")
+        .bind("crash-test")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(tokens < 1.0, "the bucket should be spent, holds {tokens}");
+    pool.close().await;
+
+    pg.crash();
+    pg.run().expect("postgres again");
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect again");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM rate_budgets")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, 0,
+        "crash recovery should have emptied the unlogged buckets"
+    );
+
+    // The pooled connection died with the server: the first take may fail (transient), and
+    // has every connection checked before its next use.
+    let mut took = budget.take().await;
+    if took.is_err() {
+        took = budget.take().await;
+    }
+    took.expect("a take after the crash");
+    let tokens: f64 = sqlx::query_scalar("SELECT tokens FROM rate_budgets WHERE name = $1")
+        .bind("crash-test")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Made full (two tokens) and one taken, with at most a moment's refill since.
+    assert!(
+        (1.0..1.5).contains(&tokens),
+        "the bucket made again should hold one token after one take, holds {tokens}"
+    );
+}
