@@ -485,9 +485,10 @@ pub fn valid_region(region: &str) -> bool {
 #[derive(Clone)]
 pub struct ApiConfig {
     pub database_url: String,
-    /// Connections the api's requests use (`HIVE_API_DB_CONNECTIONS`, default 8): about
-    /// twice the database's cores. More only queue inside Postgres: on the two-core bench, 32
-    /// took a third fewer webhooks per second than 8, at twice the p99 (BENCHMARKS.md).
+    /// Connections the api's requests use (`HIVE_API_DB_CONNECTIONS`, default 4): about
+    /// twice the database's cores, and the default database (`db.t4g.medium`) has two. More
+    /// only queue inside Postgres: on the two-core bench, 8 took a tenth fewer reads per
+    /// second than 4 at a higher p99, and 32 a third fewer webhooks than 8 (BENCHMARKS.md).
     pub db_connections: u32,
     /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served), never on the
     /// public listener.
@@ -658,7 +659,7 @@ impl ApiConfig {
                 _ => regions[0].clone(),
             },
         };
-        let db_connections: u32 = env.parsed_or("HIVE_API_DB_CONNECTIONS", 8)?;
+        let db_connections: u32 = env.parsed_or("HIVE_API_DB_CONNECTIONS", 4)?;
         if db_connections == 0 {
             return Err(ConfigError::Malformed {
                 name: "HIVE_API_DB_CONNECTIONS",
@@ -1235,7 +1236,7 @@ mod tests {
         .unwrap();
         assert_eq!(ok.stripe_webhook_secrets, vec!["whsec_a", "whsec_b"]);
         assert_eq!(ok.node_domain, "nodes.example.com");
-        assert_eq!(ok.db_connections, 8);
+        assert_eq!(ok.db_connections, 4);
         assert!(!format!("{ok:?}").contains("whsec_a"));
         let e = ApiConfig::from_env(&env(&[
             ("STRIPE_WEBHOOK_SECRET", "whsec_a"),
