@@ -229,16 +229,19 @@ impl Postgres {
 
     /// Fast shutdown (SIGINT), as an operator's restart would do.
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.process.take() {
-            p.stop(Signal::SIGINT, Duration::from_secs(20));
-        }
+        self.shut_down(Signal::SIGINT);
     }
 
     /// Immediate shutdown (SIGQUIT): no checkpoint, so the next start runs crash recovery, as
     /// after a crash of the server (the OS's buffers survive; that is all fsync=off risks).
     pub fn crash(&mut self) {
+        self.shut_down(Signal::SIGQUIT);
+    }
+
+    /// The postmaster's shutdown modes are its signals; `run` starts it again.
+    fn shut_down(&mut self, mode: Signal) {
         if let Some(mut p) = self.process.take() {
-            p.stop(Signal::SIGQUIT, Duration::from_secs(20));
+            p.stop(mode, Duration::from_secs(20));
         }
     }
 
