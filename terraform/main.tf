@@ -34,6 +34,18 @@ data "aws_iam_policy_document" "kms" {
   }
 }
 
+# Every region the worker launches nodes in. The stack's own region is always one: unless
+# var.regions names it, with this stack's private subnets, node security group and image.
+locals {
+  regions = merge({
+    (var.region) = {
+      subnet_ids        = module.network.private_subnet_ids
+      security_group_id = module.node.security_group_id
+      ami_id            = var.node_ami_id
+    }
+  }, var.regions)
+}
+
 module "network" {
   source      = "./modules/network"
   name        = var.name
@@ -70,6 +82,7 @@ module "services" {
   name                  = var.name
   region                = var.region
   vpc_id                = module.network.vpc_id
+  vpc_cidr              = var.vpc_cidr
   private_subnet_ids    = module.network.private_subnet_ids
   public_subnet_ids     = module.network.public_subnet_ids
   kms_key_arn           = aws_kms_key.hive.arn
@@ -83,9 +96,7 @@ module "services" {
   database_endpoint     = module.database.endpoint
   database_sg_id        = module.database.security_group_id
   node_domain           = var.node_domain
-  node_ami_id           = var.node_ami_id
-  node_subnet_id        = module.network.private_subnet_ids[0]
-  node_security_group   = module.node.security_group_id
+  regions               = local.regions
   node_instance_profile = module.node.instance_profile_name
   node_role_arn         = module.node.role_arn
   route53_zone_id       = module.dns.zone_id

@@ -1,8 +1,15 @@
-# Each output is a setting of hive-worker (or hive-api), named after it.
+# Each output in capitals is a setting of hive-worker (or hive-api), named after it. The
+# one-region shorthand (HIVE_SUBNET_ID, HIVE_SECURITY_GROUP_ID, HIVE_AMI_ID,
+# HIVE_INSTANCE_PROFILE) is the stack's own region only; hive_config_toml holds every region.
 
 output "AWS_REGION" {
-  description = "Region of the stack and its nodes."
+  description = "Region of the stack (and of its own nodes)."
   value       = var.region
+}
+
+output "hive_config_toml" {
+  description = "The configuration file the services read (write it to a file, point HIVE_CONFIG_FILE at it): one [regions.<name>] table per region nodes are launched in."
+  value       = module.services.config_toml
 }
 
 output "HIVE_ROUTE53_ZONE_ID" {
@@ -16,13 +23,13 @@ output "route53_name_servers" {
 }
 
 output "HIVE_SUBNET_ID" {
-  description = "Private subnet nodes are launched in (outbound only, through NAT)."
-  value       = module.network.private_subnet_ids[0]
+  description = "Private subnets nodes of the stack's region are launched in, one per zone (outbound only, through NAT)."
+  value       = join(",", local.regions[var.region].subnet_ids)
 }
 
 output "HIVE_SECURITY_GROUP_ID" {
-  description = "Node security group: no inbound rule."
-  value       = module.node.security_group_id
+  description = "Node security group of the stack's region: no inbound rule."
+  value       = local.regions[var.region].security_group_id
 }
 
 output "HIVE_INSTANCE_PROFILE" {
@@ -31,8 +38,8 @@ output "HIVE_INSTANCE_PROFILE" {
 }
 
 output "HIVE_AMI_ID" {
-  description = "Image of the nodes."
-  value       = var.node_ami_id
+  description = "Image of the nodes of the stack's region."
+  value       = local.regions[var.region].ami_id
 }
 
 output "database_endpoint" {

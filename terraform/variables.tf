@@ -5,7 +5,7 @@ variable "name" {
 }
 
 variable "region" {
-  description = "AWS region of the stack; nodes are launched here (the worker's AWS_REGION)."
+  description = "AWS region of the stack; nodes are launched here and in `regions` (the services' AWS_REGION)."
   type        = string
 }
 
@@ -21,8 +21,37 @@ variable "node_domain" {
 }
 
 variable "node_ami_id" {
-  description = "arm64 Debian 12 image the nodes boot (the worker's HIVE_AMI_ID)."
+  description = "arm64 Debian 12 image the nodes of the stack's own region boot (unless `regions` names that region)."
   type        = string
+}
+
+variable "regions" {
+  description = <<-EOT
+    Regions the worker launches nodes in besides the stack's own, by name: the private subnets
+    of the nodes (one per availability zone, tried in order), their no-inbound security group
+    and their arm64 Debian 12 image there. Their network is made outside this stack; the node
+    instance profile and the worker are this stack's. The stack's own region is served whether
+    named here or not: when not, with this stack's private subnets, node security group and
+    node_ami_id.
+  EOT
+  type = map(object({
+    subnet_ids        = list(string)
+    security_group_id = string
+    ami_id            = string
+  }))
+  default = {}
+  validation {
+    condition = alltrue([
+      for name, r in var.regions : (
+        can(regex("^[a-z0-9-]+$", name))
+        && length(r.subnet_ids) > 0
+        && alltrue([for id in r.subnet_ids : startswith(id, "subnet-")])
+        && startswith(r.security_group_id, "sg-")
+        && startswith(r.ami_id, "ami-")
+      )
+    ])
+    error_message = "Each region: a region name (eu-west-1), at least one subnet (subnet-...), a security group (sg-...) and an image (ami-...)."
+  }
 }
 
 variable "api_image" {

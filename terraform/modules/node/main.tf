@@ -1,6 +1,8 @@
 # What a node is allowed: no inbound traffic at all (cloudflared dials out), and to read one
 # secret, its own tunnel token: the secret's `hive:instance-arn` tag must name the calling
-# instance, which the worker sets once the instance exists (attribute-based access).
+# instance, which the worker sets once the instance exists (attribute-based access). The role
+# and its instance profile are global: nodes of every region the worker serves use them, and
+# read their secret in their own region.
 
 variable "name" {
   description = "Name prefix."
@@ -12,7 +14,6 @@ variable "vpc_id" {
   type        = string
 }
 
-data "aws_region" "current" {}
 data "aws_caller_identity" "current" {}
 
 resource "aws_security_group" "node" {
@@ -72,7 +73,7 @@ resource "aws_iam_role_policy" "own_secret" {
       Sid      = "ReadOwnTunnelToken"
       Effect   = "Allow"
       Action   = "secretsmanager:GetSecretValue"
-      Resource = "arn:aws:secretsmanager:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:secret:hive/nodes/*"
+      Resource = "arn:aws:secretsmanager:*:${data.aws_caller_identity.current.account_id}:secret:hive/nodes/*"
       Condition = {
         StringEquals = {
           "secretsmanager:ResourceTag/hive:instance-arn" = "$${ec2:SourceInstanceARN}"

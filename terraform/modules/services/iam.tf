@@ -2,7 +2,14 @@ data "aws_caller_identity" "current" {}
 
 locals {
   account = data.aws_caller_identity.current.account_id
-  ec2_arn = "arn:aws:ec2:${var.region}:${local.account}"
+  # What the worker may launch from, in each region it serves.
+  image_arns = [for name, r in var.regions : "arn:aws:ec2:${name}::image/${r.ami_id}"]
+  subnet_arns = flatten([
+    for name, r in var.regions : [for id in r.subnet_ids : "arn:aws:ec2:${name}:${local.account}:subnet/${id}"]
+  ])
+  security_group_arns = [
+    for name, r in var.regions : "arn:aws:ec2:${name}:${local.account}:security-group/${r.security_group_id}"
+  ]
   assume_ecs_tasks = jsonencode({
     Version = "2012-10-17"
     Statement = [{
@@ -48,88 +55,27 @@ resource "aws_iam_role" "api" {
   assume_role_policy = local.assume_ecs_tasks
 }
 
-# hive-worker: EC2 limited to instances tagged as ours, Route 53 changes to the one zone,
-# Secrets Manager to the nodes' path.
+# hive-worker: EC2 limited to instances tagged as ours, in every region it serves; Route 53
+# changes to the one zone; Secrets Manager to the nodes' path.
 resource "aws_iam_role" "worker" {
   name               = "${var.name}-worker"
   assume_role_policy = local.assume_ecs_tasks
 }
 
+# The worker's whole permission, one action per call its code makes (jobs/src/cloud/), and
+# nothing more. This document is the contract: the tests load the same file, put sample values
+# in its placeholders and run the worker under it, so a call the code adds fails there until it
+# is allowed here. Its placeholders are plain `${name}`s (no other template syntax): the lists
+# are JSON arrays of ARNs, the rest go inside JSON strings.
 resource "aws_iam_role_policy" "worker" {
   name = "provision-nodes"
   role = aws_iam_role.worker.id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [
-      {
-        Sid      = "Describe"
-        Effect   = "Allow"
-        Action   = ["ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeInstanceStatus"]
-        Resource = "*"
-      },
-      {
-        Sid      = "LaunchOnlyTaggedNodes"
-        Effect   = "Allow"
-        Action   = ["ec2:RunInstances", "ec2:CreateTags"]
-        Resource = ["${local.ec2_arn}:instance/*", "${local.ec2_arn}:volume/*", "${local.ec2_arn}:network-interface/*"]
-        Condition = {
-          StringLike = { "aws:RequestTag/hive:node-id" = "*" }
-        }
-      },
-      {
-        Sid    = "LaunchFromOurImageSubnetAndGroup"
-        Effect = "Allow"
-        Action = "ec2:RunInstances"
-        Resource = [
-          "arn:aws:ec2:${var.region}::image/${var.node_ami_id}",
-          "${local.ec2_arn}:subnet/${var.node_subnet_id}",
-          "${local.ec2_arn}:security-group/${var.node_security_group}",
-        ]
-      },
-      {
-        Sid       = "TagOnlyAtLaunch"
-        Effect    = "Allow"
-        Action    = "ec2:CreateTags"
-        Resource  = "${local.ec2_arn}:*/*"
-        Condition = { StringEquals = { "ec2:CreateAction" = "RunInstances" } }
-      },
-      {
-        Sid       = "ManageOnlyOurNodes"
-        Effect    = "Allow"
-        Action    = ["ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances", "ec2:RebootInstances"]
-        Resource  = "${local.ec2_arn}:instance/*"
-        Condition = { StringLike = { "aws:ResourceTag/hive:node-id" = "*" } }
-      },
-      {
-        Sid      = "PassOnlyTheNodeRole"
-        Effect   = "Allow"
-        Action   = "iam:PassRole"
-        Resource = var.node_role_arn
-      },
-      {
-        Sid      = "NodeNamesInOneZone"
-        Effect   = "Allow"
-        Action   = ["route53:ChangeResourceRecordSets", "route53:ListResourceRecordSets"]
-        Resource = "arn:aws:route53:::hostedzone/${var.route53_zone_id}"
-      },
-      {
-        Sid      = "Route53ChangeStatus"
-        Effect   = "Allow"
-        Action   = "route53:GetChange"
-        Resource = "arn:aws:route53:::change/*"
-      },
-      {
-        Sid      = "NodeSecrets"
-        Effect   = "Allow"
-        Action   = ["secretsmanager:CreateSecret", "secretsmanager:PutSecretValue", "secretsmanager:TagResource", "secretsmanager:DeleteSecret", "secretsmanager:DescribeSecret"]
-        Resource = "arn:aws:secretsmanager:${var.region}:${local.account}:secret:hive/nodes/*"
-      },
-      {
-        Sid      = "FindNodeSecrets"
-        Effect   = "Allow"
-        Action   = "secretsmanager:ListSecrets"
-        Resource = "*"
-      },
-    ]
+  policy = templatefile("${path.module}/worker-policy.json.tftpl", {
+    account             = local.account
+    route53_zone_id     = var.route53_zone_id
+    node_role_arn       = var.node_role_arn
+    image_arns          = jsonencode(local.image_arns)
+    subnet_arns         = jsonencode(local.subnet_arns)
+    security_group_arns = jsonencode(local.security_group_arns)
   })
 }

@@ -1,5 +1,6 @@
 # hive-api and hive-worker on ECS Fargate in the private subnets; the api behind an HTTPS load
-# balancer (Stripe's webhooks and the app reach it), the worker reachable by nothing.
+# balancer (Stripe's webhooks and the app reach it), the worker reachable by nothing but a
+# metrics scraper inside the VPC.
 
 resource "aws_ecs_cluster" "this" {
   name = var.name
@@ -17,11 +18,26 @@ resource "aws_cloudwatch_log_group" "service" {
 }
 
 locals {
+  # Prometheus's `GET /metrics` of both binaries, on a port of its own: the load balancer's
+  # target group and listener forward only to 8080 (and its security group may reach only
+  # 8080), and the tasks' groups admit this port from inside the VPC only (a scraper there).
+  metrics_port = 9090
+  # The regions (and nothing else) of HIVE_CONFIG_FILE. The binaries read the regions from a
+  # file only (jobs/src/config.rs: no setting takes the file's text), so each task writes it
+  # on a volume of its own before its service starts; see `write_config`.
+  config_toml = templatefile("${path.module}/hive-config.toml.tftpl", {
+    regions          = var.regions
+    instance_profile = var.node_instance_profile
+  })
+  config_dir = "/etc/hive"
   common_env = [
     { name = "DATABASE_URL", value = "postgres://hive@${var.database_endpoint}/hive?sslmode=require" },
+    # The SDK's default region; the api's default region of a checkout naming none.
     { name = "AWS_REGION", value = var.region },
     { name = "HIVE_NODE_DOMAIN", value = var.node_domain },
     { name = "HIVE_LOG_FORMAT", value = "json" },
+    { name = "HIVE_CONFIG_FILE", value = "${local.config_dir}/hive.toml" },
+    { name = "HIVE_METRICS_ADDR", value = "0.0.0.0:${local.metrics_port}" },
   ]
   # The database password goes into PGPASSWORD, which the binaries' Postgres driver reads.
   db_password = [{ name = "PGPASSWORD", valueFrom = "${var.database_secret_arn}:password::" }]
@@ -30,6 +46,36 @@ locals {
     privileged             = false
     user                   = "65534"
     essential              = true
+  }
+  # Before the service's container: writes the configuration file onto the task's volume, then
+  # exits (the service starts only once it succeeded). It runs as root because Fargate makes a
+  # task volume root's, mode 0755, and the services run as 65534; it keeps no capability, the
+  # root filesystem stays read-only, and it runs only printf, from the service's own image.
+  write_config = merge(local.container, {
+    name        = "write-config"
+    essential   = false
+    user        = "0"
+    entryPoint  = ["/bin/sh", "-c"]
+    command     = ["printf '%s' \"$HIVE_CONFIG_TOML\" > ${local.config_dir}/hive.toml"]
+    environment = [{ name = "HIVE_CONFIG_TOML", value = local.config_toml }]
+    mountPoints = [{ sourceVolume = "config", containerPath = local.config_dir, readOnly = false }]
+    linuxParameters = {
+      capabilities = { drop = ["ALL"] }
+    }
+  })
+  write_config_logs = {
+    for service in ["api", "worker"] : service => {
+      logDriver = "awslogs"
+      options = {
+        awslogs-group         = aws_cloudwatch_log_group.service[service].name
+        awslogs-region        = var.region
+        awslogs-stream-prefix = "${service}-config"
+      }
+    }
+  }
+  read_config = {
+    dependsOn   = [{ containerName = "write-config", condition = "SUCCESS" }]
+    mountPoints = [{ sourceVolume = "config", containerPath = local.config_dir, readOnly = true }]
   }
 }
 
@@ -41,24 +87,35 @@ resource "aws_ecs_task_definition" "api" {
   memory                   = 1024
   execution_role_arn       = aws_iam_role.execution.arn
   task_role_arn            = aws_iam_role.api.arn
-  container_definitions = jsonencode([merge(local.container, {
-    name         = "hive-api"
-    image        = var.api_image
-    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
-    environment  = concat(local.common_env, [{ name = "HIVE_API_ADDR", value = "0.0.0.0:8080" }])
-    secrets = concat(local.db_password, [
-      { name = "STRIPE_WEBHOOK_SECRET", valueFrom = var.app_secret_arns.stripe_webhook_secret },
-      { name = "HIVE_JWT_SECRET", valueFrom = var.app_secret_arns.jwt_secret },
-    ])
-    logConfiguration = {
-      logDriver = "awslogs"
-      options = {
-        awslogs-group         = aws_cloudwatch_log_group.service["api"].name
-        awslogs-region        = var.region
-        awslogs-stream-prefix = "api"
+  volume {
+    name = "config"
+  }
+  container_definitions = jsonencode([
+    merge(local.write_config, { image = var.api_image, logConfiguration = local.write_config_logs["api"] }),
+    merge(local.container, local.read_config, {
+      name         = "hive-api"
+      image        = var.api_image
+      portMappings = [{ containerPort = 8080, protocol = "tcp" }]
+      environment = concat(local.common_env, [
+        { name = "HIVE_API_ADDR", value = "0.0.0.0:8080" },
+        # The load balancer appends the address it saw to X-Forwarded-For (xff "append" below),
+        # and the api takes that header's last entry, so a client's own entries do not count.
+        { name = "HIVE_CLIENT_IP_HEADER", value = "x-forwarded-for" },
+      ])
+      secrets = concat(local.db_password, [
+        { name = "STRIPE_WEBHOOK_SECRET", valueFrom = var.app_secret_arns.stripe_webhook_secret },
+        { name = "HIVE_JWT_SECRET", valueFrom = var.app_secret_arns.jwt_secret },
+      ])
+      logConfiguration = {
+        logDriver = "awslogs"
+        options = {
+          awslogs-group         = aws_cloudwatch_log_group.service["api"].name
+          awslogs-region        = var.region
+          awslogs-stream-prefix = "api"
+        }
       }
-    }
-  })])
+    }),
+  ])
 }
 
 resource "aws_ecs_task_definition" "worker" {
@@ -69,31 +126,34 @@ resource "aws_ecs_task_definition" "worker" {
   memory                   = 1024
   execution_role_arn       = aws_iam_role.execution.arn
   task_role_arn            = aws_iam_role.worker.arn
-  container_definitions = jsonencode([merge(local.container, {
-    name        = "hive-worker"
-    image       = var.worker_image
-    stopTimeout = 30
-    environment = concat(local.common_env, [
-      { name = "CLOUDFLARE_ACCOUNT_ID", value = var.cloudflare_account_id },
-      { name = "CLOUDFLARE_ZONE_ID", value = var.cloudflare_zone_id },
-      { name = "HIVE_ROUTE53_ZONE_ID", value = var.route53_zone_id },
-      { name = "HIVE_AMI_ID", value = var.node_ami_id },
-      { name = "HIVE_SUBNET_ID", value = var.node_subnet_id },
-      { name = "HIVE_SECURITY_GROUP_ID", value = var.node_security_group },
-      { name = "HIVE_INSTANCE_PROFILE", value = var.node_instance_profile },
-    ])
-    secrets = concat(local.db_password, [
-      { name = "CLOUDFLARE_API_TOKEN", valueFrom = var.app_secret_arns.cloudflare_api_token },
-    ])
-    logConfiguration = {
-      logDriver = "awslogs"
-      options = {
-        awslogs-group         = aws_cloudwatch_log_group.service["worker"].name
-        awslogs-region        = var.region
-        awslogs-stream-prefix = "worker"
+  volume {
+    name = "config"
+  }
+  container_definitions = jsonencode([
+    merge(local.write_config, { image = var.worker_image, logConfiguration = local.write_config_logs["worker"] }),
+    merge(local.container, local.read_config, {
+      name        = "hive-worker"
+      image       = var.worker_image
+      stopTimeout = 30
+      # Its regions (image, subnets, security group, instance profile of each) are in the file.
+      environment = concat(local.common_env, [
+        { name = "CLOUDFLARE_ACCOUNT_ID", value = var.cloudflare_account_id },
+        { name = "CLOUDFLARE_ZONE_ID", value = var.cloudflare_zone_id },
+        { name = "HIVE_ROUTE53_ZONE_ID", value = var.route53_zone_id },
+      ])
+      secrets = concat(local.db_password, [
+        { name = "CLOUDFLARE_API_TOKEN", valueFrom = var.app_secret_arns.cloudflare_api_token },
+      ])
+      logConfiguration = {
+        logDriver = "awslogs"
+        options = {
+          awslogs-group         = aws_cloudwatch_log_group.service["worker"].name
+          awslogs-region        = var.region
+          awslogs-stream-prefix = "worker"
+        }
       }
-    }
-  })])
+    }),
+  ])
 }
 
 resource "aws_security_group" "api" {
@@ -141,6 +201,19 @@ resource "aws_vpc_security_group_ingress_rule" "api_from_lb" {
   ip_protocol                  = "tcp"
 }
 
+# Prometheus's scrape of both services, from inside the VPC only; the load balancer cannot
+# reach this port (its egress is to 8080 only). The groups' descriptions predate this rule:
+# changing a description replaces the group.
+resource "aws_vpc_security_group_ingress_rule" "metrics_from_vpc" {
+  for_each          = { api = aws_security_group.api.id, worker = aws_security_group.worker.id }
+  security_group_id = each.value
+  description       = "metrics of hive-${each.key}, scraped from inside the VPC"
+  cidr_ipv4         = var.vpc_cidr
+  from_port         = local.metrics_port
+  to_port           = local.metrics_port
+  ip_protocol       = "tcp"
+}
+
 resource "aws_vpc_security_group_ingress_rule" "db_from_tasks" {
   for_each                     = { api = aws_security_group.api.id, worker = aws_security_group.worker.id }
   security_group_id            = var.database_sg_id
@@ -181,6 +254,13 @@ resource "aws_lb" "api" {
   security_groups            = [aws_security_group.lb.id]
   drop_invalid_header_fields = true
   enable_deletion_protection = true
+  # Longer than the api's longest request: GET /api/v1/nodes/{id}/wait holds one up to 300 s
+  # (api/src/wait.rs, MAX_WAIT) without sending a byte, then reads the node once more. At the
+  # default 60 s the load balancer would cut every long wait.
+  idle_timeout = 330
+  # Appends the client's address to X-Forwarded-For (the default, pinned here): the api's
+  # HIVE_CLIENT_IP_HEADER counts that last entry only.
+  xff_header_processing_mode = "append"
 }
 
 resource "aws_lb_target_group" "api" {
@@ -242,4 +322,9 @@ resource "aws_ecs_service" "worker" {
 output "api_dns_name" {
   description = "The load balancer's name (point a CNAME of the api's domain at it)."
   value       = "https://${aws_lb.api.dns_name}"
+}
+
+output "config_toml" {
+  description = "HIVE_CONFIG_FILE of the services: one [regions.<name>] table per region."
+  value       = local.config_toml
 }

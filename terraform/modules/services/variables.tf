@@ -13,6 +13,11 @@ variable "vpc_id" {
   type        = string
 }
 
+variable "vpc_cidr" {
+  description = "CIDR of the VPC (what may scrape the tasks' metrics)."
+  type        = string
+}
+
 variable "private_subnet_ids" {
   description = "Subnets of the tasks."
   type        = list(string)
@@ -82,19 +87,13 @@ variable "node_domain" {
   type        = string
 }
 
-variable "node_ami_id" {
-  description = "Node image."
-  type        = string
-}
-
-variable "node_subnet_id" {
-  description = "Node subnet."
-  type        = string
-}
-
-variable "node_security_group" {
-  description = "Node security group."
-  type        = string
+variable "regions" {
+  description = "Regions the worker launches nodes in: name => its node subnets (one per zone, tried in order), node security group and image."
+  type = map(object({
+    subnet_ids        = list(string)
+    security_group_id = string
+    ami_id            = string
+  }))
 }
 
 variable "node_instance_profile" {
