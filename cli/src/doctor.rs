@@ -132,6 +132,28 @@ pub async fn run() -> Vec<Check> {
                 .await,
             );
             checks.push(
+                check("teardowns", async {
+                    let after = hive_jobs::config::teardown_stuck_after(&env)
+                        .map_err(|e| e.to_string())?;
+                    let stuck = store::stuck_teardowns(pool, after)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match stuck.first() {
+                        None => Ok(format!("none stuck longer than {} s", after.as_secs())),
+                        Some(longest) => Err(format!(
+                            "{} stuck longer than {} s (see hivectl queue); the longest: node {} at {} for {:.0} s: {}",
+                            stuck.len(),
+                            after.as_secs(),
+                            longest.id,
+                            longest.state,
+                            longest.stuck_secs,
+                            longest.last_error.as_deref().unwrap_or("no error recorded")
+                        )),
+                    }
+                })
+                .await,
+            );
+            checks.push(
                 check("clock skew", async {
                     let skew = store::clock_skew(pool).await.map_err(|e| e.to_string())?;
                     let ms = skew.num_milliseconds();

@@ -15,7 +15,9 @@ use uuid::Uuid;
 use crate::view::{EventJson, Style};
 
 pub async fn queue(pool: &PgPool, style: &Style, json: bool) -> anyhow::Result<()> {
-    let health = store::queue_health(pool)
+    let stuck_after = hive_jobs::config::teardown_stuck_after(&hive_jobs::config::process_env())
+        .context("HIVE_TEARDOWN_STUCK_SECS")?;
+    let health = store::queue_health(pool, stuck_after)
         .await
         .context("reading the queue")?;
     if json {
@@ -38,6 +40,23 @@ pub async fn queue(pool: &PgPool, style: &Style, json: bool) -> anyhow::Result<(
     }
     println!("\n{waiting}");
     println!("nodes retrying a transient failure: {}", health.retrying);
+    println!(
+        "teardowns stuck longer than {} s: {}",
+        stuck_after.as_secs(),
+        health.stuck_teardowns.len()
+    );
+    if !health.stuck_teardowns.is_empty() {
+        let mut stuck = style.table(&["stuck teardown", "step", "for", "last error"]);
+        for t in &health.stuck_teardowns {
+            stuck.add_row(vec![
+                t.id.to_string(),
+                t.state.clone(),
+                format!("{:.0} s", t.stuck_secs),
+                t.last_error.clone().unwrap_or_default(),
+            ]);
+        }
+        println!("{stuck}");
+    }
     let mut workers = style.table(&["worker", "last seen"]);
     for (id, seen) in &health.workers {
         workers.add_row(vec![

@@ -61,6 +61,15 @@ impl<F: Fn(&str) -> Option<String>> Env<F> {
     }
 }
 
+/// How long a teardown step may go on retrying before the operator is shown it as stuck
+/// (`HIVE_TEARDOWN_STUCK_SECS`, 900): `hivectl queue`, `hivectl doctor` and the
+/// `hive_teardowns_stuck` gauge. A teardown never gives up by itself.
+pub fn teardown_stuck_after<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+) -> Result<Duration, ConfigError> {
+    env.secs_or("HIVE_TEARDOWN_STUCK_SECS", 900)
+}
+
 /// What a plan gives: how many nodes, of which instance type and root volume size, and the
 /// Stripe prices that buy it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -814,6 +823,9 @@ pub struct WorkerConfig {
     /// how old an orphan must be to be removed (`HIVE_RECONCILE_GRACE_SECS`, 600).
     pub reconcile_schedule: Option<cron::Schedule>,
     pub reconcile_grace: Duration,
+    /// How long after a launch EC2's reads may still not show the instance
+    /// (`HIVE_EC2_CONSISTENCY_SECS`, 300): until then "not found" means "not yet".
+    pub ec2_consistency: Duration,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -915,6 +927,7 @@ impl WorkerConfig {
             shutdown_deadline: env.millis_or("HIVE_SHUTDOWN_DEADLINE_MS", 20_000)?,
             reconcile_schedule: reconcile_schedule(env)?,
             reconcile_grace: env.secs_or("HIVE_RECONCILE_GRACE_SECS", 600)?,
+            ec2_consistency: env.secs_or("HIVE_EC2_CONSISTENCY_SECS", 300)?,
             chaos: match env.optional("HIVE_CHAOS") {
                 None => None,
                 Some(raw) => Some(raw.parse().map_err(|reason| ConfigError::Malformed {

@@ -18,7 +18,7 @@ use crate::config::{Chaos, WorkerConfig};
 use crate::connections::{Conn, Connections};
 use crate::model::Node;
 use crate::policy::{self, Action, Intent, Rules, StepFacts, StepResult};
-use crate::steps::{Outcome, StepContext};
+use crate::steps::{Outcome, Progress, ProgressFuture, StepContext};
 use crate::store::{self, Failure, Lease, Postponed, StoreResult};
 use crate::workflows::run_step;
 
@@ -164,7 +164,12 @@ impl Engine {
             store::step_started(&mut *self.conn().await?, node).await?;
         }
         let started = std::time::Instant::now();
-        let ran = self.run_step_with_chaos(node).await;
+        // The lease is held for as long as the step runs; a run that loses it stops its step
+        // where it is, so the step never runs on two workers at once.
+        let ran = tokio::select! {
+            ran = self.run_step_with_chaos(node, owner) => ran,
+            lost = self.hold_lease(node.id, owner) => Err(lost),
+        };
         let took = started.elapsed();
         let result = match &ran {
             Ok(Outcome::Done(_)) => StepResult::Done,
@@ -255,8 +260,37 @@ impl Engine {
         }
     }
 
+    /// Renews the node's lease every third of its length while its step runs; returns (and so
+    /// stops the step) only when the lease is lost, or cannot be renewed before it lapses.
+    async fn hold_lease(&self, node_id: Uuid, owner: Uuid) -> CloudError {
+        let lease = self.config.pacing.lease;
+        let mut held_until = tokio::time::Instant::now() + lease;
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            let renewed = match self.conn().await {
+                Ok(mut conn) => store::renew_lease(&mut conn, node_id, owner, lease).await,
+                Err(e) => Err(e),
+            };
+            match renewed {
+                Ok(true) => held_until = tokio::time::Instant::now() + lease,
+                Ok(false) => {
+                    tracing::warn!(%node_id, "lease lost while the step ran; step stopped");
+                    return CloudError::transient("lease", "the node's lease was lost");
+                }
+                // Our database is away: keep trying while the lease still holds.
+                Err(e) if tokio::time::Instant::now() + lease / 3 < held_until => {
+                    tracing::warn!(%node_id, error = %e, "could not renew the lease; trying again");
+                }
+                Err(e) => {
+                    tracing::warn!(%node_id, error = %e, "lease about to lapse; step stopped");
+                    return CloudError::transient("lease", "the node's lease could not be renewed");
+                }
+            }
+        }
+    }
+
     /// The step, with the test-only faults of `HIVE_CHAOS` applied around its side effect.
-    async fn run_step_with_chaos(&self, node: &Node) -> CloudResult<Outcome> {
+    async fn run_step_with_chaos(&self, node: &Node, owner: Uuid) -> CloudResult<Outcome> {
         let Some(aws) = self.clouds.region(&node.region) else {
             // Checked when the lease was taken; never fail a node for a worker's settings.
             return Err(CloudError::transient(
@@ -264,10 +298,15 @@ impl Engine {
                 format!("region {} is not driven by this worker", node.region),
             ));
         };
+        let progress = EngineProgress {
+            db: &self.db,
+            owner,
+        };
         let ctx = StepContext {
             clouds: &self.clouds,
             aws,
             config: &self.config,
+            progress: &progress,
         };
         let outcome = run_step(&ctx, node).await;
         let step = node.state().as_str();
@@ -293,5 +332,39 @@ impl Engine {
             }
             _ => outcome,
         }
+    }
+}
+
+/// A step's writes before its side effect, through the store, fenced by this run's lease.
+struct EngineProgress<'a> {
+    db: &'a Connections,
+    owner: Uuid,
+}
+
+impl EngineProgress<'_> {
+    async fn record(&self, node: &Node, what: store::Progress<'_>) -> CloudResult<()> {
+        let mut conn = self
+            .db
+            .get()
+            .await
+            .map_err(|e| CloudError::transient("store", e.to_string()))?;
+        match store::record_progress(&mut conn, node, self.owner, what).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(CloudError::transient(
+                "lease",
+                "the node moved on under this run; its step stops here",
+            )),
+            Err(e) => Err(CloudError::transient("store", e.to_string())),
+        }
+    }
+}
+
+impl Progress for EngineProgress<'_> {
+    fn launch_attempt<'a>(&'a self, node: &'a Node, token: &'a str) -> ProgressFuture<'a> {
+        Box::pin(self.record(node, store::Progress::LaunchAttempt(token)))
+    }
+
+    fn route53_change<'a>(&'a self, node: &'a Node, change_id: &'a str) -> ProgressFuture<'a> {
+        Box::pin(self.record(node, store::Progress::Route53Change(change_id)))
     }
 }

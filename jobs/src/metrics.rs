@@ -24,6 +24,7 @@ pub const STEP_DURATION: &str = "hive_step_duration_seconds";
 pub const CLOUD_CALLS: &str = "hive_cloud_calls_total";
 pub const NODES: &str = "hive_nodes";
 pub const OLDEST_DUE_JOB: &str = "hive_queue_oldest_due_job_age_seconds";
+pub const TEARDOWNS_STUCK: &str = "hive_teardowns_stuck";
 pub const RECONCILE_PASSES: &str = "hive_reconcile_passes_total";
 pub const RECONCILE_FINDINGS: &str = "hive_reconcile_findings_total";
 pub const BUDGET_WAIT: &str = "hive_rate_budget_wait_seconds";
@@ -80,6 +81,10 @@ fn describe() {
     describe_gauge!(
         OLDEST_DUE_JOB,
         "Age of the oldest queue job that is due and not started"
+    );
+    describe_gauge!(
+        TEARDOWNS_STUCK,
+        "Teardowns retrying longer than HIVE_TEARDOWN_STUCK_SECS (they never give up by themselves)"
     );
     describe_counter!(RECONCILE_PASSES, "Reconcile passes, by outcome");
     describe_counter!(RECONCILE_FINDINGS, "What reconcile passes fixed, by kind");
@@ -157,6 +162,11 @@ async fn refresh_database_gauges(pool: &PgPool) -> Result<(), store::StoreError>
     }
     let oldest = store::oldest_due_job_age(pool).await?;
     gauge!(OLDEST_DUE_JOB).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+    // A setting that does not parse was refused at start; the default then is only a guard.
+    let stuck_after = crate::config::teardown_stuck_after(&crate::config::process_env())
+        .unwrap_or(Duration::from_secs(900));
+    let stuck = store::stuck_teardowns(pool, stuck_after).await?;
+    gauge!(TEARDOWNS_STUCK).set(stuck.len() as f64);
     Ok(())
 }
 

@@ -175,6 +175,12 @@ pub struct Node {
     /// Its instance runs as `fallback_type` in place of `fallback_for`, for want of capacity.
     pub fallback_type: Option<String>,
     pub fallback_for: Option<String>,
+    /// The Route 53 change its UPSERT made (waited on until INSYNC).
+    pub route53_change_id: Option<String>,
+    /// The ClientToken of the launch attempt under way (see `steps::instance::launch`).
+    pub launch_token: Option<String>,
+    /// When its instance was recorded (EC2 may not yet know a young id).
+    pub instance_launched_at: Option<DateTime<Utc>>,
 }
 
 /// `nodes.state` as read from the database; a value we do not know is an error, not a panic.

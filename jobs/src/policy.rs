@@ -112,6 +112,21 @@ pub fn decide(step: &StepFacts, result: StepResult<'_>, rules: &Rules<'_>, jitte
         StepResult::Done => Action::Advance {
             to: next_state(step.state, step.teardown_reason),
         },
+        // A teardown never gives up on what is only slow or unavailable for now: a node left
+        // failed would keep its instance running (and billed) until an operator noticed. It
+        // retries with a capped backoff for as long as it takes; one stuck longer than
+        // `config::teardown_stuck_after` is shown to the operator (`hivectl queue`, `doctor`,
+        // a metric).
+        StepResult::NotYet(why) if step.state.is_teardown() => Action::LookAgain {
+            after: poll_after(pacing, step.waited),
+            why: why.to_string(),
+        },
+        StepResult::Failed(error) if error.is_transient() && step.state.is_teardown() => {
+            Action::Retry {
+                after: full_jitter_backoff(pacing, step.attempt, jitter),
+                error: error.to_string(),
+            }
+        }
         StepResult::NotYet(why) if step.waited > pacing.wait_budget => fail(
             step,
             rules,
@@ -433,6 +448,44 @@ mod tests {
             Action::FailAndUndo { error } => assert!(error.ends_with("gave up after 3 attempts")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_teardown_never_gives_up_on_a_transient_failure_or_a_wait() {
+        let pacing = pacing();
+        let rules = Rules {
+            pacing: &pacing,
+            undo_failed: true,
+        };
+        let error = CloudError::transient("cloudflare:DeleteTunnel", "503");
+        // Far past the retry budget and the wait budget: still retried, the backoff capped.
+        let long = facts(NodeState::DeletingTunnel, 500, 86_400);
+        assert_eq!(
+            decide(&long, StepResult::Failed(&error), &rules, 1.0),
+            Action::Retry {
+                after: pacing.retry_max,
+                error: error.to_string()
+            }
+        );
+        assert!(matches!(
+            decide(
+                &long,
+                StepResult::NotYet("instance not visible"),
+                &rules,
+                1.0
+            ),
+            Action::LookAgain { .. }
+        ));
+        // A permanent refusal still ends it (kept for the operator and the reconciler).
+        assert!(matches!(
+            decide(
+                &facts(NodeState::DeletingTunnel, 0, 0),
+                StepResult::Failed(&CloudError::permanent("cloudflare", "403")),
+                &rules,
+                1.0
+            ),
+            Action::FailAndKeep { .. }
+        ));
     }
 
     #[test]

@@ -2,14 +2,16 @@
 //! kube-rs controller compares the world with its objects.
 //!
 //! - A tagged instance, a `hive-<node>` tunnel, a `hive/nodes/<node>/...` secret or a
-//!   `<node>.<domain>` record (Cloudflare or Route 53) whose node has no row, or is
-//!   `terminated`, is an orphan and is removed (instances and tunnels only once older than the
-//!   grace period, as a last guard against a race with a step that is creating them).
+//!   `<node>.<domain>` record (Cloudflare or Route 53) whose node has no row, is `terminated`,
+//!   or is to be gone and failed its teardown for good, is an orphan and is removed once older
+//!   than the grace period (Route 53 keeps no age). Who owns what is read after every listing, never
+//!   before: a listing can take minutes, and a node created meanwhile has a row before it makes
+//!   anything, so a fresh read knows every owner of what was listed.
 //! - A `ready` node whose instance, secret or tunnel has vanished is sent back to the step
 //!   that creates it, with a new generation, and its job enqueued (an instance whose tunnel is
 //!   replaced is replaced too: it holds the old tunnel's token).
-//! - Drift on a `ready` node is fixed in place: a CNAME that does not route into the node's
-//!   tunnel is pointed back, an instance stopped behind our back is started, a secret bound
+//! - Drift on a `ready` node is fixed in place: a missing Route 53 record is put back, a CNAME
+//!   that does not route into the node's tunnel is pointed back, an instance stopped behind our back is started, a secret bound
 //!   to another instance (or none) is bound to the node's, and an instance of another type is
 //!   recorded as such so that the resize workflow converges on the node's type.
 //! - Every region the worker drives is listed (instances by tag, secrets by path, a hundred or
@@ -178,18 +180,32 @@ async fn pass(
     let act = mode == Mode::Act;
     let started = Utc::now();
     let grace = chrono::TimeDelta::from_std(grace).unwrap_or_default();
-    let owners = owning_nodes(pool).await?;
     let mut report = Report::default();
 
-    // One listing per provider (per region for EC2 and Secrets Manager) serves both the
-    // orphans and the ready nodes' checks.
+    // First every listing (one per provider, per region for EC2 and Secrets Manager; they
+    // serve both the orphans and the ready nodes' checks), then who owns what: a listing can
+    // take minutes over a large fleet, and an owner read before it would not know the nodes
+    // created meanwhile, whose resources it lists. A node's row exists before anything of
+    // it is made, so every resource listed has its owner in a read made after the listing.
     let mut instances_by_region = HashMap::new();
     let mut secrets_by_region = HashMap::new();
     for aws in &clouds.regions {
         let region = aws.settings.name.as_str();
-        let instances = aws.compute.list_tagged().await?;
-        for (instance, node_id) in &instances {
-            if orphan(&owners, node_id, Some(region)) {
+        instances_by_region.insert(region, aws.compute.list_tagged().await?);
+        secrets_by_region.insert(region, aws.secrets.list_node_secrets().await?);
+    }
+    let tunnels = clouds.cloudflare.list_tunnels("hive-").await?;
+    let cnames = clouds.cloudflare.list_cnames().await?;
+    let route53_names = clouds.route53.list_cnames().await?;
+    let owners = owning_nodes(pool).await?;
+    // And, as a last guard, nothing younger than the grace is removed (a Route 53 record has
+    // no age to tell: the fresh read of owners is its guard).
+    let old_enough = |made: Option<DateTime<Utc>>| made.is_none_or(|at| started - at > grace);
+
+    for aws in &clouds.regions {
+        let region = aws.settings.name.as_str();
+        for (instance, node_id) in instances_by_region.get(region).into_iter().flatten() {
+            if orphan(&owners, node_id, Some(region)) && old_enough(instance.launched_at) {
                 if act {
                     aws.compute.terminate(&instance.id).await?;
                 }
@@ -199,28 +215,24 @@ async fn pass(
                 ));
             }
         }
-        let secrets = aws.secrets.list_node_secrets().await?;
-        for secret in &secrets {
+        for secret in secrets_by_region.get(region).into_iter().flatten() {
             let name = &secret.name;
             let node_id = name
                 .trim_start_matches("hive/nodes/")
                 .split('/')
                 .next()
                 .unwrap_or_default();
-            if orphan(&owners, node_id, Some(region)) {
+            if orphan(&owners, node_id, Some(region)) && old_enough(secret.created_at) {
                 if act {
                     aws.secrets.delete(name).await?;
                 }
                 report.removed.push(format!("secret {name} in {region}"));
             }
         }
-        instances_by_region.insert(region, instances);
-        secrets_by_region.insert(region, secrets);
     }
-    let tunnels = clouds.cloudflare.list_tunnels("hive-").await?;
     for tunnel in &tunnels {
         let node_id = tunnel.name.trim_start_matches("hive-");
-        if orphan(&owners, node_id, None) && started - tunnel.created_at > grace {
+        if orphan(&owners, node_id, None) && old_enough(Some(tunnel.created_at)) {
             if act {
                 clouds
                     .cloudflare
@@ -231,10 +243,9 @@ async fn pass(
         }
     }
     let suffix = format!(".{node_domain}");
-    let cnames = clouds.cloudflare.list_cnames().await?;
     for record in &cnames {
         if let Some(node_id) = record.name.strip_suffix(&suffix) {
-            if orphan(&owners, node_id, None) {
+            if orphan(&owners, node_id, None) && old_enough(Some(record.created_on)) {
                 if act {
                     clouds.cloudflare.delete_dns_record(&record.id).await?;
                 }
@@ -244,11 +255,11 @@ async fn pass(
             }
         }
     }
-    for name in clouds.route53.list_cnames().await? {
+    for name in &route53_names {
         if let Some(node_id) = name.strip_suffix(&suffix) {
             if orphan(&owners, node_id, None) {
                 if act {
-                    clouds.route53.delete(&name).await?;
+                    clouds.route53.delete(name).await?;
                 }
                 report.removed.push(format!("route53 record {name}"));
             }
@@ -345,9 +356,22 @@ async fn pass(
         } else if instance_gone {
             NodeState::LaunchingInstance
         } else {
+            let hostname = format!("{id}{suffix}");
+            // Its public name at Route 53, looked up once more when the listing missed it.
+            let route53_missing = !route53_names.contains(&hostname)
+                && clouds.route53.find_record(&hostname).await?.is_none();
+            if route53_missing {
+                if act {
+                    clouds.route53.upsert(&hostname).await?;
+                    tracing::warn!(node_id = %id, "the node's Route 53 record was missing; put back");
+                    store::log_reconciled(pool, id, "route 53 record put back").await?;
+                }
+                report
+                    .repaired
+                    .push(format!("route53 record {hostname} (node {id})"));
+            }
             // Both are there: the name must route into this node's tunnel.
             if let Some(tunnel_id) = &tunnel_id {
-                let hostname = format!("{id}{suffix}");
                 let record = cnames.iter().find(|r| r.name == hostname);
                 let fixed = match record {
                     Some(r) if routes_to_tunnel(r, tunnel_id) => false,

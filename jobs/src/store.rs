@@ -85,7 +85,8 @@ const NODE_COLUMNS: &str =
     teardown_reason, desired, volume_gb, applied_instance_type, applied_volume_gb, \
     restarts_requested, restarts_done, waiting_for, last_error, suspend_at, \
     attempt, step_started_at, next_run_at, created_at, updated_at, request_id, \
-    placement, fallback_type, fallback_for";
+    placement, fallback_type, fallback_for, route53_change_id, launch_token, \
+    instance_launched_at";
 
 /// The names of the states in which a node rests (no step to run), for binding.
 fn resting_states() -> Vec<&'static str> {
@@ -607,6 +608,11 @@ pub async fn commit_step(
              secret_arn = CASE WHEN $18 THEN NULL ELSE COALESCE($7, secret_arn) END, \
              instance_id = CASE WHEN $18 THEN NULL ELSE COALESCE($8, instance_id) END, \
              dns_record_id = CASE WHEN $18 THEN NULL ELSE COALESCE($9, dns_record_id) END, \
+             instance_launched_at = CASE WHEN $18 THEN NULL \
+                 WHEN $8::text IS NOT NULL AND $8 IS DISTINCT FROM instance_id THEN now() \
+                 ELSE instance_launched_at END, \
+             route53_change_id = CASE WHEN $18 OR $5 = $23 THEN NULL \
+                 ELSE route53_change_id END, \
              applied_instance_type = CASE WHEN $18 THEN NULL \
                  ELSE COALESCE($10, applied_instance_type) END, \
              applied_volume_gb = CASE WHEN $18 THEN NULL \
@@ -654,6 +660,8 @@ pub async fn commit_step(
         .bind(created.note.as_deref())
         .bind(EventKind::Started.as_str())
         .bind(to.has_step())
+        // A node entering the Route 53 step waits on a change of its own, never an old one.
+        .bind(NodeState::RoutingRoute53.as_str())
         .fetch_optional(&mut *conn)
         .await?;
     Ok(moved.ok_or(Fenced(node.id)))
@@ -864,6 +872,69 @@ pub async fn rest(conn: &mut PgConnection, id: Uuid, owner: Uuid) -> StoreResult
     Ok(())
 }
 
+/// Extends the lease of a run whose step is still under way (a budget wait, a slow cloud):
+/// `false` when the run no longer holds the node, whose step must then stop before its side
+/// effect (another worker may be running it).
+pub async fn renew_lease(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Uuid,
+    lease: Duration,
+) -> StoreResult<bool> {
+    let renewed = sqlx::query(
+        "UPDATE nodes SET lease_expires_at = now() + $3 \
+         WHERE id = $1 AND lease_owner = $2 AND lease_expires_at > now()",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(renewed == 1)
+}
+
+/// What a step writes down before (or while waiting on) its side effect.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// The launch attempt about to be sent (its `ClientToken`), and when.
+    LaunchAttempt(&'a str),
+    /// The Route 53 change made, to wait on.
+    Route53Change(&'a str),
+}
+
+/// Records a step's progress, fenced like a commit: `false` when the node moved on under this
+/// run.
+pub async fn record_progress(
+    conn: &mut PgConnection,
+    node: &Node,
+    owner: Uuid,
+    what: Progress<'_>,
+) -> StoreResult<bool> {
+    let (sql, value) = match what {
+        Progress::LaunchAttempt(token) => (
+            "UPDATE nodes SET launch_token = $5, instance_launched_at = now() \
+             WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
+            token,
+        ),
+        Progress::Route53Change(change) => (
+            "UPDATE nodes SET route53_change_id = $5 \
+             WHERE id = $1 AND state = $2 AND generation = $3 AND lease_owner = $4",
+            change,
+        ),
+    };
+    let recorded = sqlx::query(sql)
+        .bind(node.id)
+        .bind(node.state().as_str())
+        .bind(node.generation)
+        .bind(owner)
+        .bind(value)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(recorded == 1)
+}
+
 /// Gives the lease back (the run ends without having scheduled or failed the node).
 pub async fn release(conn: &mut PgConnection, id: Uuid, owner: Uuid) -> StoreResult<()> {
     sqlx::query(
@@ -1037,13 +1108,26 @@ pub async fn observe_instance_type(
 }
 
 /// Nodes that own resources: every node with a row that is not `terminated`.
+///
+/// A node that is to be gone and whose teardown failed for good (a permanent refusal) owns
+/// nothing either: what it still holds is the reconciler's to remove, else it would run (and
+/// be billed) until an operator noticed.
 pub async fn owning_nodes(pool: &PgPool) -> StoreResult<Vec<(Uuid, String)>> {
-    Ok(
-        sqlx::query_as("SELECT id, region FROM nodes WHERE state <> $1")
-            .bind(NodeState::Terminated.as_str())
-            .fetch_all(pool)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT id, region FROM nodes WHERE state <> $1 \
+         AND NOT (state = $2 AND desired = $3 AND failed_step = ANY($4))",
     )
+    .bind(NodeState::Terminated.as_str())
+    .bind(NodeState::Failed.as_str())
+    .bind(Desired::Gone.as_str())
+    .bind(
+        crate::workflows::TEARDOWN
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// A ready node as the reconciler judges it.
@@ -1715,9 +1799,38 @@ pub struct QueueHealth {
     pub retrying: i64,
     /// Workers seen in the last minute, with when.
     pub workers: Vec<(String, DateTime<Utc>)>,
+    /// Teardowns retrying longer than the operator's threshold.
+    pub stuck_teardowns: Vec<StuckTeardown>,
 }
 
-pub async fn queue_health(pool: &PgPool) -> StoreResult<QueueHealth> {
+/// A teardown that has gone on retrying longer than the operator's threshold.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct StuckTeardown {
+    pub id: Uuid,
+    pub state: String,
+    /// How long its current step has been retrying or waiting, in seconds.
+    pub stuck_secs: f64,
+    pub last_error: Option<String>,
+}
+
+/// Nodes in a teardown step begun longer than `after` ago, the longest stuck first.
+pub async fn stuck_teardowns(pool: &PgPool, after: Duration) -> StoreResult<Vec<StuckTeardown>> {
+    let states: Vec<&str> = crate::workflows::TEARDOWN
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    Ok(sqlx::query_as(
+        "SELECT id, state, EXTRACT(EPOCH FROM now() - step_started_at)::float8 AS stuck_secs, \
+         last_error FROM nodes WHERE state = ANY($1) AND step_started_at < now() - $2 \
+         ORDER BY step_started_at",
+    )
+    .bind(states)
+    .bind(after)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn queue_health(pool: &PgPool, stuck_after: Duration) -> StoreResult<QueueHealth> {
     let jobs =
         sqlx::query_as("SELECT status, count(*) FROM apalis.jobs GROUP BY status ORDER BY status")
             .fetch_all(pool)
@@ -1744,6 +1857,7 @@ pub async fn queue_health(pool: &PgPool) -> StoreResult<QueueHealth> {
         waiting,
         retrying,
         workers,
+        stuck_teardowns: stuck_teardowns(pool, stuck_after).await?,
     })
 }
 

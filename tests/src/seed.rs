@@ -18,8 +18,8 @@ pub struct Seeded {
 }
 
 /// `count` (a multiple of 500) ready `pro` nodes of one subscription, each with its running
-/// instance (tagged), its secret (bound), its tunnel and its proxied CNAME, as provisioning
-/// leaves them: a reconcile pass over them finds nothing to do.
+/// instance (tagged), its secret (bound), its tunnel, its proxied CNAME and its Route 53
+/// record, as provisioning leaves them: a reconcile pass over them finds nothing to do.
 pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seeded>> {
     // Instances in moto, each tagged with its node (tags one by one, below).
     let owner_and_ids = launch_instances(stack, count, "10.42.64.0/18").await?;
@@ -110,6 +110,38 @@ pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seed
                 },
             );
         }
+    }
+
+    // Their Route 53 CNAMEs, a thousand a change batch (Route 53's most).
+    let r53 = aws_sdk_route53::Client::new(&stack.sdk);
+    for chunk in seeded.chunks(1000) {
+        let mut batch = aws_sdk_route53::types::ChangeBatch::builder();
+        for s in chunk {
+            let hostname = format!("{}.{NODE_DOMAIN}", s.node);
+            batch = batch.changes(
+                aws_sdk_route53::types::Change::builder()
+                    .action(aws_sdk_route53::types::ChangeAction::Create)
+                    .resource_record_set(
+                        aws_sdk_route53::types::ResourceRecordSet::builder()
+                            .name(&hostname)
+                            .r#type(aws_sdk_route53::types::RrType::Cname)
+                            .ttl(300)
+                            .resource_records(
+                                aws_sdk_route53::types::ResourceRecord::builder()
+                                    .value(format!("{hostname}.cdn.cloudflare.net"))
+                                    .build()?,
+                            )
+                            .build()?,
+                    )
+                    .build()?,
+            );
+        }
+        r53.change_resource_record_sets()
+            .hosted_zone_id(&stack.aws.zone_id)
+            .change_batch(batch.build()?)
+            .send()
+            .await
+            .context("creating the seeded nodes' Route 53 records")?;
     }
 
     // Their rows: one subscription's ready nodes.

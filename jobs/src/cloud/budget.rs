@@ -18,7 +18,7 @@ use super::{CloudError, CloudResult};
 
 /// How long one call waits for the budget before it gives up (a transient failure: the step
 /// is retried later).
-const MAX_WAIT: Duration = Duration::from_secs(60);
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a budget stays halved after a rate-limit answer, in periods.
 const SHRINK_PERIODS: u32 = 5;
@@ -192,11 +192,14 @@ impl Shared {
 pub struct BudgetedHttpClient {
     inner: aws_smithy_runtime_api::client::http::SharedHttpClient,
     budget: Budget,
+    attempt_timeout: Duration,
 }
 
 impl BudgetedHttpClient {
-    /// The SDK's default HTTPS client (rustls), behind `budget`.
-    pub fn new(budget: Budget) -> Self {
+    /// The SDK's default HTTPS client (rustls), behind `budget`. `attempt_timeout` bounds
+    /// the call itself, from when the budget let it go: the wait for the budget must not eat
+    /// the attempt's time (the SDK's own attempt timeout is set above both).
+    pub fn new(budget: Budget, attempt_timeout: Duration) -> Self {
         use aws_smithy_http_client::tls;
         Self {
             inner: aws_smithy_http_client::Builder::new()
@@ -205,6 +208,7 @@ impl BudgetedHttpClient {
                 ))
                 .build_https(),
             budget,
+            attempt_timeout,
         }
     }
 }
@@ -218,6 +222,7 @@ impl aws_smithy_runtime_api::client::http::HttpClient for BudgetedHttpClient {
         aws_smithy_runtime_api::client::http::SharedHttpConnector::new(BudgetedConnector {
             inner: self.inner.http_connector(settings, components),
             budget: self.budget.clone(),
+            attempt_timeout: self.attempt_timeout,
         })
     }
 }
@@ -226,6 +231,7 @@ impl aws_smithy_runtime_api::client::http::HttpClient for BudgetedHttpClient {
 struct BudgetedConnector {
     inner: aws_smithy_runtime_api::client::http::SharedHttpConnector,
     budget: Budget,
+    attempt_timeout: Duration,
 }
 
 impl aws_smithy_runtime_api::client::http::HttpConnector for BudgetedConnector {
@@ -236,12 +242,15 @@ impl aws_smithy_runtime_api::client::http::HttpConnector for BudgetedConnector {
         use aws_smithy_runtime_api::client::result::ConnectorError;
         let inner = self.inner.clone();
         let budget = self.budget.clone();
+        let attempt_timeout = self.attempt_timeout;
         aws_smithy_runtime_api::client::http::HttpConnectorFuture::new(async move {
             budget
                 .take()
                 .await
                 .map_err(|e| ConnectorError::other(Box::new(e), None))?;
-            let response = inner.call(request).await?;
+            let response = tokio::time::timeout(attempt_timeout, inner.call(request))
+                .await
+                .map_err(|elapsed| ConnectorError::timeout(Box::new(elapsed)))??;
             // 429, or EC2's 503 `RequestLimitExceeded`: slow every worker down.
             let status = response.status().as_u16();
             if status == 429 || status == 503 {

@@ -285,8 +285,24 @@ impl Cloudflare {
         })
     }
 
-    /// Deletes the tunnel and its connections; one that is gone counts as deleted.
+    /// Deletes the tunnel's connections, then the tunnel: Cloudflare refuses to delete a
+    /// tunnel that has active connections, and its API's delete takes no `cascade` any more.
+    /// A tunnel that is gone counts as deleted.
     pub async fn delete_tunnel(&self, tunnel_id: &str) -> CloudResult<()> {
+        let cleaned = self
+            .send(
+                "cloudflare:CleanupTunnelConnections",
+                &DeleteTunnelConnections {
+                    account_id: &self.account_id,
+                    tunnel_id,
+                },
+            )
+            .await?;
+        match cleaned {
+            Ok(_) => {}
+            Err(ApiFailure::Error(status, _)) if status.as_u16() == 404 => return Ok(()),
+            Err(e) => return Err(classify("cloudflare:CleanupTunnelConnections", e)),
+        }
         let result = self
             .send(
                 "cloudflare:DeleteTunnel",
@@ -481,6 +497,28 @@ impl EndpointSpec for PutTunnelConfiguration<'_> {
     fn body(&self) -> Option<RequestBody<'_>> {
         let body = serde_json::json!({ "config": self.config });
         Some(RequestBody::Json(body.to_string()))
+    }
+}
+
+/// `DELETE accounts/{account}/cfd_tunnel/{id}/connections`: removes every connector of the
+/// tunnel (what must go before the tunnel itself can).
+struct DeleteTunnelConnections<'a> {
+    account_id: &'a str,
+    tunnel_id: &'a str,
+}
+
+impl EndpointSpec for DeleteTunnelConnections<'_> {
+    type JsonResponse = ();
+    type ResponseType = ApiSuccess<()>;
+
+    fn method(&self) -> Method {
+        Method::DELETE
+    }
+    fn path(&self) -> String {
+        format!(
+            "accounts/{}/cfd_tunnel/{}/connections",
+            self.account_id, self.tunnel_id
+        )
     }
 }
 

@@ -55,6 +55,8 @@ pub struct InstanceInfo {
     pub restarted: Option<String>,
     /// Where it runs: `subnet-... (zone)`.
     pub placement: Option<String>,
+    /// When it was launched, as EC2 says.
+    pub launched_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// `subnet-... (zone)`, or what of it is known.
@@ -117,20 +119,29 @@ impl Compute {
 
     /// The live instance tagged with this node, if any.
     pub async fn find_by_node(&self, node_id: Uuid) -> CloudResult<Option<InstanceInfo>> {
-        let out = self
-            .ec2
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{}", tags::NODE_ID))
-                    .values(node_id.to_string())
-                    .build(),
-            )
-            .filters(live_states())
+        Ok(self.tagged_with(node_id, true).await?.into_iter().next())
+    }
+
+    /// Whether EC2 shows any instance tagged with this node, terminated ones included.
+    pub async fn any_by_node(&self, node_id: Uuid) -> CloudResult<bool> {
+        Ok(!self.tagged_with(node_id, false).await?.is_empty())
+    }
+
+    async fn tagged_with(&self, node_id: Uuid, live_only: bool) -> CloudResult<Vec<InstanceInfo>> {
+        let mut request = self.ec2.describe_instances().filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::NODE_ID))
+                .values(node_id.to_string())
+                .build(),
+        );
+        if live_only {
+            request = request.filters(live_states());
+        }
+        let out = request
             .send()
             .await
             .map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
-        Ok(self.instances(&out).into_iter().next())
+        Ok(self.instances(&out))
     }
 
     /// Every live instance tagged as a node's: (instance, node id from its tag).
@@ -172,6 +183,18 @@ impl Compute {
 
     /// The instance by id; `None` when EC2 does not know it (or it is terminated).
     pub async fn describe(&self, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
+        Ok(self
+            .describe_in_any_state(instance_id)
+            .await?
+            .filter(|i| i.state != "terminated"))
+    }
+
+    /// The instance by id, terminated included; `None` when EC2 does not know it (yet: a
+    /// young instance may not show; or any more: a terminated one shows for about an hour).
+    pub async fn describe_in_any_state(
+        &self,
+        instance_id: &str,
+    ) -> CloudResult<Option<InstanceInfo>> {
         let result = self
             .ec2
             .describe_instances()
@@ -179,10 +202,7 @@ impl Compute {
             .send()
             .await;
         match result {
-            Ok(out) => Ok(self
-                .instances(&out)
-                .into_iter()
-                .find(|i| i.state != "terminated")),
+            Ok(out) => Ok(self.instances(&out).into_iter().next()),
             Err(e) if super::aws_code(&e) == Some("InvalidInstanceID.NotFound") => Ok(None),
             Err(e) => Err(classify_aws("ec2:DescribeInstances", e)),
         }
@@ -267,6 +287,9 @@ impl Compute {
                     root_volume_id,
                     restarted,
                     placement: placement_of(instance),
+                    launched_at: instance
+                        .launch_time()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
                 });
             }
         }
@@ -365,6 +388,9 @@ impl Compute {
             root_volume_id: None,
             restarted: None,
             placement: placement_of(instance).or_else(|| Some(spec.subnet_id.to_string())),
+            launched_at: instance
+                .launch_time()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
         })
     }
 

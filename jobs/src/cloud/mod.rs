@@ -44,7 +44,9 @@ impl Clouds {
             None => budget::Budget::unlimited(),
         };
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .operation_attempt_timeout(config.http_timeout)
+            // The call itself is bounded by `http_timeout` in the budgeted client, from when
+            // its budget let it go; this bound is only a backstop above both.
+            .operation_attempt_timeout(config.http_timeout + budget::MAX_WAIT)
             .connect_timeout(Duration::from_secs(5))
             .build();
         // Our own retries are stored in Postgres; the SDK retries only briefly within a step.
@@ -64,17 +66,17 @@ impl Clouds {
             let region = &settings.name;
             let ec2_config = aws_sdk_ec2::config::Builder::from(&shared)
                 .interceptor(CountCalls)
-                .http_client(budget::BudgetedHttpClient::new(budget(
-                    format!("ec2:{region}"),
-                    budgets.ec2,
-                )))
+                .http_client(budget::BudgetedHttpClient::new(
+                    budget(format!("ec2:{region}"), budgets.ec2),
+                    config.http_timeout,
+                ))
                 .build();
             let sm_config = aws_sdk_secretsmanager::config::Builder::from(&shared)
                 .interceptor(CountCalls)
-                .http_client(budget::BudgetedHttpClient::new(budget(
-                    format!("secretsmanager:{region}"),
-                    budgets.secrets,
-                )))
+                .http_client(budget::BudgetedHttpClient::new(
+                    budget(format!("secretsmanager:{region}"), budgets.secrets),
+                    config.http_timeout,
+                ))
                 .build();
             regions.push(RegionClouds {
                 settings: settings.clone(),
@@ -92,10 +94,10 @@ impl Clouds {
         let shared = load(first).await;
         let r53_config = aws_sdk_route53::config::Builder::from(&shared)
             .interceptor(CountCalls)
-            .http_client(budget::BudgetedHttpClient::new(budget(
-                "route53".into(),
-                budgets.route53,
-            )))
+            .http_client(budget::BudgetedHttpClient::new(
+                budget("route53".into(), budgets.route53),
+                config.http_timeout,
+            ))
             .build();
         Ok(Clouds {
             regions,

@@ -4,7 +4,10 @@ use aws_sdk_route53::types::{
     Change, ChangeAction, ChangeBatch, ChangeStatus, ResourceRecord, ResourceRecordSet, RrType,
 };
 
-use super::{classify_aws, CloudError, CloudResult};
+use super::{aws_code, classify_aws, CloudError, CloudResult};
+
+/// The node record's TTL.
+const TTL: i64 = 300;
 
 #[derive(Clone)]
 pub struct Route53 {
@@ -44,7 +47,7 @@ impl Route53 {
         ResourceRecordSet::builder()
             .name(hostname)
             .r#type(RrType::Cname)
-            .ttl(300)
+            .ttl(TTL)
             .resource_records(
                 ResourceRecord::builder()
                     .value(Self::cname_target(hostname))
@@ -55,16 +58,16 @@ impl Route53 {
             .map_err(|e| CloudError::permanent("route53:build", e.to_string()))
     }
 
-    async fn change(
+    async fn submit(
         &self,
         action: ChangeAction,
-        hostname: &str,
+        record: ResourceRecordSet,
     ) -> CloudResult<(String, Propagation)> {
         let batch = ChangeBatch::builder()
             .changes(
                 Change::builder()
                     .action(action)
-                    .resource_record_set(Self::cname(hostname)?)
+                    .resource_record_set(record)
                     .build()
                     .map_err(|e| CloudError::permanent("route53:build", e.to_string()))?,
             )
@@ -84,13 +87,33 @@ impl Route53 {
         Ok((info.id().to_string(), propagation(info.status())))
     }
 
-    /// Creates or replaces the node's CNAME (UPSERT is idempotent).
+    /// Creates or replaces the node's CNAME (UPSERT is idempotent): the change's id, and where
+    /// Route 53 is with it (AWS answers every change `PENDING`).
     pub async fn upsert(&self, hostname: &str) -> CloudResult<(String, Propagation)> {
-        self.change(ChangeAction::Upsert, hostname).await
+        self.submit(ChangeAction::Upsert, Self::cname(hostname)?)
+            .await
     }
 
-    /// The node's CNAME target, if the record exists.
-    pub async fn find(&self, hostname: &str) -> CloudResult<Option<String>> {
+    /// Whether a record set is the one the node needs.
+    pub fn is_wanted(record: &ResourceRecordSet, hostname: &str) -> bool {
+        record.ttl() == Some(TTL)
+            && record.resource_records().len() == 1
+            && record.resource_records()[0].value() == Self::cname_target(hostname)
+    }
+
+    /// Where Route 53 is with a change we made: `INSYNC` once every name server has it. A
+    /// change Route 53 no longer knows (`NoSuchChange`) is reported as `None`.
+    pub async fn change_status(&self, change_id: &str) -> CloudResult<Option<Propagation>> {
+        let id = change_id.trim_start_matches("/change/");
+        match self.r53.get_change().id(id).send().await {
+            Ok(out) => Ok(out.change_info().map(|info| propagation(info.status()))),
+            Err(e) if aws_code(&e) == Some("NoSuchChange") => Ok(None),
+            Err(e) => Err(classify_aws("route53:GetChange", e)),
+        }
+    }
+
+    /// The node's CNAME record set as Route 53 holds it (TTL and values), if it exists.
+    pub async fn find_record(&self, hostname: &str) -> CloudResult<Option<ResourceRecordSet>> {
         let fqdn = format!("{}.", hostname.trim_end_matches('.'));
         let out = self
             .r53
@@ -106,6 +129,14 @@ impl Route53 {
             .resource_record_sets()
             .iter()
             .find(|r| r.name() == fqdn && r.r#type() == &RrType::Cname)
+            .cloned())
+    }
+
+    /// The node's CNAME target, if the record exists.
+    pub async fn find(&self, hostname: &str) -> CloudResult<Option<String>> {
+        Ok(self
+            .find_record(hostname)
+            .await?
             .and_then(|r| r.resource_records().first().map(|v| v.value().to_string())))
     }
 
@@ -145,12 +176,15 @@ impl Route53 {
         Ok(names)
     }
 
-    /// Deletes the node's CNAME; a record that is not there counts as deleted.
+    /// Deletes the node's CNAME exactly as Route 53 holds it: a DELETE must repeat the record
+    /// (TTL and values included) or Route 53 refuses it for good, and the record may have been
+    /// written by someone else, or by an older release with another TTL. A record that is not
+    /// there counts as deleted.
     pub async fn delete(&self, hostname: &str) -> CloudResult<()> {
-        if self.find(hostname).await?.is_none() {
+        let Some(record) = self.find_record(hostname).await? else {
             return Ok(());
-        }
-        match self.change(ChangeAction::Delete, hostname).await {
+        };
+        match self.submit(ChangeAction::Delete, record).await {
             Ok(_) => Ok(()),
             Err(CloudError::Permanent { message, .. }) if message.contains("not found") => Ok(()),
             Err(e) => Err(e),

@@ -12,6 +12,8 @@ pub struct NodeSecret {
     pub name: String,
     /// The ARN of the instance allowed to read it (its binding tag).
     pub bound_to: Option<String>,
+    /// When it was created, as Secrets Manager says.
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Clone)]
@@ -141,6 +143,9 @@ impl Secrets {
                         .find(|t| t.key() == Some(tags::INSTANCE_ARN))
                         .and_then(|t| t.value())
                         .map(str::to_string),
+                    created_at: s
+                        .created_date()
+                        .and_then(|d| chrono::DateTime::from_timestamp(d.secs(), d.subsec_nanos())),
                 })
             }));
         }

@@ -3,7 +3,7 @@
 
 use super::{done, required, Outcome, StepContext};
 use crate::cloud::cloudflare::{routes_to_tunnel, tunnel_target};
-use crate::cloud::route53::Propagation;
+use crate::cloud::route53::{Propagation, Route53};
 use crate::cloud::CloudResult;
 use crate::model::Node;
 use crate::store::Created;
@@ -45,15 +45,39 @@ pub async fn delete_cloudflare(ctx: &StepContext<'_>, node: &Node) -> CloudResul
     done()
 }
 
-/// The Route 53 CNAME `<node>.<domain>` → `<node>.<domain>.cdn.cloudflare.net` (an UPSERT),
-/// until Route 53 reports it in sync. Undo: [`delete_route53`].
+/// The Route 53 CNAME `<node>.<domain>` → `<node>.<domain>.cdn.cloudflare.net`, until Route
+/// 53 has it on every name server. AWS answers every change `PENDING` and tells `INSYNC` only
+/// through `GetChange` of that change, so the step makes one UPSERT, writes its change id down
+/// before waiting, and on each later look asks `GetChange` of it. (A node entering this step
+/// starts with no change recorded: the reconciler's way back makes a fresh UPSERT.) Undo:
+/// [`delete_route53`].
 pub async fn route_route53(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let (_change, propagation) = ctx.clouds.route53.upsert(&node.hostname).await?;
-    match propagation {
-        Propagation::InSync => done(),
-        Propagation::Pending => Ok(Outcome::NotYet("route 53 change is pending")),
+    let route53 = &ctx.clouds.route53;
+    if let Some(change) = &node.route53_change_id {
+        match route53.change_status(change).await? {
+            Some(Propagation::InSync) => return done(),
+            Some(Propagation::Pending) => return Ok(Outcome::NotYet(PENDING)),
+            // Forgotten by Route 53: in sync if the record is there as the node needs it.
+            None => {
+                if route53
+                    .find_record(&node.hostname)
+                    .await?
+                    .is_some_and(|r| Route53::is_wanted(&r, &node.hostname))
+                {
+                    return done();
+                }
+            }
+        }
     }
+    let (change, propagation) = route53.upsert(&node.hostname).await?;
+    if propagation == Propagation::InSync {
+        return done();
+    }
+    ctx.progress.route53_change(node, &change).await?;
+    Ok(Outcome::NotYet(PENDING))
 }
+
+const PENDING: &str = "route 53 change is pending";
 
 /// Deletes the node's Route 53 record; none left counts as done.
 pub async fn delete_route53(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {

@@ -2,7 +2,7 @@
 //! terminated. Every action reads the instance first and acts only on the difference, so a
 //! repeat (a crash, a retry, a second worker) does not act twice.
 
-use super::{done, idempotency_token, required, Outcome, StepContext};
+use super::{done, idempotency_token, instance_is_young, required, Outcome, StepContext};
 use crate::cloud::compute::{InstanceInfo, LaunchError, LaunchSpec};
 use crate::cloud::{CloudError, CloudResult};
 use crate::model::Node;
@@ -10,15 +10,34 @@ use crate::store::Created;
 use crate::user_data::{self, UserDataParams};
 
 /// The node's recorded instance as EC2 sees it now, read together with the other nodes'
-/// reads of the moment; gone is a permanent failure (the reconciler brings a ready node whose
-/// instance vanished back to launching).
-async fn current(ctx: &StepContext<'_>, node: &Node) -> CloudResult<InstanceInfo> {
+/// reads of the moment, or the outcome to answer: EC2 does not know a young instance yet
+/// (look again); gone otherwise is a permanent failure (the reconciler brings a ready node
+/// whose instance vanished back to launching).
+pub(crate) async fn current(
+    ctx: &StepContext<'_>,
+    node: &Node,
+) -> CloudResult<Result<InstanceInfo, Outcome>> {
     let instance_id = required(node, "instance_id", &node.instance_id)?;
-    ctx.aws
-        .compute
-        .observe(instance_id)
-        .await?
-        .ok_or_else(|| CloudError::permanent("ec2", format!("instance {instance_id} has vanished")))
+    match ctx.aws.compute.observe(instance_id).await? {
+        Some(instance) => Ok(Ok(instance)),
+        None if instance_is_young(ctx, node) => Ok(Err(Outcome::NotYet(NOT_VISIBLE_YET))),
+        None => Err(CloudError::permanent(
+            "ec2",
+            format!("instance {instance_id} has vanished"),
+        )),
+    }
+}
+
+const NOT_VISIBLE_YET: &str = "instance not visible to EC2's reads yet";
+
+/// The node's instance, or return the outcome [`current`] answered.
+macro_rules! current_or_return {
+    ($ctx:expr, $node:expr) => {
+        match current($ctx, $node).await? {
+            Ok(instance) => instance,
+            Err(outcome) => return Ok(outcome),
+        }
+    };
 }
 
 /// Launches the node's t4g instance, or adopts the one tagged with the node (a crashed run's,
@@ -65,9 +84,25 @@ pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
             .map(String::as_str)
             .filter(|t| *t != node.instance_type),
     );
+    // A retry repeats the attempt under way when it was cut off (same zone, type and token):
+    // EC2 then answers the instance it launched, which its reads may not show yet. Starting
+    // over in a zone that had no capacity before could launch a second one.
+    let token_base = idempotency_token(node);
+    let resume_at = node
+        .launch_token
+        .as_deref()
+        .and_then(|token| attempt_of(token, &token_base))
+        .unwrap_or((0, 0));
     let mut full = Vec::new();
     for (t, instance_type) in types.iter().enumerate() {
         for (s, subnet_id) in region.subnets.iter().enumerate() {
+            if (t, s) < resume_at {
+                continue;
+            }
+            let client_token = format!("{token_base}-{t}-{s}");
+            // Written first: a teardown then knows an instance may exist that EC2 does not
+            // show yet, and a retry where to resume.
+            ctx.progress.launch_attempt(node, &client_token).await?;
             let launched = compute
                 .launch(&LaunchSpec {
                     node_id: node.id,
@@ -82,7 +117,7 @@ pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
                     volume_gb: node.volume_gb,
                     // Another subnet or type is another request: EC2 refuses one token
                     // with other parameters.
-                    client_token: format!("{}-{t}-{s}", idempotency_token(node)),
+                    client_token,
                 })
                 .await;
             let instance = match launched {
@@ -126,22 +161,38 @@ pub async fn launch(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
     ))
 }
 
+/// The (type, subnet) indexes of a launch attempt's token of this generation.
+fn attempt_of(token: &str, base: &str) -> Option<(usize, usize)> {
+    let (t, s) = token
+        .strip_prefix(base)?
+        .strip_prefix('-')?
+        .split_once('-')?;
+    Some((t.parse().ok()?, s.parse().ok()?))
+}
+
 /// Terminates the node's instances: the tagged one, and the recorded one should it differ;
-/// only live ones (terminating one twice is an error in some EC2 implementations).
+/// only live ones (terminating one twice is an error in some EC2 implementations). A young
+/// recorded instance that EC2 does not show yet is waited for, never taken for gone: it may
+/// be running (EC2's reads are eventually consistent).
 pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
     let compute = &ctx.aws.compute;
     let mut live = Vec::new();
     if let Some(instance) = compute.find_by_node(node.id).await? {
         live.push(instance.id);
     }
+    let mut seen = !live.is_empty();
     if let Some(recorded) = node.instance_id.as_ref().filter(|r| !live.contains(r)) {
-        if compute
-            .describe(recorded)
-            .await?
-            .is_some_and(|i| i.state != "shutting-down")
-        {
-            live.push(recorded.clone());
+        if let Some(instance) = compute.describe_in_any_state(recorded).await? {
+            seen = true;
+            if !matches!(instance.state.as_str(), "shutting-down" | "terminated") {
+                live.push(recorded.clone());
+            }
         }
+    }
+    tracing::debug!(seen, launched_at = ?node.instance_launched_at, young = instance_is_young(ctx, node), "terminate looked");
+    if !seen && instance_is_young(ctx, node) && !compute.any_by_node(node.id).await? {
+        // A launch was attempted a moment ago: its instance may run without EC2 showing it.
+        return Ok(Outcome::NotYet(NOT_VISIBLE_YET));
     }
     for instance_id in &live {
         compute.terminate(instance_id).await?;
@@ -151,7 +202,7 @@ pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcom
 
 /// Waits until the instance runs. No undo: it only reads.
 pub async fn wait_running(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     match instance.state.as_str() {
         "running" => done(),
         "pending" => Ok(Outcome::NotYet("instance is pending")),
@@ -165,7 +216,7 @@ pub async fn wait_running(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Out
 /// Stops the instance; its volume, tunnel, DNS and secret stay. No undo: starting it again is
 /// a workflow of its own (resume), chosen by the node's intent.
 pub async fn stop(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     match instance.state.as_str() {
         "stopped" | "stopping" => done(),
         // EC2 refuses to stop an instance that has not started yet.
@@ -181,7 +232,7 @@ pub async fn stop(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
 /// Waits until the instance is `stopped`. No undo: it only reads (or stops again an instance
 /// someone started meanwhile).
 pub async fn wait_stopped(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     match instance.state.as_str() {
         "stopped" => done(),
         "stopping" => Ok(Outcome::NotYet("instance is stopping")),
@@ -195,7 +246,7 @@ pub async fn wait_stopped(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Out
 
 /// Starts the stopped instance. No undo: stopping it is the suspend workflow's.
 pub async fn start(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     match instance.state.as_str() {
         "running" | "pending" => done(),
         "stopping" => Ok(Outcome::NotYet("instance is still stopping")),
@@ -211,7 +262,7 @@ pub async fn start(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
 /// request it carried out (`hive:restarted`), so a repeat finds it done. No undo: a reboot
 /// cannot be taken back.
 pub async fn reboot(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     let request = node.restarts_requested.to_string();
     let carried_out = Outcome::Done(Created {
         restarts_done: Some(node.restarts_requested),
@@ -233,7 +284,7 @@ pub async fn reboot(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
 /// Gives the stopped instance the node's instance type. No undo: a later resize converges on
 /// whatever type the node then asks for.
 pub async fn change_type(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     if instance.instance_type != node.instance_type {
         if instance.state != "stopped" {
             return Err(CloudError::permanent(
@@ -259,7 +310,7 @@ pub async fn change_type(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
 /// Grows the root volume to the node's size (a volume is never shrunk). No undo: EBS cannot
 /// shrink a volume.
 pub async fn grow_volume(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance = current(ctx, node).await?;
+    let instance = current_or_return!(ctx, node);
     let volume = instance.root_volume_id.ok_or_else(|| {
         CloudError::permanent(
             "ec2",

@@ -24,6 +24,22 @@ pub struct StepContext<'a> {
     /// EC2 and Secrets Manager in the node's own region, with its launch settings.
     pub aws: &'a RegionClouds,
     pub config: &'a WorkerConfig,
+    /// Where a step writes down, before a side effect, what a retry must repeat.
+    pub progress: &'a dyn Progress,
+}
+
+/// A future that a [`Progress`] hands back.
+pub type ProgressFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = CloudResult<()>> + Send + 'a>>;
+
+/// What a step records before its side effect, fenced like its commit (an error when the node
+/// moved on under this run: the side effect must then not happen). Kept to an interface so the
+/// steps know nothing of the store.
+pub trait Progress: Send + Sync {
+    /// The launch attempt (its `ClientToken`) about to be sent.
+    fn launch_attempt<'a>(&'a self, node: &'a Node, token: &'a str) -> ProgressFuture<'a>;
+    /// The Route 53 change made, to be waited on by later looks.
+    fn route53_change<'a>(&'a self, node: &'a Node, change_id: &'a str) -> ProgressFuture<'a>;
 }
 
 /// What a step did.
@@ -64,4 +80,13 @@ pub(crate) fn required<'a>(
 /// The same for every try within one generation, new after an operator's replay.
 pub(crate) fn idempotency_token(node: &Node) -> String {
     format!("{}-g{:08}", node.id.simple(), node.generation)
+}
+
+/// Whether the node's last launch attempt (or its instance's record) is too recent for EC2's
+/// "not found" to mean gone: EC2's reads are eventually consistent, and an instance may not
+/// show, by id or by tag, for a while after `RunInstances` (`HIVE_EC2_CONSISTENCY_SECS`).
+pub(crate) fn instance_is_young(ctx: &StepContext<'_>, node: &Node) -> bool {
+    let window = chrono::TimeDelta::from_std(ctx.config.ec2_consistency).unwrap_or_default();
+    node.instance_launched_at
+        .is_some_and(|at| chrono::Utc::now() - at < window)
 }

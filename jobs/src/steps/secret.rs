@@ -2,7 +2,7 @@
 //! read it.
 
 use super::{done, idempotency_token, required, Outcome, StepContext};
-use crate::cloud::{CloudError, CloudResult};
+use crate::cloud::CloudResult;
 use crate::model::Node;
 use crate::store::Created;
 
@@ -31,16 +31,12 @@ pub async fn delete(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> 
 /// Tags the secret with the instance's ARN, so that only this instance's role may read it.
 /// No undo of its own: the tag goes with the secret.
 pub async fn bind_to_instance(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
-    let instance_id = required(node, "instance_id", &node.instance_id)?;
     let secret_arn = required(node, "secret_arn", &node.secret_arn)?;
-    let instance = ctx
-        .aws
-        .compute
-        .describe(instance_id)
-        .await?
-        .ok_or_else(|| {
-            CloudError::permanent("ec2", format!("instance {instance_id} has vanished"))
-        })?;
+    // Its ARN names the account, which EC2 tells; a young instance it may not show yet.
+    let instance = match super::instance::current(ctx, node).await? {
+        Ok(instance) => instance,
+        Err(not_yet) => return Ok(not_yet),
+    };
     ctx.aws
         .secrets
         .bind_to_instance(secret_arn, &instance.arn)
