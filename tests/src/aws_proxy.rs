@@ -5,6 +5,10 @@
 //! (EC2's query XML, Secrets Manager's JSON, Route 53's REST XML), so the SDK parses them into
 //! the same errors a real region would give.
 //!
+//! AWS's timing is kept here too (see `aws_strict`): instances unknown to EC2's reads for a
+//! while after launch, `pending` and `stopping` states, Route 53 changes `PENDING` until
+//! `GetChange` says `INSYNC`. It is on unless a test turns it off ([`AwsProxy::set_timing`]).
+//!
 //! Two gaps of moto are closed here, because our correctness depends on them in production:
 //! - EC2 honours `ClientToken`: a `RunInstances` repeated with a token already used answers the
 //!   first reservation instead of launching again. moto launches again.
@@ -22,6 +26,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+
+use crate::aws_iam::{self, Authorization, Caller, Policy};
+use crate::aws_strict::{self, Clock, Timing};
+
+/// The account moto's resources are in (its default).
+pub const MOTO_ACCOUNT: &str = "123456789012";
 
 /// How an armed fault fails a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +64,8 @@ pub struct AwsFault {
     pub operation: String,
     pub mode: AwsFaultMode,
     pub times: u32,
+    /// Only requests with this form field and value (EC2), such as one kind of listing.
+    pub when: Option<(String, String)>,
 }
 
 impl AwsFault {
@@ -62,7 +74,14 @@ impl AwsFault {
             operation: operation.into(),
             mode,
             times,
+            when: None,
         }
+    }
+
+    /// Only for requests whose form has `key` = `value`.
+    pub fn when(mut self, key: &str, value: &str) -> Self {
+        self.when = Some((key.into(), value.into()));
+        self
     }
 }
 
@@ -92,6 +111,16 @@ struct ProxyState {
     ec2_calls: u32,
     /// Subnets (zones) where `RunInstances` finds no capacity: of one type, or of any.
     full_subnets: HashSet<(String, Option<String>)>,
+    /// How slow AWS is, and what it remembers to be so.
+    timing: Option<Timing>,
+    clock: Clock,
+    /// Secrets deleted with a recovery window (by name): their names cannot be created again
+    /// until the window ends or they are restored.
+    scheduled_secrets: HashSet<String>,
+    /// The policy every request is authorized against (`aws_iam`), when one is enforced.
+    policy: Option<Arc<Policy>>,
+    /// Requests the policy refused: `action on resource: why`.
+    denied: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -104,11 +133,34 @@ pub struct AwsProxy {
 impl AwsProxy {
     /// A proxy to `upstream` (moto's endpoint, `http://127.0.0.1:PORT`).
     pub fn new(upstream: &str) -> Self {
-        Self {
+        let proxy = Self {
             upstream: Arc::new(upstream.trim_end_matches('/').to_string()),
             http: reqwest::Client::new(),
             state: Arc::default(),
-        }
+        };
+        proxy.set_timing(Timing::strict());
+        proxy
+    }
+
+    /// From now on every request must be allowed by `policy`, as IAM would require of the
+    /// worker's role; `None` lets everything through (moto's default).
+    pub fn enforce(&self, policy: Option<Policy>) {
+        self.lock().policy = policy.map(Arc::new);
+    }
+
+    /// The policy enforced now.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.lock().policy.clone()
+    }
+
+    /// The requests the enforced policy refused so far, each as `action on resource: why`.
+    pub fn denied(&self) -> Vec<String> {
+        self.lock().denied.clone()
+    }
+
+    /// AWS's delays from now on ([`Timing::instant`]: moto's own, none).
+    pub fn set_timing(&self, timing: Timing) {
+        self.lock().timing = Some(timing);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
@@ -171,19 +223,329 @@ impl AwsProxy {
         self.lock().faults.clone()
     }
 
-    fn take_fault(&self, operation: &str) -> Option<AwsFaultMode> {
+    fn take_fault(&self, operation: &str, form: &BTreeMap<String, String>) -> Option<AwsFaultMode> {
         let mut state = self.lock();
         *state.calls.entry(operation.to_string()).or_default() += 1;
-        let i = state
-            .faults
-            .iter()
-            .position(|f| f.times > 0 && f.operation == operation)?;
+        let i = state.faults.iter().position(|f| {
+            f.times > 0
+                && f.operation == operation
+                && f.when.as_ref().is_none_or(|(k, v)| form.get(k) == Some(v))
+        })?;
         state.faults[i].times -= 1;
         let mode = state.faults[i].mode;
         if state.faults[i].times == 0 {
             state.faults.remove(i);
         }
         Some(mode)
+    }
+
+    /// The refusal IAM would answer under the enforced policy; `None` when it allows the
+    /// request (or none is enforced).
+    async fn authorize(
+        &self,
+        protocol: Protocol,
+        operation: &str,
+        uri: &axum::http::Uri,
+        headers: &HeaderMap,
+        form: &BTreeMap<String, String>,
+        body: &Bytes,
+    ) -> Option<Response> {
+        let policy = self.policy()?;
+        let signature = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let caller = Caller {
+            region: aws_iam::signed_region(signature).unwrap_or("us-east-1"),
+            account: MOTO_ACCOUNT,
+        };
+        let authorizations: Vec<Authorization> = match protocol {
+            Protocol::Ec2Query => {
+                let tags = if operation.starts_with("Describe") || operation == "RunInstances" {
+                    Default::default()
+                } else {
+                    self.resource_tags(headers, form).await
+                };
+                aws_iam::ec2_authorizations(&caller, operation, form, &tags)
+            }
+            Protocol::Json => aws_iam::secrets_authorizations(&caller, operation, body),
+            Protocol::RestXml => aws_iam::route53_authorizations(operation, uri.path()),
+        };
+        for a in &authorizations {
+            if let Err(why) = policy.authorize(a) {
+                let what = format!("{} on {}: {why}", a.action, a.resource);
+                tracing::error!(denied = %what, "the worker's policy does not allow this call");
+                self.lock().denied.push(what.clone());
+                let (code, status) = match protocol {
+                    Protocol::Ec2Query => ("UnauthorizedOperation", StatusCode::FORBIDDEN),
+                    Protocol::Json => ("AccessDeniedException", StatusCode::BAD_REQUEST),
+                    Protocol::RestXml => ("AccessDenied", StatusCode::FORBIDDEN),
+                };
+                return Some(error_answer(
+                    protocol,
+                    status,
+                    code,
+                    &format!("User is not authorized to perform: {what}"),
+                ));
+            }
+        }
+        None
+    }
+
+    /// The tags of the instances and volumes an EC2 request names, as moto holds them (a
+    /// condition on `aws:ResourceTag/...` needs them).
+    async fn resource_tags(
+        &self,
+        headers: &HeaderMap,
+        form: &BTreeMap<String, String>,
+    ) -> std::collections::HashMap<String, aws_iam::Tags> {
+        let ids: Vec<&String> = form
+            .iter()
+            .filter(|(k, v)| {
+                (k.starts_with("InstanceId") || k.starts_with("ResourceId.") || *k == "VolumeId")
+                    && (v.starts_with("i-") || v.starts_with("vol-"))
+            })
+            .map(|(_, v)| v)
+            .collect();
+        let mut found: std::collections::HashMap<String, aws_iam::Tags> = Default::default();
+        if ids.is_empty() {
+            return found;
+        }
+        let mut query = vec![
+            ("Action".to_string(), "DescribeTags".to_string()),
+            ("Version".to_string(), "2016-11-15".to_string()),
+            ("Filter.1.Name".to_string(), "resource-id".to_string()),
+        ];
+        for (n, id) in ids.iter().enumerate() {
+            query.push((format!("Filter.1.Value.{}", n + 1), (*id).clone()));
+        }
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(query)
+            .finish();
+        let mut request = self
+            .http
+            .post(format!("{}/", self.upstream))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        // moto reads the region from the signature's scope (it does not check the signature).
+        if let Some(signature) = headers.get("authorization") {
+            request = request.header("authorization", signature);
+        }
+        let Ok(answer) = request.send().await else {
+            return found;
+        };
+        let Ok(text) = answer.text().await else {
+            return found;
+        };
+        let field = |item: &str, name: &str| {
+            let open = format!("<{name}>");
+            let close = format!("</{name}>");
+            item.split_once(&open)
+                .and_then(|(_, rest)| rest.split_once(&close))
+                .map(|(value, _)| value.to_string())
+        };
+        for item in text.split("<item>").skip(1) {
+            if let (Some(id), Some(key)) = (field(item, "resourceId"), field(item, "key")) {
+                let value = field(item, "value").unwrap_or_default();
+                found.entry(id).or_default().insert(key, value);
+            }
+        }
+        found
+    }
+
+    /// The answer AWS would give before doing anything, where moto would be kinder: EC2 does
+    /// not know an instance yet, refuses an action in the instance's state; Route 53 tells a
+    /// change's status. `None`: on to moto.
+    fn as_aws_would(
+        &self,
+        protocol: Protocol,
+        operation: &str,
+        uri: &axum::http::Uri,
+        form: &BTreeMap<String, String>,
+    ) -> Option<Response> {
+        let state = self.lock();
+        let timing = state.timing?;
+        let now = std::time::Instant::now();
+        if operation == "GetChange" {
+            let id = uri.path().rsplit('/').next().unwrap_or_default();
+            return Some(match state.clock.change_status(id, &timing, now) {
+                Some(status) => {
+                    let mut response =
+                        (StatusCode::OK, aws_strict::get_change_answer(id, status)).into_response();
+                    response
+                        .headers_mut()
+                        .insert("content-type", HeaderValue::from_static("text/xml"));
+                    response
+                }
+                None => error_answer(
+                    protocol,
+                    StatusCode::NOT_FOUND,
+                    "NoSuchChange",
+                    &format!("A change with the specified change ID does not exist: {id}"),
+                ),
+            });
+        }
+        if protocol != Protocol::Ec2Query || operation == "RunInstances" {
+            return None;
+        }
+        let named = aws_strict::named_instances(form);
+        let unknown = state.clock.unknown(&timing, now);
+        if let Some(id) = named.iter().find(|id| unknown.contains(*id)) {
+            return Some(error_answer(
+                protocol,
+                StatusCode::BAD_REQUEST,
+                "InvalidInstanceID.NotFound",
+                &format!("The instance ID '{id}' does not exist"),
+            ));
+        }
+        let pending = state.clock.pending(&timing, now);
+        let stopping = state.clock.stopping(&timing, now);
+        let refused = match operation {
+            "StopInstances" => named.iter().find(|id| pending.contains(*id)),
+            "ModifyInstanceAttribute" => named
+                .iter()
+                .find(|id| pending.contains(*id) || stopping.contains(*id)),
+            _ => None,
+        };
+        refused.map(|id| {
+            error_answer(
+                protocol,
+                StatusCode::BAD_REQUEST,
+                "IncorrectInstanceState",
+                &format!("The instance '{id}' is not in a state from which it can be {operation}."),
+            )
+        })
+    }
+
+    /// Secrets Manager's deletion window: a name scheduled for deletion cannot be created
+    /// again (AWS: "a secret with this name is already scheduled for deletion"), unless the
+    /// secret was deleted without recovery. Remembered here; moto says only "exists".
+    fn secret_as_aws_would(&self, operation: &str, body: &Bytes) -> Option<Response> {
+        let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let mut state = self.lock();
+        state.timing?;
+        match operation {
+            "CreateSecret" => {
+                let name = json["Name"].as_str()?;
+                state.scheduled_secrets.contains(name).then(|| {
+                    error_answer(
+                        Protocol::Json,
+                        StatusCode::BAD_REQUEST,
+                        "InvalidRequestException",
+                        "You can't create this secret because a secret with this name is already scheduled for deletion.",
+                    )
+                })
+            }
+            "DeleteSecret" => {
+                let name = json["SecretId"].as_str()?.to_string();
+                if json["ForceDeleteWithoutRecovery"].as_bool() == Some(true) {
+                    state.scheduled_secrets.remove(&name);
+                } else {
+                    state.scheduled_secrets.insert(name);
+                }
+                None
+            }
+            "RestoreSecret" => {
+                let name = json["SecretId"].as_str()?;
+                state.scheduled_secrets.remove(name);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Route 53 deletes a record set only when the request repeats it exactly as it is now
+    /// (TTL and values): "Tried to delete resource record set ... but the values provided do
+    /// not match the current values". moto accepts any values it was ever given.
+    async fn route53_delete_as_aws_would(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Option<Response> {
+        self.lock().timing?;
+        let text = String::from_utf8_lossy(body);
+        if xml_field(&text, "Action").as_deref() != Some("DELETE") {
+            return None;
+        }
+        let name = xml_field(&text, "Name")?;
+        let kind = xml_field(&text, "Type")?;
+        let asked = (xml_field(&text, "TTL"), xml_fields(&text, "Value"));
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        let rrset_path = format!(
+            "{}?name={fqdn}&type={kind}&maxitems=1",
+            path.trim_end_matches('/')
+        );
+        let mut request = self.http.get(format!("{}{rrset_path}", self.upstream));
+        if let Some(signature) = headers.get("authorization") {
+            request = request.header("authorization", signature);
+        }
+        let current = request.send().await.ok()?.text().await.ok()?;
+        let found = current
+            .split("<ResourceRecordSet>")
+            .skip(1)
+            .find(|set| xml_field(set, "Name").as_deref() == Some(fqdn.as_str()))?;
+        let now = (xml_field(found, "TTL"), xml_fields(found, "Value"));
+        (now != asked).then(|| {
+            error_answer(
+                Protocol::RestXml,
+                StatusCode::BAD_REQUEST,
+                "InvalidChangeBatch",
+                &format!(
+                    "[Tried to delete resource record set [name='{fqdn}', type='{kind}'] but the values provided do not match the current values]"
+                ),
+            )
+        })
+    }
+
+    /// A successful answer as AWS would time it, and what it starts remembered.
+    fn timed(&self, operation: &str, form: &BTreeMap<String, String>, answer: Bytes) -> Bytes {
+        let mut state = self.lock();
+        let Some(timing) = state.timing else {
+            return answer;
+        };
+        let now = std::time::Instant::now();
+        match operation {
+            "RunInstances" => {
+                state.clock.launched(instance_ids(&answer), now);
+                answer
+            }
+            "StartInstances" => {
+                state.clock.started(aws_strict::named_instances(form), now);
+                answer
+            }
+            "StopInstances" => {
+                state.clock.stopped(aws_strict::named_instances(form), now);
+                answer
+            }
+            "DescribeInstances" => {
+                let text = String::from_utf8_lossy(&answer);
+                let text = aws_strict::without_instances(&text, &state.clock.unknown(&timing, now));
+                let text = aws_strict::with_state(
+                    &text,
+                    Some(&state.clock.pending(&timing, now)),
+                    Some("running"),
+                    0,
+                    "pending",
+                );
+                let text = aws_strict::with_state(
+                    &text,
+                    Some(&state.clock.stopping(&timing, now)),
+                    Some("stopped"),
+                    64,
+                    "stopping",
+                );
+                Bytes::from(text)
+            }
+            "ChangeResourceRecordSets" => {
+                let id = state.clock.change(now);
+                Bytes::from(aws_strict::pending_change(
+                    &String::from_utf8_lossy(&answer),
+                    &id,
+                ))
+            }
+            _ => answer,
+        }
     }
 
     pub fn router(self) -> Router {
@@ -251,7 +613,21 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
     if protocol == Protocol::Ec2Query {
         proxy.lock().ec2_calls += 1;
     }
-    let fault = proxy.take_fault(&operation);
+    // IAM first, as AWS does: a refused call does nothing and hits no other fault.
+    if let Some(refusal) = proxy
+        .authorize(
+            protocol,
+            &operation,
+            &parts.uri,
+            &parts.headers,
+            &form,
+            &body,
+        )
+        .await
+    {
+        return refusal;
+    }
+    let fault = proxy.take_fault(&operation, &form);
     match fault {
         Some(AwsFaultMode::Hang) => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -270,6 +646,20 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
         None => {}
     }
     let dropped = fault == Some(AwsFaultMode::DropAfterSuccess);
+    if let Some(answer) = proxy.as_aws_would(protocol, &operation, &parts.uri, &form) {
+        return answer;
+    }
+    if let Some(answer) = proxy.secret_as_aws_would(&operation, &body) {
+        return answer;
+    }
+    if operation == "ChangeResourceRecordSets" {
+        if let Some(answer) = proxy
+            .route53_delete_as_aws_would(parts.uri.path(), &parts.headers, &body)
+            .await
+        {
+            return answer;
+        }
+    }
     if operation == "RunInstances" {
         let full = {
             let state = proxy.lock();
@@ -320,6 +710,7 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
     };
 
     if status.is_success() {
+        answer = proxy.timed(&operation, &form, answer);
         match operation.as_str() {
             "RunInstances" => {
                 let mut state = proxy.lock();
@@ -336,10 +727,22 @@ async fn handle(State(proxy): State<AwsProxy>, request: Request) -> Response {
                     (state.held.clone(), state.hold_stopping)
                 };
                 if !held.is_empty() {
-                    answer = Bytes::from(report_pending(&String::from_utf8_lossy(&answer), &held));
+                    answer = Bytes::from(aws_strict::with_state(
+                        &String::from_utf8_lossy(&answer),
+                        Some(&held),
+                        None,
+                        0,
+                        "pending",
+                    ));
                 }
                 if stopping {
-                    answer = Bytes::from(report_stopping(&String::from_utf8_lossy(&answer)));
+                    answer = Bytes::from(aws_strict::with_state(
+                        &String::from_utf8_lossy(&answer),
+                        None,
+                        Some("stopped"),
+                        64,
+                        "stopping",
+                    ));
                 }
             }
             _ => {}
@@ -504,6 +907,20 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Bytes, dropped: bool) -
     response
 }
 
+/// The text of the first `<name>` element of an XML document.
+fn xml_field(text: &str, name: &str) -> Option<String> {
+    xml_fields(text, name).into_iter().next()
+}
+
+/// The text of every `<name>` element of an XML document, in order.
+fn xml_fields(text: &str, name: &str) -> Vec<String> {
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    text.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(value, _)| value.to_string()))
+        .collect()
+}
+
 /// The instance ids in a `RunInstances` answer.
 fn instance_ids(answer: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(answer);
@@ -516,87 +933,13 @@ fn instance_ids(answer: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A `DescribeInstances` answer with every held instance's state set to `pending`.
-fn report_pending(answer: &str, held: &HashSet<String>) -> String {
-    let mut out = String::with_capacity(answer.len());
-    let mut rest = answer;
-    // Each instance's `<instanceState>` follows its `<instanceId>` within its item.
-    while let Some(at) = rest.find("<instanceId>") {
-        let (before, from_id) = rest.split_at(at);
-        out.push_str(before);
-        let id_end = from_id.find("</instanceId>").unwrap_or(from_id.len());
-        let id = &from_id["<instanceId>".len().min(id_end)..id_end];
-        match (
-            held.contains(id),
-            from_id.find("<instanceState>"),
-            from_id.find("</instanceState>"),
-        ) {
-            (true, Some(open), Some(close)) if open < close => {
-                out.push_str(&from_id[..open]);
-                out.push_str("<instanceState><code>0</code><name>pending</name></instanceState>");
-                rest = &from_id[close + "</instanceState>".len()..];
-            }
-            _ => {
-                let skip = "<instanceId>".len().min(from_id.len());
-                out.push_str(&from_id[..skip]);
-                rest = &from_id[skip..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// A `DescribeInstances` answer with every stopped instance reported `stopping`.
-fn report_stopping(answer: &str) -> String {
-    const OPEN: &str = "<instanceState>";
-    const CLOSE: &str = "</instanceState>";
-    let mut out = String::with_capacity(answer.len());
-    let mut rest = answer;
-    while let Some(open) = rest.find(OPEN) {
-        let Some(close) = rest[open..].find(CLOSE).map(|c| open + c + CLOSE.len()) else {
-            break;
-        };
-        out.push_str(&rest[..open]);
-        let block = &rest[open..close];
-        if block.contains("<name>stopped</name>") {
-            out.push_str("<instanceState><code>64</code><name>stopping</name></instanceState>");
-        } else {
-            out.push_str(block);
-        }
-        rest = &rest[close..];
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn stopped_instances_read_stopping_while_held() {
-        let answer = "<r><item><instanceId>i-1</instanceId><instanceState>\n<code>80</code>\n<name>stopped</name></instanceState></item>\
-<item><instanceId>i-2</instanceId><instanceState><code>16</code><name>running</name></instanceState></item></r>";
-        let out = report_stopping(answer);
-        assert!(out.contains("<instanceId>i-1</instanceId><instanceState><code>64</code><name>stopping</name></instanceState>"), "{out}");
-        assert!(
-            out.contains(
-                "<instanceId>i-2</instanceId><instanceState><code>16</code><name>running</name>"
-            ),
-            "{out}"
-        );
-        assert!(!out.contains("stopped"));
-    }
-
-    #[test]
-    fn held_instances_read_pending_and_others_do_not() {
-        let answer = "<r><item><instanceId>i-1</instanceId><imageId>a</imageId><instanceState><code>16</code><name>running</name></instanceState></item>\
-<item><instanceId>i-2</instanceId><instanceState><code>16</code><name>running</name></instanceState></item></r>";
-        let held: HashSet<String> = ["i-2".to_string()].into();
-        let out = report_pending(answer, &held);
-        assert!(out.contains("<instanceId>i-1</instanceId><imageId>a</imageId><instanceState><code>16</code><name>running</name>"));
-        assert!(out.contains("<instanceId>i-2</instanceId><instanceState><code>0</code><name>pending</name></instanceState></item></r>"));
+    fn launched_instance_ids_are_read_from_the_answer() {
+        let answer = "<r><item><instanceId>i-1</instanceId></item><item><instanceId>i-2</instanceId></item></r>";
         assert_eq!(instance_ids(answer.as_bytes()), vec!["i-1", "i-2"]);
     }
 

@@ -205,6 +205,14 @@ impl StandIn {
             .push(fault);
     }
 
+    /// Disarms every fault: an outage ends.
+    pub fn clear_faults(&self) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Takes one use of the first fault matching the request, if any.
     fn take_fault(&self, method: &str, path: &str) -> Option<FaultMode> {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,6 +249,10 @@ impl StandIn {
             .route(
                 "/accounts/{account}/cfd_tunnel/{id}/token",
                 get(tunnel_token),
+            )
+            .route(
+                "/accounts/{account}/cfd_tunnel/{id}/connections",
+                axum::routing::delete(delete_connections),
             )
             .route(
                 "/accounts/{account}/cfd_tunnel/{id}/configurations",
@@ -511,16 +523,43 @@ async fn get_tunnel(
     }
 }
 
+/// Cloudflare refuses to delete a tunnel that has active connections (the API's delete of a
+/// `cfd_tunnel` takes no `cascade` any more): its connections are cleaned up first
+/// ([`delete_connections`]), once whatever ran cloudflared is gone.
 async fn delete_tunnel(
+    State(s): State<StandIn>,
+    Path((account, id)): Path<(String, String)>,
+) -> Answer {
+    let mut store = s.lock();
+    let connected = find_tunnel(&mut store, &account, &id).is_some_and(|t| s.is_connected(t));
+    if connected {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            1022,
+            "Cannot delete tunnel because it has active connections. Clean up connections first.",
+        );
+    }
+    match find_tunnel(&mut store, &account, &id) {
+        Some(t) if t.deleted_at.is_none() => {
+            t.deleted_at = Some(Utc::now());
+            let t = t.clone();
+            ok(s.tunnel_json(&t))
+        }
+        _ => tunnel_not_found(),
+    }
+}
+
+/// Removes the tunnel's connections (`DELETE .../cfd_tunnel/{id}/connections`): the stand-in
+/// plays the node, which reconnects only when the tunnel is configured again.
+async fn delete_connections(
     State(s): State<StandIn>,
     Path((account, id)): Path<(String, String)>,
 ) -> Answer {
     let mut store = s.lock();
     match find_tunnel(&mut store, &account, &id) {
         Some(t) if t.deleted_at.is_none() => {
-            t.deleted_at = Some(Utc::now());
-            let t = t.clone();
-            ok(s.tunnel_json(&t))
+            t.configured_at = None;
+            ok(Value::Null)
         }
         _ => tunnel_not_found(),
     }

@@ -2,7 +2,9 @@
 //! hive-worker) as a library, shared by the end-to-end tests and the `hive-stack` command.
 
 pub mod aws_fixture;
+pub mod aws_iam;
 pub mod aws_proxy;
+pub mod aws_strict;
 pub mod bench;
 pub mod cloudflare_standin;
 pub mod process;

@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::aws_fixture::{sdk_config, AwsFixture, RegionFixture};
+use crate::aws_iam::Policy;
 use crate::aws_proxy::AwsProxy;
 use crate::cloudflare_standin::StandIn;
 use crate::process::{spawn_ours, Managed, Moto, Postgres};
@@ -25,6 +26,42 @@ pub const CLOUDFLARE_ZONE: &str = "fedcba9876543210fedcba9876543210";
 pub const NODE_DOMAIN: &str = "nodes.hive.test";
 pub const REGION: &str = "eu-west-1";
 pub const INSTANCE_PROFILE: &str = "hive-node";
+
+/// The worker's policy document from terraform/, filled in for moto's account and these
+/// regions' images, subnets and groups, as terraform fills it for the real ones.
+pub fn worker_policy(regions: &[RegionFixture], aws: &AwsFixture) -> anyhow::Result<Policy> {
+    let account = crate::aws_proxy::MOTO_ACCOUNT;
+    let arns = |each: &dyn Fn(&RegionFixture) -> Vec<String>| {
+        serde_json::to_string(&regions.iter().flat_map(each).collect::<Vec<_>>())
+    };
+    let images = arns(&|r| vec![format!("arn:aws:ec2:{}::image/{}", r.region, r.ami_id)])?;
+    let subnets = arns(&|r| {
+        r.subnet_ids
+            .iter()
+            .map(|s| format!("arn:aws:ec2:{}:{account}:subnet/{s}", r.region))
+            .collect()
+    })?;
+    let groups = arns(&|r| {
+        vec![format!(
+            "arn:aws:ec2:{}:{account}:security-group/{}",
+            r.region, r.security_group_id
+        )]
+    })?;
+    Policy::load(
+        &crate::aws_iam::worker_policy_path(),
+        &[
+            ("account", account.to_string()),
+            ("route53_zone_id", aws.zone_id.clone()),
+            (
+                "node_role_arn",
+                format!("arn:aws:iam::{account}:role/{}", aws.instance_profile),
+            ),
+            ("image_arns", images),
+            ("subnet_arns", subnets),
+            ("security_group_arns", groups),
+        ],
+    )
+}
 
 /// An instance of ours as moto holds it.
 #[derive(Debug, Clone)]
@@ -60,7 +97,9 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
-            connect_delay: Duration::from_millis(300),
+            // cloudflared connects a few seconds after its tunnel has its ingress, on the
+            // tests' faster clock.
+            connect_delay: Duration::from_millis(1000),
             extra_env: vec![
                 ("HIVE_POLL_INTERVAL_MS".into(), "250".into()),
                 ("HIVE_QUEUE_POLL_MS".into(), "200".into()),
@@ -90,6 +129,8 @@ pub struct Stack {
     pub database_url: String,
     pub apis: Vec<(Managed, SocketAddr)>,
     pub workers: Vec<Managed>,
+    /// The regions the worker's policy covers.
+    policy_regions: std::sync::Mutex<Vec<RegionFixture>>,
     options: StackOptions,
     http: reqwest::Client,
     standin_task: tokio::task::JoinHandle<()>,
@@ -128,7 +169,10 @@ impl Stack {
         // The tests' own view of AWS goes to moto directly, past any injected fault.
         let sdk = sdk_config(&moto.endpoint(), REGION).await;
         let aws = AwsFixture::create(&sdk, NODE_DOMAIN, INSTANCE_PROFILE).await?;
+        // Every call of the binaries runs under the worker's policy from terraform/.
+        aws_proxy.enforce(Some(worker_policy(std::slice::from_ref(&aws.home), &aws)?));
         Ok(Stack {
+            policy_regions: std::sync::Mutex::new(vec![aws.home.clone()]),
             pg,
             moto,
             standin,
@@ -168,6 +212,9 @@ impl Stack {
             ("HIVE_RATE_BUDGET_EC2", "10000/1s".into()),
             ("HIVE_RATE_BUDGET_ROUTE53", "10000/1s".into()),
             ("HIVE_RATE_BUDGET_SECRETS", "10000/1s".into()),
+            // The AWS proxy hides a new instance for two seconds (aws_strict::Timing): the
+            // worker's window for EC2's eventual consistency, on the tests' faster clock.
+            ("HIVE_EC2_CONSISTENCY_SECS", "8".into()),
             ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.into()),
             ("STRIPE_API_BASE", format!("http://{}/", self.stripe_addr)),
             ("AWS_REGION", REGION.into()),
@@ -200,9 +247,22 @@ impl Stack {
         env
     }
 
-    /// Another region's footprint in moto (the home region's is made at start).
+    /// Another region's footprint in moto (the home region's is made at start), which the
+    /// worker's policy then covers, as terraform's map of regions makes it do.
     pub async fn add_region(&self, region: &str) -> anyhow::Result<RegionFixture> {
-        RegionFixture::create(&sdk_config(&self.moto.endpoint(), region).await).await
+        let fixture =
+            RegionFixture::create(&sdk_config(&self.moto.endpoint(), region).await).await?;
+        let regions = {
+            let mut regions = self
+                .policy_regions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            regions.push(fixture.clone());
+            regions.clone()
+        };
+        self.aws_proxy
+            .enforce(Some(worker_policy(&regions, &self.aws)?));
+        Ok(fixture)
     }
 
     /// A `HIVE_CONFIG_FILE` naming these regions, then `more` (plans, say); removed when the

@@ -204,6 +204,18 @@ async fn a_tunnel_deleted_behind_our_back_is_replaced_with_its_route_secret_and_
     let old_instance = stack.instance_of(&node).await.unwrap().unwrap();
     let http = reqwest::Client::new();
     let account = hive_tests::stack::CLOUDFLARE_ACCOUNT;
+    // As `cloudflared tunnel delete -f` does: its connections first (Cloudflare refuses to
+    // delete a tunnel that has any).
+    let cleaned = http
+        .delete(format!(
+            "{}accounts/{account}/cfd_tunnel/{old_tunnel}/connections",
+            stack.cloudflare_api_base()
+        ))
+        .bearer_auth(CLOUDFLARE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(cleaned.status().is_success());
     let deleted = http
         .delete(format!(
             "{}accounts/{account}/cfd_tunnel/{old_tunnel}",
