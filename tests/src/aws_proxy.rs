@@ -158,7 +158,7 @@ impl AwsProxy {
         self.lock().denied.clone()
     }
 
-    /// AWS's delays from now on ([`Timing::instant`]: moto's own, none).
+    /// AWS's delays from now on.
     pub fn set_timing(&self, timing: Timing) {
         self.lock().timing = Some(timing);
     }
@@ -400,6 +400,19 @@ impl AwsProxy {
         }
         let pending = state.clock.pending(&timing, now);
         let stopping = state.clock.stopping(&timing, now);
+        if operation == "ModifyVolume" {
+            let volume = form.get("VolumeId")?;
+            let (state, _) = state.clock.modification(volume, &timing, now)?;
+            return Some(error_answer(
+                protocol,
+                StatusCode::BAD_REQUEST,
+                "IncorrectModificationState",
+                &format!(
+                    "Volume {volume} cannot be modified in modification state {}",
+                    state.to_uppercase()
+                ),
+            ));
+        }
         let refused = match operation {
             "StopInstances" => named.iter().find(|id| pending.contains(*id)),
             "ModifyInstanceAttribute" => named
@@ -535,6 +548,37 @@ impl AwsProxy {
                     64,
                     "stopping",
                 );
+                Bytes::from(text)
+            }
+            "ModifyVolume" => {
+                let text = String::from_utf8_lossy(&answer).into_owned();
+                if let (Some(volume), Some(original)) =
+                    (form.get("VolumeId"), xml_field(&text, "originalSize"))
+                {
+                    state.clock.volume_modified(volume.clone(), original, now);
+                }
+                answer
+            }
+            "DescribeVolumes" | "DescribeVolumesModifications" => {
+                let mut text = String::from_utf8_lossy(&answer).into_owned();
+                for (volume, modification, original) in state.clock.modifications(&timing, now) {
+                    text = if operation == "DescribeVolumes" {
+                        // The new size shows once the volume is optimizing.
+                        if modification == "modifying" {
+                            aws_strict::with_volume_field(&text, &volume, "size", &original, false)
+                        } else {
+                            text
+                        }
+                    } else {
+                        aws_strict::with_volume_field(
+                            &text,
+                            &volume,
+                            "modificationState",
+                            modification,
+                            true,
+                        )
+                    };
+                }
                 Bytes::from(text)
             }
             "ChangeResourceRecordSets" => {

@@ -7,6 +7,9 @@
 //! - A launched or started instance is `pending` before it is `running`; a stopped one is
 //!   `stopping` before it is `stopped`. EC2 refuses to stop a `pending` instance and to change
 //!   the type of one that is not `stopped` (`IncorrectInstanceState`).
+//! - A volume being modified is `modifying`, then `optimizing`, then `completed`; its new size
+//!   shows only once it is `optimizing`, and EC2 refuses another modification until it is
+//!   done (`IncorrectModificationState`).
 //! - Route 53 answers every change `PENDING` ("the initial status of all change batch
 //!   requests") and reports `INSYNC` only through `GetChange`, some time later.
 
@@ -25,6 +28,10 @@ pub struct Timing {
     pub stopping_for: Duration,
     /// How long a Route 53 change reads `PENDING`.
     pub route53_sync: Duration,
+    /// How long a volume modification is `modifying` (the old size still shows), then
+    /// `optimizing`.
+    pub volume_modifying: Duration,
+    pub volume_optimizing: Duration,
 }
 
 impl Timing {
@@ -35,16 +42,8 @@ impl Timing {
             pending_for: Duration::from_millis(1_500),
             stopping_for: Duration::from_millis(1_000),
             route53_sync: Duration::from_millis(2_000),
-        }
-    }
-
-    /// moto's own behaviour: everything at once (benchmarks of our own overhead only).
-    pub fn instant() -> Self {
-        Self {
-            describe_lag: Duration::ZERO,
-            pending_for: Duration::ZERO,
-            stopping_for: Duration::ZERO,
-            route53_sync: Duration::ZERO,
+            volume_modifying: Duration::from_millis(1_000),
+            volume_optimizing: Duration::from_millis(2_000),
         }
     }
 }
@@ -57,6 +56,8 @@ pub struct Clock {
     stopped: HashMap<String, Instant>,
     /// Route 53 changes by id: when they were made.
     changes: HashMap<String, Instant>,
+    /// Volume modifications by volume: when the last began, and the size before it.
+    modified: HashMap<String, (Instant, String)>,
     next_change: u64,
 }
 
@@ -96,6 +97,43 @@ impl Clock {
             self.started.remove(&id);
             self.stopped.insert(id, now);
         }
+    }
+
+    pub fn volume_modified(&mut self, volume_id: String, original_size: String, now: Instant) {
+        self.modified.insert(volume_id, (now, original_size));
+    }
+
+    /// A volume's modification state where it is not yet `completed`, with its size before.
+    pub fn modification(
+        &self,
+        volume_id: &str,
+        timing: &Timing,
+        now: Instant,
+    ) -> Option<(&'static str, &str)> {
+        let (began, original) = self.modified.get(volume_id)?;
+        let since = now.duration_since(*began);
+        if since < timing.volume_modifying {
+            Some(("modifying", original))
+        } else if since < timing.volume_modifying + timing.volume_optimizing {
+            Some(("optimizing", original))
+        } else {
+            None
+        }
+    }
+
+    /// Volumes whose modification is not yet `completed`, with the state and the size before.
+    pub fn modifications(
+        &self,
+        timing: &Timing,
+        now: Instant,
+    ) -> Vec<(String, &'static str, String)> {
+        self.modified
+            .keys()
+            .filter_map(|id| {
+                self.modification(id, timing, now)
+                    .map(|(state, size)| (id.clone(), state, size.to_string()))
+            })
+            .collect()
     }
 
     /// A new change, `PENDING` from now: its id.
@@ -250,6 +288,37 @@ pub fn with_state(
     out
 }
 
+/// An answer with the text of the `field` element that follows `<volumeId>{volume}` (before
+/// the next volume) replaced by `value`: the first one, or in the last item naming the volume.
+pub fn with_volume_field(
+    answer: &str,
+    volume: &str,
+    field: &str,
+    value: &str,
+    last: bool,
+) -> String {
+    let marker = format!("<volumeId>{volume}</volumeId>");
+    let found = if last {
+        answer.rfind(&marker)
+    } else {
+        answer.find(&marker)
+    };
+    let Some(at) = found else {
+        return answer.to_string();
+    };
+    let (open, close) = (format!("<{field}>"), format!("</{field}>"));
+    let rest = &answer[at + marker.len()..];
+    let next_volume = rest.find("<volumeId>").unwrap_or(rest.len());
+    match (rest.find(&open), rest.find(&close)) {
+        (Some(o), Some(c)) if o < c && c < next_volume => {
+            let start = at + marker.len() + o + open.len();
+            let end = at + marker.len() + c;
+            format!("{}{value}{}", &answer[..start], &answer[end..])
+        }
+        _ => answer.to_string(),
+    }
+}
+
 /// A `ChangeResourceRecordSets` answer that names `id` and says `PENDING`, as AWS's does.
 pub fn pending_change(answer: &str, id: &str) -> String {
     let mut out = answer.to_string();
@@ -310,6 +379,44 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("<name>running</name>"), "{out}");
+    }
+
+    #[test]
+    fn a_volume_shows_its_old_size_while_modifying_and_its_state_until_done() {
+        let timing = Timing::strict();
+        let mut clock = Clock::default();
+        let t0 = Instant::now();
+        clock.volume_modified("vol-1".into(), "8".into(), t0);
+        assert_eq!(
+            clock.modification("vol-1", &timing, t0),
+            Some(("modifying", "8"))
+        );
+        let optimizing = t0 + timing.volume_modifying;
+        assert_eq!(
+            clock.modification("vol-1", &timing, optimizing),
+            Some(("optimizing", "8"))
+        );
+        let done = optimizing + timing.volume_optimizing;
+        assert_eq!(clock.modification("vol-1", &timing, done), None);
+        let volumes = "<volumeSet><item><volumeId>vol-0</volumeId><size>5</size></item>\
+<item><volumeId>vol-1</volumeId><size>20</size></item></volumeSet>";
+        let out = with_volume_field(volumes, "vol-1", "size", "8", false);
+        assert!(
+            out.contains("<volumeId>vol-1</volumeId><size>8</size>"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<volumeId>vol-0</volumeId><size>5</size>"),
+            "{out}"
+        );
+        let mods = "<s><item><volumeId>vol-1</volumeId><modificationState>completed</modificationState></item>\
+<item><volumeId>vol-1</volumeId><modificationState>completed</modificationState></item></s>";
+        let out = with_volume_field(mods, "vol-1", "modificationState", "optimizing", true);
+        assert!(
+            out.ends_with("<modificationState>optimizing</modificationState></item></s>"),
+            "{out}"
+        );
+        assert_eq!(out.matches("completed").count(), 1, "{out}");
     }
 
     #[test]

@@ -122,9 +122,9 @@ impl Compute {
         Ok(self.tagged_with(node_id, true).await?.into_iter().next())
     }
 
-    /// Whether EC2 shows any instance tagged with this node, terminated ones included.
-    pub async fn any_by_node(&self, node_id: Uuid) -> CloudResult<bool> {
-        Ok(!self.tagged_with(node_id, false).await?.is_empty())
+    /// Every instance EC2 shows tagged with this node, terminated ones included.
+    pub async fn all_by_node(&self, node_id: Uuid) -> CloudResult<Vec<InstanceInfo>> {
+        self.tagged_with(node_id, false).await
     }
 
     async fn tagged_with(&self, node_id: Uuid, live_only: bool) -> CloudResult<Vec<InstanceInfo>> {
@@ -500,6 +500,43 @@ impl Compute {
             Ok(out) => Ok(out.volumes().first().and_then(|v| v.size())),
             Err(e) if super::aws_code(&e) == Some("InvalidVolume.NotFound") => Ok(None),
             Err(e) => Err(classify_aws("ec2:DescribeVolumes", e)),
+        }
+    }
+
+    /// The state (`modifying`, `optimizing`, `completed`, `failed`) and target size of the
+    /// volume's latest modification; `None` when it was never modified.
+    pub async fn volume_modification(
+        &self,
+        volume_id: &str,
+    ) -> CloudResult<Option<(String, Option<i32>)>> {
+        match self
+            .ec2
+            .describe_volumes_modifications()
+            .volume_ids(volume_id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .volumes_modifications()
+                .iter()
+                .max_by_key(|m| m.start_time().map(|t| (t.secs(), t.subsec_nanos())))
+                .map(|m| {
+                    (
+                        m.modification_state()
+                            .map(|s| s.as_str().to_string())
+                            .unwrap_or_default(),
+                        m.target_size(),
+                    )
+                })),
+            Err(e)
+                if matches!(
+                    super::aws_code(&e),
+                    Some("InvalidVolumeModification.NotFound" | "InvalidVolume.NotFound")
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(classify_aws("ec2:DescribeVolumesModifications", e)),
         }
     }
 

@@ -176,21 +176,25 @@ fn attempt_of(token: &str, base: &str) -> Option<(usize, usize)> {
 /// be running (EC2's reads are eventually consistent).
 pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
     let compute = &ctx.aws.compute;
-    let mut live = Vec::new();
-    if let Some(instance) = compute.find_by_node(node.id).await? {
-        live.push(instance.id);
-    }
-    let mut seen = !live.is_empty();
+    let is_live = |i: &InstanceInfo| !matches!(i.state.as_str(), "shutting-down" | "terminated");
+    // One read of everything tagged with the node, in any state: what EC2 shows at all.
+    let tagged = compute.all_by_node(node.id).await?;
+    let mut seen = !tagged.is_empty();
+    let mut live: Vec<String> = tagged
+        .iter()
+        .filter(|i| is_live(i))
+        .map(|i| i.id.clone())
+        .collect();
     if let Some(recorded) = node.instance_id.as_ref().filter(|r| !live.contains(r)) {
         if let Some(instance) = compute.describe_in_any_state(recorded).await? {
             seen = true;
-            if !matches!(instance.state.as_str(), "shutting-down" | "terminated") {
+            if is_live(&instance) {
                 live.push(recorded.clone());
             }
         }
     }
-    tracing::debug!(seen, launched_at = ?node.instance_launched_at, young = instance_is_young(ctx, node), "terminate looked");
-    if !seen && instance_is_young(ctx, node) && !compute.any_by_node(node.id).await? {
+    tracing::debug!(seen, launched_at = ?node.instance_launched_at, "terminate looked");
+    if !seen && instance_is_young(ctx, node) {
         // A launch was attempted a moment ago: its instance may run without EC2 showing it.
         return Ok(Outcome::NotYet(NOT_VISIBLE_YET));
     }
@@ -322,6 +326,23 @@ pub async fn grow_volume(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outc
         .volume_size(&volume)
         .await?
         .ok_or_else(|| CloudError::permanent("ec2", format!("volume {volume} has vanished")))?;
+    // A modification under way is not asked for again: EC2 refuses another until it is done,
+    // and its new size shows only once it is `optimizing` (a repeat after a crash would
+    // otherwise see the old size and ask again).
+    if let Some((state, target)) = compute.volume_modification(&volume).await? {
+        if matches!(state.as_str(), "modifying" | "optimizing") {
+            let target = target.unwrap_or(size);
+            if target < node.volume_gb {
+                return Ok(Outcome::NotYet(
+                    "an earlier volume modification is under way",
+                ));
+            }
+            return Ok(Outcome::Done(Created {
+                applied_volume_gb: Some(target.max(size)),
+                ..Created::default()
+            }));
+        }
+    }
     if size < node.volume_gb {
         compute.grow_volume(&volume, node.volume_gb).await?;
         tracing::info!(volume, size_gb = node.volume_gb, "root volume grown");
