@@ -502,6 +502,8 @@ pub struct ApiConfig {
     /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served), never on the
     /// public listener.
     pub metrics_addr: Option<SocketAddr>,
+    /// When the metrics count a teardown as stuck (see [`teardown_stuck_after`]).
+    pub teardown_stuck_after: Duration,
     pub listen_addr: SocketAddr,
     /// Every secret that may have signed a webhook (more than one while rotating).
     pub stripe_webhook_secrets: Vec<String>,
@@ -679,6 +681,7 @@ impl ApiConfig {
             database_url: env.required("DATABASE_URL")?,
             db_connections,
             metrics_addr: metrics_addr_setting(env)?,
+            teardown_stuck_after: teardown_stuck_after(env)?,
             listen_addr: env
                 .parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             stripe_webhook_secrets,
@@ -780,6 +783,8 @@ pub struct WorkerConfig {
     pub database_url: String,
     /// Where `GET /metrics` is served (`HIVE_METRICS_ADDR`; unset: not served).
     pub metrics_addr: Option<SocketAddr>,
+    /// When the metrics count a teardown as stuck (see [`teardown_stuck_after`]).
+    pub teardown_stuck_after: Duration,
     pub node_domain: String,
     pub cloudflare_api_token: String,
     pub cloudflare_account_id: String,
@@ -898,6 +903,7 @@ impl WorkerConfig {
         Ok(Self {
             database_url: env.required("DATABASE_URL")?,
             metrics_addr: metrics_addr_setting(env)?,
+            teardown_stuck_after: teardown_stuck_after(env)?,
             node_domain: domain_setting(env)?,
             cloudflare_api_token: env.required("CLOUDFLARE_API_TOKEN")?,
             cloudflare_account_id: env.required("CLOUDFLARE_ACCOUNT_ID")?,

@@ -99,11 +99,13 @@ fn describe() {
 }
 
 /// Serves `GET /metrics` on `addr` (port 0 picks one); returns the bound address. The
-/// database gauges are refreshed at each scrape; histograms are kept trimmed meanwhile.
+/// database gauges are refreshed at each scrape (a teardown counts as stuck after
+/// `teardown_stuck_after`); histograms are kept trimmed meanwhile.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     pool: PgPool,
+    teardown_stuck_after: Duration,
 ) -> Result<SocketAddr, MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -125,7 +127,7 @@ pub async fn serve(
             let handle = handle.clone();
             let pool = pool.clone();
             async move {
-                if let Err(e) = refresh_database_gauges(&pool).await {
+                if let Err(e) = refresh_database_gauges(&pool, teardown_stuck_after).await {
                     // The other metrics are still worth answering with.
                     tracing::warn!(error = %e, "reading the database gauges failed");
                 }
@@ -141,7 +143,10 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn refresh_database_gauges(pool: &PgPool) -> Result<(), store::StoreError> {
+async fn refresh_database_gauges(
+    pool: &PgPool,
+    teardown_stuck_after: Duration,
+) -> Result<(), store::StoreError> {
     let mut by_status: Vec<(NodeStatus, f64)> = Vec::new();
     for (state, count) in store::node_counts_by_state(pool).await? {
         let Some(status) = NodeState::parse(&state).map(NodeState::status) else {
@@ -162,10 +167,7 @@ async fn refresh_database_gauges(pool: &PgPool) -> Result<(), store::StoreError>
     }
     let oldest = store::oldest_due_job_age(pool).await?;
     gauge!(OLDEST_DUE_JOB).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
-    // A setting that does not parse was refused at start; the default then is only a guard.
-    let stuck_after = crate::config::teardown_stuck_after(&crate::config::process_env())
-        .unwrap_or(Duration::from_secs(900));
-    let stuck = store::stuck_teardowns(pool, stuck_after).await?;
+    let stuck = store::stuck_teardowns(pool, teardown_stuck_after).await?;
     gauge!(TEARDOWNS_STUCK).set(stuck.len() as f64);
     Ok(())
 }

@@ -4,15 +4,15 @@
 //! - A tagged instance, a `hive-<node>` tunnel, a `hive/nodes/<node>/...` secret or a
 //!   `<node>.<domain>` record (Cloudflare or Route 53) whose node has no row, is `terminated`,
 //!   or is to be gone and failed its teardown for good, is an orphan and is removed once older
-//!   than the grace period (Route 53 keeps no age). Who owns what is read after every listing, never
-//!   before: a listing can take minutes, and a node created meanwhile has a row before it makes
-//!   anything, so a fresh read knows every owner of what was listed.
+//!   than the grace period (Route 53 keeps no age). Who owns what is read after every listing,
+//!   never before: a listing can take minutes, and a node created meanwhile has a row before
+//!   it makes anything, so a fresh read knows every owner of what was listed.
 //! - A `ready` node whose instance, secret or tunnel has vanished is sent back to the step
 //!   that creates it, with a new generation, and its job enqueued (an instance whose tunnel is
 //!   replaced is replaced too: it holds the old tunnel's token).
 //! - Drift on a `ready` node is fixed in place: a missing Route 53 record is put back, a CNAME
-//!   that does not route into the node's tunnel is pointed back, an instance stopped behind our back is started, a secret bound
-//!   to another instance (or none) is bound to the node's, and an instance of another type is
+//!   that does not route into the node's tunnel is pointed back, an instance stopped behind
+//!   our back is started, a secret bound to another instance (or none) is bound to the node's, and an instance of another type is
 //!   recorded as such so that the resize workflow converges on the node's type.
 //! - Every region the worker drives is listed (instances by tag, secrets by path, a hundred or
 //!   more a page), and each node is judged only in its own region; the calls of a pass grow
@@ -21,7 +21,7 @@
 //! Everything found and done is logged and recorded in `node_events` (for nodes) and
 //! `reconcile_runs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -196,7 +196,8 @@ async fn pass(
     }
     let tunnels = clouds.cloudflare.list_tunnels("hive-").await?;
     let cnames = clouds.cloudflare.list_cnames().await?;
-    let route53_names = clouds.route53.list_cnames().await?;
+    // A set: each ready node below looks its name up in it.
+    let route53_names: HashSet<String> = clouds.route53.list_cnames().await?.into_iter().collect();
     let owners = owning_nodes(pool).await?;
     // And, as a last guard, nothing younger than the grace is removed (a Route 53 record has
     // no age to tell: the fresh read of owners is its guard).

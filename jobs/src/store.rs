@@ -97,6 +97,14 @@ fn resting_states() -> Vec<&'static str> {
         .collect()
 }
 
+/// The names of the teardown's states, for binding.
+fn teardown_states() -> Vec<&'static str> {
+    crate::workflows::TEARDOWN
+        .iter()
+        .map(|s| s.as_str())
+        .collect()
+}
+
 /// A Stripe event as we record it.
 pub struct StripeEventRecord<'a> {
     pub id: &'a str,
@@ -1120,12 +1128,7 @@ pub async fn owning_nodes(pool: &PgPool) -> StoreResult<Vec<(Uuid, String)>> {
     .bind(NodeState::Terminated.as_str())
     .bind(NodeState::Failed.as_str())
     .bind(Desired::Gone.as_str())
-    .bind(
-        crate::workflows::TEARDOWN
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(teardown_states())
     .fetch_all(pool)
     .await?)
 }
@@ -1815,16 +1818,12 @@ pub struct StuckTeardown {
 
 /// Nodes in a teardown step begun longer than `after` ago, the longest stuck first.
 pub async fn stuck_teardowns(pool: &PgPool, after: Duration) -> StoreResult<Vec<StuckTeardown>> {
-    let states: Vec<&str> = crate::workflows::TEARDOWN
-        .iter()
-        .map(|s| s.as_str())
-        .collect();
     Ok(sqlx::query_as(
         "SELECT id, state, EXTRACT(EPOCH FROM now() - step_started_at)::float8 AS stuck_secs, \
          last_error FROM nodes WHERE state = ANY($1) AND step_started_at < now() - $2 \
          ORDER BY step_started_at",
     )
-    .bind(states)
+    .bind(teardown_states())
     .bind(after)
     .fetch_all(pool)
     .await?)

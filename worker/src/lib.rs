@@ -59,7 +59,9 @@ where
     .await?;
     if let Some(addr) = config.metrics_addr {
         let handle = hive_jobs::metrics::install()?;
-        let bound = hive_jobs::metrics::serve(addr, handle, pool.clone()).await?;
+        let bound =
+            hive_jobs::metrics::serve(addr, handle, pool.clone(), config.teardown_stuck_after)
+                .await?;
         // Whoever started us may have stopped reading stdout after the first line.
         if let Err(e) = writeln!(std::io::stdout(), "hive-worker metrics on {bound}") {
             tracing::debug!(error = %e, "stdout is closed");

@@ -287,9 +287,7 @@ impl Compute {
                     root_volume_id,
                     restarted,
                     placement: placement_of(instance),
-                    launched_at: instance
-                        .launch_time()
-                        .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                    launched_at: instance.launch_time().and_then(super::utc),
                 });
             }
         }
@@ -388,9 +386,7 @@ impl Compute {
             root_volume_id: None,
             restarted: None,
             placement: placement_of(instance).or_else(|| Some(spec.subnet_id.to_string())),
-            launched_at: instance
-                .launch_time()
-                .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+            launched_at: instance.launch_time().and_then(super::utc),
         })
     }
 

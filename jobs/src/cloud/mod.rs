@@ -29,6 +29,11 @@ pub struct RegionClouds {
     pub secrets: secrets::Secrets,
 }
 
+/// An AWS timestamp as ours; `None` for one out of chrono's range.
+pub(crate) fn utc(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
 impl Clouds {
     /// Clients from the AWS SDK's standard configuration (`AWS_ENDPOINT_URL`, credentials...),
     /// one set per configured region, and the Cloudflare settings. Their calls are taken from

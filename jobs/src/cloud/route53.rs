@@ -132,14 +132,6 @@ impl Route53 {
             .cloned())
     }
 
-    /// The node's CNAME target, if the record exists.
-    pub async fn find(&self, hostname: &str) -> CloudResult<Option<String>> {
-        Ok(self
-            .find_record(hostname)
-            .await?
-            .and_then(|r| r.resource_records().first().map(|v| v.value().to_string())))
-    }
-
     /// Names (without the final dot) of every CNAME in the zone.
     pub async fn list_cnames(&self) -> CloudResult<Vec<String>> {
         let mut names = Vec::new();

@@ -143,9 +143,7 @@ impl Secrets {
                         .find(|t| t.key() == Some(tags::INSTANCE_ARN))
                         .and_then(|t| t.value())
                         .map(str::to_string),
-                    created_at: s
-                        .created_date()
-                        .and_then(|d| chrono::DateTime::from_timestamp(d.secs(), d.subsec_nanos())),
+                    created_at: s.created_date().and_then(super::utc),
                 })
             }));
         }

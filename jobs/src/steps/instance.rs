@@ -193,7 +193,6 @@ pub async fn terminate(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcom
             }
         }
     }
-    tracing::debug!(seen, launched_at = ?node.instance_launched_at, "terminate looked");
     if !seen && instance_is_young(ctx, node) {
         // A launch was attempted a moment ago: its instance may run without EC2 showing it.
         return Ok(Outcome::NotYet(NOT_VISIBLE_YET));
