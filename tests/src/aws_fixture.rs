@@ -181,3 +181,22 @@ impl AwsFixture {
         })
     }
 }
+
+/// A node's Route 53 record as provisioning writes it (`<node>.<domain>` →
+/// `<node>.<domain>.cdn.cloudflare.net`), with `ttl`.
+pub fn node_cname(
+    hostname: &str,
+    ttl: i64,
+) -> anyhow::Result<aws_sdk_route53::types::ResourceRecordSet> {
+    use aws_sdk_route53::types::{ResourceRecord, ResourceRecordSet, RrType};
+    Ok(ResourceRecordSet::builder()
+        .name(hostname)
+        .r#type(RrType::Cname)
+        .ttl(ttl)
+        .resource_records(
+            ResourceRecord::builder()
+                .value(format!("{hostname}.cdn.cloudflare.net"))
+                .build()?,
+        )
+        .build()?)
+}

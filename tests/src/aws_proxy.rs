@@ -337,16 +337,9 @@ impl AwsProxy {
         let Ok(text) = answer.text().await else {
             return found;
         };
-        let field = |item: &str, name: &str| {
-            let open = format!("<{name}>");
-            let close = format!("</{name}>");
-            item.split_once(&open)
-                .and_then(|(_, rest)| rest.split_once(&close))
-                .map(|(value, _)| value.to_string())
-        };
         for item in text.split("<item>").skip(1) {
-            if let (Some(id), Some(key)) = (field(item, "resourceId"), field(item, "key")) {
-                let value = field(item, "value").unwrap_or_default();
+            if let (Some(id), Some(key)) = (xml_field(item, "resourceId"), xml_field(item, "key")) {
+                let value = xml_field(item, "value").unwrap_or_default();
                 found.entry(id).or_default().insert(key, value);
             }
         }

@@ -121,18 +121,7 @@ pub async fn ready_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Seed
             batch = batch.changes(
                 aws_sdk_route53::types::Change::builder()
                     .action(aws_sdk_route53::types::ChangeAction::Create)
-                    .resource_record_set(
-                        aws_sdk_route53::types::ResourceRecordSet::builder()
-                            .name(&hostname)
-                            .r#type(aws_sdk_route53::types::RrType::Cname)
-                            .ttl(300)
-                            .resource_records(
-                                aws_sdk_route53::types::ResourceRecord::builder()
-                                    .value(format!("{hostname}.cdn.cloudflare.net"))
-                                    .build()?,
-                            )
-                            .build()?,
-                    )
+                    .resource_record_set(crate::aws_fixture::node_cname(&hostname, 300)?)
                     .build()?,
             );
         }

@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, RrType};
+use aws_sdk_route53::types::{Change, ChangeAction, ChangeBatch, ResourceRecordSet, RrType};
+use hive_tests::aws_fixture::node_cname;
 use hive_tests::aws_proxy::{AwsFault, AwsFaultMode};
 use hive_tests::cloudflare_standin::{Fault, FaultMode};
 use hive_tests::stack::{worker_policy, Stack, StackOptions, NODE_DOMAIN};
@@ -26,6 +27,31 @@ async fn instances_of(stack: &Stack, node_id: &str) -> Vec<String> {
         .filter(|i| i.node_id == node_id)
         .map(|i| i.id)
         .collect()
+}
+
+/// A `pro` node of `user`'s new subscription, once ready: (Stripe subscription, node).
+async fn ready_pro_node(stack: &Stack, user: &str) -> (String, String) {
+    let (subscription, mut nodes) = stack.send_subscription_checkout(user, "pro").await.unwrap();
+    let node = nodes.remove(0);
+    stack
+        .wait_for_state(&node, "ready", Duration::from_secs(120))
+        .await
+        .unwrap();
+    (subscription, node)
+}
+
+/// One change of one record set.
+fn one_change(action: ChangeAction, record: ResourceRecordSet) -> ChangeBatch {
+    ChangeBatch::builder()
+        .changes(
+            Change::builder()
+                .action(action)
+                .resource_record_set(record)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap()
 }
 
 /// Fix: a retry resumes the launch attempt under way (same zone, type and `ClientToken`).
@@ -56,15 +82,7 @@ async fn a_launch_cut_off_in_the_second_zone_is_resumed_there_not_started_over()
     ));
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let node = stack
-        .send_checkout("user-resumed-launch", "pro")
-        .await
-        .unwrap()
-        .remove(0);
-    stack
-        .wait_for_state(&node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (_, node) = ready_pro_node(&stack, "user-resumed-launch").await;
     assert!(
         stack.aws_proxy.armed().is_empty(),
         "faults that never fired"
@@ -88,15 +106,7 @@ async fn a_ready_nodes_deleted_route53_record_is_put_back() {
         .expect("stack");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let node = stack
-        .send_checkout("user-r53-repair", "pro")
-        .await
-        .unwrap()
-        .remove(0);
-    stack
-        .wait_for_state(&node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (_, node) = ready_pro_node(&stack, "user-r53-repair").await;
     let r53 = aws_sdk_route53::Client::new(&stack.sdk);
     let name = format!("{node}.{NODE_DOMAIN}.");
     let record = |r53: aws_sdk_route53::Client, zone: String, name: String| async move {
@@ -119,18 +129,7 @@ async fn a_ready_nodes_deleted_route53_record_is_put_back() {
     // Someone deletes it behind our back.
     r53.change_resource_record_sets()
         .hosted_zone_id(&stack.aws.zone_id)
-        .change_batch(
-            ChangeBatch::builder()
-                .changes(
-                    Change::builder()
-                        .action(ChangeAction::Delete)
-                        .resource_record_set(found.clone())
-                        .build()
-                        .unwrap(),
-                )
-                .build()
-                .unwrap(),
-        )
+        .change_batch(one_change(ChangeAction::Delete, found.clone()))
         .send()
         .await
         .unwrap();
@@ -228,15 +227,8 @@ async fn a_cloudflare_outage_longer_than_the_retry_budget_ends_in_terminated() {
     .expect("stack");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let (subscription, nodes) = stack
-        .send_subscription_checkout("user-outage", "pro")
-        .await
-        .unwrap();
-    let node = &nodes[0];
-    stack
-        .wait_for_state(node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (subscription, node) = ready_pro_node(&stack, "user-outage").await;
+    let node = &node;
     // Cloudflare's tunnel API goes down, until the test says it is over.
     stack.standin.inject(Fault {
         method: None,
@@ -330,15 +322,7 @@ async fn a_step_held_past_its_lease_does_its_side_effect_once() {
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
     stack.start_worker().unwrap();
-    let node = stack
-        .send_checkout("user-long-reboot", "pro")
-        .await
-        .unwrap()
-        .remove(0);
-    stack
-        .wait_for_state(&node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (_, node) = ready_pro_node(&stack, "user-long-reboot").await;
     // The reboot happens at once; its answer comes four leases later.
     stack.aws_proxy.inject(AwsFault::new(
         "RebootInstances",
@@ -379,15 +363,7 @@ async fn without_one_action_of_the_policy_the_workflow_that_needs_it_fails_namin
         .enforce(Some(full.without_action("ec2:ModifyVolume")));
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let node = stack
-        .send_checkout("user-no-modify-volume", "pro")
-        .await
-        .unwrap()
-        .remove(0);
-    stack
-        .wait_for_state(&node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (_, node) = ready_pro_node(&stack, "user-no-modify-volume").await;
     assert!(
         stack.aws_proxy.denied().is_empty(),
         "{:?}",
@@ -417,45 +393,17 @@ async fn a_route53_record_written_with_another_ttl_is_still_deleted() {
     let mut stack = Stack::start(options(&[])).await.expect("stack");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let (subscription, nodes) = stack
-        .send_subscription_checkout("user-r53-ttl", "pro")
-        .await
-        .unwrap();
-    let node = &nodes[0];
-    stack
-        .wait_for_state(node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (subscription, node) = ready_pro_node(&stack, "user-r53-ttl").await;
+    let node = &node;
     // The record is rewritten with a TTL of 60 s.
     let r53 = aws_sdk_route53::Client::new(&stack.sdk);
     let hostname = format!("{node}.{NODE_DOMAIN}");
     r53.change_resource_record_sets()
         .hosted_zone_id(&stack.aws.zone_id)
-        .change_batch(
-            ChangeBatch::builder()
-                .changes(
-                    Change::builder()
-                        .action(ChangeAction::Upsert)
-                        .resource_record_set(
-                            aws_sdk_route53::types::ResourceRecordSet::builder()
-                                .name(&hostname)
-                                .r#type(RrType::Cname)
-                                .ttl(60)
-                                .resource_records(
-                                    aws_sdk_route53::types::ResourceRecord::builder()
-                                        .value(format!("{hostname}.cdn.cloudflare.net"))
-                                        .build()
-                                        .unwrap(),
-                                )
-                                .build()
-                                .unwrap(),
-                        )
-                        .build()
-                        .unwrap(),
-                )
-                .build()
-                .unwrap(),
-        )
+        .change_batch(one_change(
+            ChangeAction::Upsert,
+            node_cname(&hostname, 60).unwrap(),
+        ))
         .send()
         .await
         .unwrap();
@@ -479,15 +427,8 @@ async fn what_a_teardown_refused_for_good_left_is_removed_by_the_reconciler() {
         .expect("stack");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
-    let (subscription, nodes) = stack
-        .send_subscription_checkout("user-refused-teardown", "pro")
-        .await
-        .unwrap();
-    let node = &nodes[0];
-    stack
-        .wait_for_state(node, "ready", Duration::from_secs(120))
-        .await
-        .unwrap();
+    let (subscription, node) = ready_pro_node(&stack, "user-refused-teardown").await;
+    let node = &node;
     // Terminating the instance is refused, as a policy changed by hand would refuse it.
     stack.aws_proxy.inject(AwsFault::new(
         "TerminateInstances",
