@@ -58,10 +58,13 @@ async fn run() -> anyhow::Result<()> {
     println!("hive-api listening on {addr}");
     if let Some(addr) = config.metrics_addr {
         let handle = hive_jobs::metrics::install().context("installing the metrics recorder")?;
-        let bound =
-            hive_jobs::metrics::serve(addr, handle, pool.clone(), config.teardown_stuck_after)
-                .await
-                .context("serving metrics")?;
+        let bound = hive_jobs::metrics::serve(
+            addr,
+            handle,
+            hive_jobs::store::gauges_at_scrape(pool.clone(), config.teardown_stuck_after),
+        )
+        .await
+        .context("serving metrics")?;
         // The second line on stdout, after where the api listens.
         // Whoever started us may have stopped reading stdout after the first line.
         if let Err(e) = writeln!(std::io::stdout(), "hive-api metrics on {bound}") {

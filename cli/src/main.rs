@@ -645,7 +645,9 @@ async fn reconcile(dry_run: bool, yes: bool, grace_secs: u64, json: bool) -> any
     let pool = pool().await?;
     // The providers' call budgets, shared with the workers.
     let budgets = hive_jobs::connections::Connections::to_url(&config.database_url, 2)?;
-    let clouds = hive_jobs::cloud::Clouds::from_config(&config, Some(&budgets)).await?;
+    let budgets: std::sync::Arc<dyn hive_jobs::cloud::budget::BudgetLedger> =
+        std::sync::Arc::new(hive_jobs::store::BudgetBuckets::new(budgets));
+    let clouds = hive_jobs::cloud::Clouds::from_config(&config, Some(budgets)).await?;
     let grace = std::time::Duration::from_secs(grace_secs);
     let ask_first = !dry_run && !yes;
     let report = if dry_run || ask_first {

@@ -18,9 +18,9 @@ use crate::config::{Chaos, WorkerConfig};
 use crate::connections::{Conn, Connections};
 use crate::model::Node;
 use crate::policy::{self, Action, Intent, Rules, StepFacts, StepResult};
+use crate::steps::run_step;
 use crate::steps::{Outcome, Progress, ProgressFuture, StepContext};
 use crate::store::{self, Failure, Lease, Postponed, StoreResult};
-use crate::workflows::run_step;
 
 /// A job that arrives this much before its node's next run time is a duplicate and is dropped;
 /// less than that is the queue's rounding of run times to whole seconds.

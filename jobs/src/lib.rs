@@ -1,24 +1,35 @@
-//! Hive's domain: the node model and its intent, the workflows (declared in `workflows`, their
-//! steps in `steps/`, run by `engine` as `policy` decides), the store, the job queue and the
-//! cloud clients the worker drives.
+//! Hive's domain, in layers that import downward only (README, "Layout"):
+//!
+//! - top: `engine` (runs a node's steps), `requests` and `billing` (what the app and Stripe ask),
+//!   `stripe_events`, `reconcile`, `operator`, `usage`, `conditions`;
+//! - `policy`: what a step's result means (pure);
+//! - `steps/`: one file per resource, on the cloud clients; `store/`: all SQL;
+//! - `cloud/`: the providers' clients, taking calls from a budget ledger the store implements;
+//! - `metrics`, `connections`, `user_data`, `telemetry`; `config/`;
+//! - bottom: `model/`, the node, its states and the workflow table, importing nothing.
 
-pub mod billing;
-pub mod cloud;
-pub mod conditions;
+// Layer by layer, bottom first.
+pub mod model;
+
 pub mod config;
 pub mod connections;
-pub mod engine;
 pub mod metrics;
-pub mod model;
-pub mod operator;
+pub mod telemetry;
+pub mod user_data;
+
+pub mod cloud;
+
+pub mod store;
+
+pub mod steps;
+
 pub mod policy;
-pub mod queue;
+
+pub mod billing;
+pub mod conditions;
+pub mod engine;
+pub mod operator;
 pub mod reconcile;
 pub mod requests;
-pub mod steps;
-pub mod store;
 pub mod stripe_events;
-pub mod telemetry;
 pub mod usage;
-pub mod user_data;
-pub mod workflows;

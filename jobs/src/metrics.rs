@@ -2,7 +2,8 @@
 //! (seconds), `_total` counters, and no node or user ids as labels (their number is unbounded).
 //! Recorded through the `metrics` facade wherever things happen; served in the text format at
 //! `GET /metrics` on `HIVE_METRICS_ADDR`, a listener of its own so that the public port never
-//! exposes it. Gauges of the database (nodes by status, the oldest due job) are read at scrape.
+//! exposes it. Gauges of the database (nodes by status, the oldest due job) are read at scrape
+//! by `store::gauges_at_scrape`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,10 +12,8 @@ use axum::routing::get;
 use axum::Router;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
-use sqlx::PgPool;
 
-use crate::model::{NodeState, NodeStatus};
-use crate::store;
+use crate::model::NodeStatus;
 
 pub const HTTP_REQUESTS: &str = "hive_http_requests_total";
 pub const HTTP_DURATION: &str = "hive_http_request_duration_seconds";
@@ -98,14 +97,18 @@ fn describe() {
     );
 }
 
-/// Serves `GET /metrics` on `addr` (port 0 picks one); returns the bound address. The
-/// database gauges are refreshed at each scrape (a teardown counts as stuck after
-/// `teardown_stuck_after`); histograms are kept trimmed meanwhile.
+/// What runs before each scrape is answered: the database gauges' refresh
+/// (`store::gauges_at_scrape`), kept to a function so that the metrics know nothing of the store.
+pub type BeforeScrape = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// Serves `GET /metrics` on `addr` (port 0 picks one); returns the bound address. `before`
+/// runs at each scrape; histograms are kept trimmed meanwhile.
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
-    pool: PgPool,
-    teardown_stuck_after: Duration,
+    before: BeforeScrape,
 ) -> Result<SocketAddr, MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -125,12 +128,9 @@ pub async fn serve(
         "/metrics",
         get(move || {
             let handle = handle.clone();
-            let pool = pool.clone();
+            let before = before.clone();
             async move {
-                if let Err(e) = refresh_database_gauges(&pool, teardown_stuck_after).await {
-                    // The other metrics are still worth answering with.
-                    tracing::warn!(error = %e, "reading the database gauges failed");
-                }
+                before().await;
                 handle.render()
             }
         }),
@@ -143,33 +143,25 @@ pub async fn serve(
     Ok(bound)
 }
 
-async fn refresh_database_gauges(
-    pool: &PgPool,
-    teardown_stuck_after: Duration,
-) -> Result<(), store::StoreError> {
-    let mut by_status: Vec<(NodeStatus, f64)> = Vec::new();
-    for (state, count) in store::node_counts_by_state(pool).await? {
-        let Some(status) = NodeState::parse(&state).map(NodeState::status) else {
-            continue;
-        };
-        match by_status.iter_mut().find(|(s, _)| *s == status) {
-            Some((_, n)) => *n += count as f64,
-            None => by_status.push((status, count as f64)),
-        }
-    }
-    // Every status is set, so one that emptied reads 0, not its last value.
+/// Nodes by status: every status is set, so one that emptied reads 0, not its last value.
+pub fn nodes_by_status(counts: &[(NodeStatus, f64)]) {
     for status in NodeStatus::ALL {
-        let n = by_status
+        let n = counts
             .iter()
             .find(|(s, _)| *s == status)
             .map_or(0.0, |(_, n)| *n);
         gauge!(NODES, "status" => status.as_str()).set(n);
     }
-    let oldest = store::oldest_due_job_age(pool).await?;
-    gauge!(OLDEST_DUE_JOB).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
-    let stuck = store::stuck_teardowns(pool, teardown_stuck_after).await?;
-    gauge!(TEARDOWNS_STUCK).set(stuck.len() as f64);
-    Ok(())
+}
+
+/// The age of the oldest due job that nobody has started.
+pub fn oldest_due_job(age: Option<Duration>) {
+    gauge!(OLDEST_DUE_JOB).set(age.map_or(0.0, |d| d.as_secs_f64()));
+}
+
+/// Teardowns retrying for longer than the operator's threshold.
+pub fn teardowns_stuck(count: usize) {
+    gauge!(TEARDOWNS_STUCK).set(count as f64);
 }
 
 /// One answered HTTP request (the route is its pattern, `/api/v1/nodes/{id}`, never the path).

@@ -77,33 +77,6 @@ pub fn poll_after(pacing: &Pacing, waited: Duration) -> Duration {
     Duration::from_millis(millis.round() as u64)
 }
 
-/// The priority of a step's next look or retry: the longer its step has waited, the later it
-/// goes among the looks due at once, so that a crowd of waiting nodes does not delay a new
-/// node's few looks (a node provisions in seconds when nothing is slow). Within
-/// [`FRESH_FOR`], each halving of the time waited is a band higher, so a step that began a
-/// second ago goes before one that began ten seconds ago, however many of those are due.
-/// After a minute (the same minute that slows its polling) it goes after everyone else's.
-pub fn look_again_priority(waited: Duration) -> crate::queue::Priority {
-    use crate::queue::Priority;
-    if waited >= Duration::from_secs(60) {
-        return Priority::Slow;
-    }
-    if waited >= FRESH_FOR {
-        return Priority::Later;
-    }
-    let mut band = 0;
-    let mut bound = FRESH_FOR / 2;
-    while band < Priority::FRESHEST && waited < bound {
-        band += 1;
-        bound /= 2;
-    }
-    Priority::Fresh(band)
-}
-
-/// How long a step's looks count as a new node's: longer than a whole provisioning takes
-/// when nothing is slow.
-pub const FRESH_FOR: Duration = Duration::from_secs(20);
-
 /// Decides what a step's result means. `jitter` is a draw from [0, 1] that spreads retries
 /// (full jitter); passing it in keeps this function pure.
 pub fn decide(step: &StepFacts, result: StepResult<'_>, rules: &Rules<'_>, jitter: f64) -> Action {
@@ -322,36 +295,6 @@ mod tests {
         ] {
             assert_eq!(advance(state, reason), Action::Advance { to }, "{state}");
         }
-    }
-
-    #[test]
-    fn the_longer_a_step_waits_the_later_its_looks_go() {
-        use crate::queue::Priority;
-        let at = |millis| look_again_priority(Duration::from_millis(millis));
-        let fresh_for = FRESH_FOR.as_millis() as u64;
-        assert_eq!(at(0), Priority::Fresh(Priority::FRESHEST));
-        assert_eq!(at(fresh_for / 16 - 1), Priority::Fresh(4));
-        assert_eq!(at(fresh_for / 16), Priority::Fresh(3));
-        assert_eq!(at(fresh_for / 4), Priority::Fresh(1));
-        assert_eq!(at(fresh_for / 2 - 1), Priority::Fresh(1));
-        assert_eq!(at(fresh_for / 2), Priority::Fresh(0));
-        assert_eq!(at(fresh_for - 1), Priority::Fresh(0));
-        assert_eq!(at(fresh_for), Priority::Later);
-        assert_eq!(at(60_000), Priority::Slow);
-        // Never younger than a younger step, at any age.
-        let ranks: Vec<usize> = (0..70_000).step_by(50).map(|ms| at(ms).rank()).collect();
-        assert!(ranks.windows(2).all(|w| w[0] >= w[1]));
-        // Work due now goes before every look; apalis takes the highest first.
-        let order = [
-            Priority::Slow,
-            Priority::Later,
-            Priority::Fresh(0),
-            Priority::Fresh(Priority::FRESHEST),
-            Priority::Now,
-        ];
-        assert!(order.windows(2).all(|w| w[0].rank() < w[1].rank()));
-        // A band out of range counts as the freshest, never as work due now.
-        assert!(Priority::Fresh(u8::MAX).rank() < Priority::Now.rank());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::config::valid_instance_type;
 use crate::model::{Desired, NodeState, TeardownReason};
 use crate::store::{
     self, CountedNode, IntentChange, IntentRow, NodeSpec, StoreError, SubscriptionState,
@@ -317,13 +318,6 @@ pub async fn set_locked_node_count(
         scaled.removed = newest;
     }
     Ok(scaled)
-}
-
-/// An instance type of the t4g family (ARM, burstable), such as `t4g.small`.
-pub fn valid_instance_type(instance_type: &str) -> bool {
-    instance_type
-        .strip_prefix("t4g.")
-        .is_some_and(|size| !size.is_empty() && size.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 /// Resizes every one of `nodes` (a subscription's counted nodes, locked by the caller) that

@@ -252,11 +252,11 @@ pub async fn waiting_nodes(stack: &Stack, count: usize) -> anyhow::Result<Vec<Uu
     .execute(&mut *tx)
     .await?;
     // As a look again of a step that just began enqueues it.
-    hive_jobs::queue::enqueue_as(
+    hive_jobs::store::queue::enqueue_as(
         &mut tx,
         &ids,
         std::time::Duration::from_secs(1),
-        hive_jobs::policy::look_again_priority(std::time::Duration::ZERO),
+        hive_jobs::store::queue::look_again_priority(std::time::Duration::ZERO),
     )
     .await?;
     tx.commit().await?;

@@ -99,7 +99,7 @@ async fn metrics_and_request_ids_follow_a_checkout_through_both_processes() {
     let worker = scrape(worker_metrics).await;
     assert_eq!(sum(&worker, "hive_nodes", &[("status", "ready")]), 5.0);
     assert_eq!(sum(&worker, "hive_nodes", &[("status", "failed")]), 0.0);
-    let provisioning_steps = hive_jobs::workflows::PROVISIONING.len() as f64;
+    let provisioning_steps = hive_jobs::model::PROVISIONING.len() as f64;
     let advanced = sum(
         &worker,
         "hive_steps_total",

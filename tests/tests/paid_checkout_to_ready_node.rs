@@ -302,7 +302,7 @@ async fn paid_team_checkout_becomes_five_ready_nodes_once() {
             .unwrap();
     assert_eq!(
         steps.len(),
-        hive_jobs::workflows::PROVISIONING.len(),
+        hive_jobs::model::PROVISIONING.len(),
         "every provisioning step succeeded at least once: {steps:?}"
     );
 }

@@ -56,7 +56,8 @@ async fn three_workers_share_one_cloudflare_budget_and_earn_no_429() {
 /// whose connections all died with the server.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_of_postgres_starts_the_budgets_again_full() {
-    use hive_jobs::cloud::budget::{Budget, Rate};
+    use hive_jobs::cloud::budget::{Budget, BudgetLedger};
+    use hive_jobs::config::Rate;
     use hive_jobs::connections::Connections;
     use hive_tests::process::Postgres;
 
@@ -71,7 +72,9 @@ async fn a_crash_of_postgres_starts_the_budgets_again_full() {
         calls: 20,
         per: Duration::from_secs(10),
     };
-    let budget = Budget::new(&db, "crash-test".into(), Some(rate));
+    let ledger: std::sync::Arc<dyn BudgetLedger> =
+        std::sync::Arc::new(hive_jobs::store::BudgetBuckets::new(db.clone()));
+    let budget = Budget::new(&ledger, "crash-test".into(), Some(rate));
     budget.take().await.expect("first take");
     budget.take().await.expect("second take");
     let tokens: f64 = sqlx::query_scalar("SELECT tokens FROM rate_budgets WHERE name = $1")

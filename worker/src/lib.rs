@@ -11,7 +11,7 @@ use backon::{ExponentialBuilder, Retryable};
 use hive_jobs::cloud::Clouds;
 use hive_jobs::config::WorkerConfig;
 use hive_jobs::engine::Engine;
-use hive_jobs::queue::{node_queue, ProvisionNode};
+use hive_jobs::store::queue::{node_queue, ProvisionNode};
 use tracing::Instrument;
 
 mod wakeup;
@@ -59,9 +59,12 @@ where
     .await?;
     if let Some(addr) = config.metrics_addr {
         let handle = hive_jobs::metrics::install()?;
-        let bound =
-            hive_jobs::metrics::serve(addr, handle, pool.clone(), config.teardown_stuck_after)
-                .await?;
+        let bound = hive_jobs::metrics::serve(
+            addr,
+            handle,
+            hive_jobs::store::gauges_at_scrape(pool.clone(), config.teardown_stuck_after),
+        )
+        .await?;
         // Whoever started us may have stopped reading stdout after the first line.
         if let Err(e) = writeln!(std::io::stdout(), "hive-worker metrics on {bound}") {
             tracing::debug!(error = %e, "stdout is closed");
@@ -73,7 +76,9 @@ where
     let db =
         hive_jobs::connections::Connections::to_url(&config.database_url, config.concurrency + 2)
             .map_err(hive_jobs::store::StoreError::from)?;
-    let clouds = Arc::new(Clouds::from_config(&config, Some(&db)).await?);
+    let budgets: Arc<dyn hive_jobs::cloud::budget::BudgetLedger> =
+        Arc::new(hive_jobs::store::BudgetBuckets::new(db.clone()));
+    let clouds = Arc::new(Clouds::from_config(&config, Some(budgets)).await?);
     let regions = clouds.region_names();
     let worker_name = format!("hive-worker-{}", uuid::Uuid::new_v4().simple());
     let reconciler = match &config.reconcile_schedule {

@@ -1,18 +1,16 @@
 //! Call budgets shared by every worker through Postgres, so that a burst of work waits its turn
 //! instead of earning the provider's rate-limit answers.
 //!
-//! Each budget is a token bucket kept in `rate_budgets` (see `store::take_budget`): it refills
+//! Each budget is a token bucket kept by a [`BudgetLedger`] (the store's `rate_budgets`): it refills
 //! at the configured rate and holds at most a tenth of a period's calls, so that no window of
 //! one period ever sees more than 110 % of the rate (set the budget a tenth under the
 //! provider's limit). A rate-limit answer that arrives anyway empties the bucket for the wait
 //! it asked for and halves the rate for a while.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::connections::Connections;
-use crate::store::StoreResult;
+use crate::config::Rate;
 
 use super::{CloudError, CloudResult};
 
@@ -23,55 +21,33 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How long a budget stays halved after a rate-limit answer, in periods.
 const SHRINK_PERIODS: u32 = 5;
 
-/// `calls` per `per`, as configured (`1200/300s`, `90/10s`, `20/1s`, `100/1m`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub calls: u32,
-    pub per: Duration,
+/// Where the buckets are kept, shared by every worker: implemented by the store
+/// (`store::BudgetBuckets`); an interface, so that the clients know nothing of the store.
+pub trait BudgetLedger: Send + Sync + std::fmt::Debug {
+    /// Takes one call from `name`'s bucket (refilled at `per_sec` up to `burst`). `None`:
+    /// taken; `Some(wait)`: none left, one is there after `wait`.
+    fn take<'a>(
+        &'a self,
+        name: &'a str,
+        burst: f64,
+        per_sec: f64,
+    ) -> LedgerFuture<'a, Option<Duration>>;
+    /// Empties `name`'s bucket for `wait` and halves its rate for `shrink_for`.
+    fn shrink<'a>(
+        &'a self,
+        name: &'a str,
+        per_sec: f64,
+        wait: Duration,
+        shrink_for: Duration,
+    ) -> LedgerFuture<'a, ()>;
 }
 
-impl Rate {
-    pub fn per_sec(&self) -> f64 {
-        f64::from(self.calls) / self.per.as_secs_f64()
-    }
+/// What a [`BudgetLedger`] hands back.
+pub type LedgerFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, LedgerError>> + Send + 'a>>;
 
-    /// The bucket's size: a tenth of a period's calls, at least one.
-    pub fn burst(&self) -> f64 {
-        (f64::from(self.calls) / 10.0).max(1.0)
-    }
-}
-
-impl FromStr for Rate {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let shape =
-            || format!("`{s}` is not calls/period (such as `1200/300s` or `20/1s`) or `off`");
-        let (calls, period) = s.trim().split_once('/').ok_or_else(shape)?;
-        let calls: u32 = calls.trim().parse().map_err(|_| shape())?;
-        let period = period.trim();
-        let (number, unit) = period.split_at(period.len().saturating_sub(1));
-        let n: u64 = number.parse().map_err(|_| shape())?;
-        let per = match unit {
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            _ => return Err(shape()),
-        };
-        if calls == 0 || per.is_zero() {
-            return Err(shape());
-        }
-        Ok(Rate { calls, per })
-    }
-}
-
-/// Parses a budget setting: a [`Rate`], or `off` (`None`).
-pub fn parse_budget(raw: &str) -> Result<Option<Rate>, String> {
-    if raw.trim().eq_ignore_ascii_case("off") {
-        Ok(None)
-    } else {
-        raw.parse().map(Some)
-    }
-}
+/// Why a ledger could not answer (the database is unreachable...).
+pub type LedgerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One provider's budget (in one region, for EC2 and Secrets Manager).
 #[derive(Debug, Clone)]
@@ -81,18 +57,18 @@ pub struct Budget {
 
 #[derive(Debug)]
 struct Shared {
-    db: Connections,
+    ledger: Arc<dyn BudgetLedger>,
     name: String,
     rate: Rate,
 }
 
 impl Budget {
     /// A budget named `name` (`cloudflare`, `ec2:eu-west-1`...); `None` spends freely.
-    pub fn new(db: &Connections, name: String, rate: Option<Rate>) -> Self {
+    pub fn new(ledger: &Arc<dyn BudgetLedger>, name: String, rate: Option<Rate>) -> Self {
         Self {
             inner: rate.map(|rate| {
                 Arc::new(Shared {
-                    db: db.clone(),
+                    ledger: ledger.clone(),
                     name,
                     rate,
                 })
@@ -149,40 +125,16 @@ impl Budget {
 }
 
 impl Shared {
-    async fn take_one(&self) -> StoreResult<Option<Duration>> {
+    async fn take_one(&self) -> Result<Option<Duration>, LedgerError> {
         let (burst, per_sec) = (self.rate.burst(), self.rate.per_sec());
-        let taken = async {
-            let mut conn = self.db.get().await?;
-            crate::store::take_budget(&mut conn, &self.name, burst, per_sec).await
-        }
-        .await;
-        self.suspect_connections_after(taken)
+        self.ledger.take(&self.name, burst, per_sec).await
     }
 
-    async fn shrink(&self, wait: Duration) -> StoreResult<()> {
-        let shrunk = async {
-            let mut conn = self.db.get().await?;
-            let shrink_for = self.rate.per * SHRINK_PERIODS;
-            crate::store::shrink_budget(
-                &mut conn,
-                &self.name,
-                self.rate.per_sec(),
-                wait,
-                shrink_for,
-            )
+    async fn shrink(&self, wait: Duration) -> Result<(), LedgerError> {
+        let shrink_for = self.rate.per * SHRINK_PERIODS;
+        self.ledger
+            .shrink(&self.name, self.rate.per_sec(), wait, shrink_for)
             .await
-        }
-        .await;
-        self.suspect_connections_after(shrunk)
-    }
-
-    /// A failed statement may be a connection whose backend died: check them all before
-    /// their next use.
-    fn suspect_connections_after<T>(&self, result: StoreResult<T>) -> StoreResult<T> {
-        if result.is_err() {
-            self.db.suspect_all();
-        }
-        result
     }
 }
 
@@ -263,31 +215,5 @@ impl aws_smithy_runtime_api::client::http::HttpConnector for BudgetedConnector {
             }
             Ok(response)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_parse_and_nonsense_is_refused() {
-        let r: Rate = "1200/300s".parse().unwrap();
-        assert_eq!(r.calls, 1200);
-        assert_eq!(r.per, Duration::from_secs(300));
-        assert!((r.per_sec() - 4.0).abs() < 1e-9);
-        assert!((r.burst() - 120.0).abs() < 1e-9);
-        let r: Rate = "5/1s".parse().unwrap();
-        assert!((r.burst() - 1.0).abs() < 1e-9);
-        assert_eq!(
-            "100/2m".parse::<Rate>().unwrap().per,
-            Duration::from_secs(120)
-        );
-        assert_eq!(parse_budget("off"), Ok(None));
-        for bad in [
-            "", "90", "90/", "0/10s", "90/0s", "90/10h", "x/10s", "90/10",
-        ] {
-            assert!(bad.parse::<Rate>().is_err(), "{bad}");
-        }
     }
 }

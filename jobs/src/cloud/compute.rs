@@ -37,7 +37,7 @@ pub struct Compute {
     ec2: aws_sdk_ec2::Client,
     region: String,
     /// The region's batched reads (see `instance_reads`), started by the first read.
-    reads: Arc<OnceLock<Reads>>,
+    reads: Arc<OnceLock<Reads<InstanceInfo>>>,
 }
 
 /// What we need to know of an instance.
@@ -215,7 +215,11 @@ impl Compute {
     pub async fn observe(&self, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
         let reads = self.reads.get_or_init(|| {
             // The sending task gets a client of its own, so it ends when we are dropped.
-            instance_reads::spawn(Compute::new(self.ec2.clone(), self.region.clone()))
+            let compute = Compute::new(self.ec2.clone(), self.region.clone());
+            instance_reads::spawn(move |ids: Vec<String>| {
+                let compute = compute.clone();
+                async move { compute.describe_many(&ids).await }
+            })
         });
         instance_reads::read(reads, instance_id).await
     }
@@ -243,7 +247,11 @@ impl Compute {
             let page = page.map_err(|e| classify_aws("ec2:DescribeInstances", e))?;
             found.extend(self.instances(&page));
         }
-        Ok(instance_reads::by_id(found))
+        Ok(found
+            .into_iter()
+            .filter(|i| i.state != "terminated")
+            .map(|i| (i.id.clone(), i))
+            .collect())
     }
 
     fn instances(

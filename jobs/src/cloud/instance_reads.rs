@@ -7,27 +7,34 @@
 //! a lone read is sent at once and a crowd of reads costs one call per batch.
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::compute::{Compute, InstanceInfo};
 use super::{CloudError, CloudResult};
 
 /// The most instance ids one call filters on (EC2 takes at most 200 values per filter).
 pub const MOST_PER_CALL: usize = 200;
 
-/// One read waiting for its batch: the instance id, and where its answer goes.
-pub struct Read {
+/// One read waiting for its batch: the instance id, and where its answer (`T`, what the
+/// client makes of an instance) goes.
+pub struct Read<T> {
     instance_id: String,
-    answer: oneshot::Sender<CloudResult<Option<InstanceInfo>>>,
+    answer: oneshot::Sender<CloudResult<Option<T>>>,
 }
 
 /// The queue of one region's reads.
-pub type Reads = mpsc::UnboundedSender<Read>;
+pub type Reads<T> = mpsc::UnboundedSender<Read<T>>;
 
-/// Starts the task that sends `compute`'s batched reads; it ends when the last sender is gone.
-pub fn spawn(compute: Compute) -> Reads {
-    let (sender, mut queue) = mpsc::unbounded_channel::<Read>();
+/// Starts the task that sends batched reads through `describe_many` (the live instances among
+/// the ids, by id); it ends when the last sender is gone.
+pub fn spawn<T, F, Fut>(describe_many: F) -> Reads<T>
+where
+    T: Clone + Send + 'static,
+    F: Fn(Vec<String>) -> Fut + Send + 'static,
+    Fut: Future<Output = CloudResult<HashMap<String, T>>> + Send,
+{
+    let (sender, mut queue) = mpsc::unbounded_channel::<Read<T>>();
     tokio::spawn(async move {
         while let Some(first) = queue.recv().await {
             let mut batch = vec![first];
@@ -40,12 +47,9 @@ pub fn spawn(compute: Compute) -> Reads {
             let mut ids: Vec<String> = batch.iter().map(|r| r.instance_id.clone()).collect();
             ids.sort_unstable();
             ids.dedup();
-            let found = compute.describe_many(&ids).await;
-            tracing::debug!(
-                reads = batch.len(),
-                instances = ids.len(),
-                "instances read together"
-            );
+            let instances = ids.len();
+            let found = describe_many(ids).await;
+            tracing::debug!(reads = batch.len(), instances, "instances read together");
             for read in batch {
                 let answer = match &found {
                     Ok(found) => Ok(found.get(&read.instance_id).cloned()),
@@ -60,7 +64,7 @@ pub fn spawn(compute: Compute) -> Reads {
 }
 
 /// Queues a read of `instance_id` and waits for its batch's answer.
-pub async fn read(reads: &Reads, instance_id: &str) -> CloudResult<Option<InstanceInfo>> {
+pub async fn read<T>(reads: &Reads<T>, instance_id: &str) -> CloudResult<Option<T>> {
     let (answer, answered) = oneshot::channel();
     let lost = || CloudError::transient("ec2:DescribeInstances", "the batched read was lost");
     reads
@@ -70,13 +74,4 @@ pub async fn read(reads: &Reads, instance_id: &str) -> CloudResult<Option<Instan
         })
         .map_err(|_| lost())?;
     answered.await.map_err(|_| lost())?
-}
-
-/// The live instances among `found`, by id.
-pub fn by_id(found: Vec<InstanceInfo>) -> HashMap<String, InstanceInfo> {
-    found
-        .into_iter()
-        .filter(|i| i.state != "terminated")
-        .map(|i| (i.id.clone(), i))
-        .collect()
 }

@@ -37,15 +37,16 @@ pub(crate) fn utc(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chr
 impl Clouds {
     /// Clients from the AWS SDK's standard configuration (`AWS_ENDPOINT_URL`, credentials...),
     /// one set per configured region, and the Cloudflare settings. Their calls are taken from
-    /// the budgets shared in `db`'s database; without one (`hivectl doctor`'s few
-    /// probes, which must work before migrations ran) they spend freely.
+    /// the budgets `ledger` keeps (the store's, shared by every worker); without one
+    /// (`hivectl doctor`'s few probes, which must work before migrations ran) they spend
+    /// freely.
     pub async fn from_config(
         config: &WorkerConfig,
-        db: Option<&crate::connections::Connections>,
+        ledger: Option<std::sync::Arc<dyn budget::BudgetLedger>>,
     ) -> CloudResult<Self> {
         let budgets = &config.budgets;
-        let budget = |name: String, rate| match db {
-            Some(db) => budget::Budget::new(db, name, rate),
+        let budget = |name: String, rate| match &ledger {
+            Some(ledger) => budget::Budget::new(ledger, name, rate),
             None => budget::Budget::unlimited(),
         };
         let timeouts = aws_config::timeout::TimeoutConfig::builder()

@@ -5,8 +5,8 @@ use super::{done, required, Outcome, StepContext};
 use crate::cloud::cloudflare::{routes_to_tunnel, tunnel_target};
 use crate::cloud::route53::{Propagation, Route53};
 use crate::cloud::CloudResult;
+use crate::model::Created;
 use crate::model::Node;
-use crate::store::Created;
 
 /// The proxied CNAME `<node>.<domain>` → `<tunnel>.cfargotunnel.com`. A record of that name
 /// that exists already is kept only if it points at the node's current tunnel; else it is

@@ -5,8 +5,8 @@
 use super::{done, idempotency_token, instance_is_young, required, Outcome, StepContext};
 use crate::cloud::compute::{InstanceInfo, LaunchError, LaunchSpec};
 use crate::cloud::{CloudError, CloudResult};
+use crate::model::Created;
 use crate::model::Node;
-use crate::store::Created;
 use crate::user_data::{self, UserDataParams};
 
 /// The node's recorded instance as EC2 sees it now, read together with the other nodes'

@@ -4,18 +4,21 @@
 //! node needs, so running it twice changes nothing the second time, and a step repeated after a
 //! crash adopts what the first run made. A waiting step never sleeps: it answers
 //! [`Outcome::NotYet`] and the engine looks again later. Which step runs in which state is the
-//! table in `workflows.rs`; what happens after a step is `policy::decide`.
+//! table in `model/workflows.rs` ([`run_step`] is made from it here); what happens after a
+//! step is `policy::decide`. The steps know the clouds and the model, never the store: what
+//! they must record goes through [`Progress`] and their [`Outcome`].
 
 pub mod dns;
 pub mod instance;
 pub mod region;
 pub mod secret;
+pub mod teardown;
 pub mod tunnel;
 
 use crate::cloud::{CloudError, CloudResult, Clouds, RegionClouds};
 use crate::config::WorkerConfig;
-use crate::model::Node;
-use crate::store::Created;
+use crate::model::Created;
+use crate::model::{Node, NodeState};
 
 /// What a step may use: the clouds and the worker's settings.
 pub struct StepContext<'a> {
@@ -42,6 +45,33 @@ pub trait Progress: Send + Sync {
     fn route53_change<'a>(&'a self, node: &'a Node, change_id: &'a str) -> ProgressFuture<'a>;
 }
 
+/// Makes `run_step` from the workflow table's rows: each state's step function, resolved here
+/// where the step files are.
+macro_rules! declare_dispatch {
+    (
+        resting: [ $( $rest:ident = $rest_name:literal => $rest_status:ident ),* $(,)? ]
+        $(
+            $(#[$wf_meta:meta])*
+            workflow $wf:ident = $steps_const:ident,
+                from [ $( $from:ident ),* ], ends $end:ident, shown as $wf_status:ident {
+                $(
+                    $state:ident = $name:literal => $action:path $( , undo $undo:ident )? ;
+                )+
+            }
+        )+
+    ) => {
+        /// Runs the side effect of the node's current step.
+        pub(crate) async fn run_step(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
+            match node.state() {
+                $( $( NodeState::$state => $action(ctx, node).await, )+ )+
+                _ => Ok(Outcome::NotYet("not a state with a step")),
+            }
+        }
+    };
+}
+
+crate::model::workflows::workflow_table!(declare_dispatch);
+
 /// What a step did.
 // One is made per step and moved once; boxing `Created` would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -56,11 +86,6 @@ pub enum Outcome {
 /// Done, with nothing new to record.
 pub(crate) fn done() -> CloudResult<Outcome> {
     Ok(Outcome::Done(Created::default()))
-}
-
-/// The first teardown step only marks the start of the undos; it has no side effect.
-pub async fn begin_teardown(_: &StepContext<'_>, _: &Node) -> CloudResult<Outcome> {
-    done()
 }
 
 /// A value an earlier step recorded on the row, which this step needs.

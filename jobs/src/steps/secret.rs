@@ -3,8 +3,8 @@
 
 use super::{done, idempotency_token, required, Outcome, StepContext};
 use crate::cloud::CloudResult;
+use crate::model::Created;
 use crate::model::Node;
-use crate::store::Created;
 
 /// Stores the tunnel's token as `hive/nodes/<node>/tunnel-token` (never in the database, a log
 /// or user-data). Undo: [`delete`].

@@ -4,8 +4,8 @@
 use super::{done, required, Outcome, StepContext};
 use crate::cloud::cloudflare::{IngressRule, TunnelConfig, TunnelHealth};
 use crate::cloud::CloudResult;
+use crate::model::Created;
 use crate::model::Node;
-use crate::store::Created;
 
 /// Creates the tunnel `hive-<node>`, or adopts the one a crashed run made.
 /// Undo: [`delete`].

@@ -18,7 +18,7 @@ const SCENARIO: &str = "dispatch";
 /// Postgres's clock says).
 async fn enqueue(pool: &sqlx::PgPool, ids: &[Uuid]) -> anyhow::Result<DateTime<Utc>> {
     let mut tx = pool.begin().await?;
-    hive_jobs::queue::enqueue(&mut tx, ids, Duration::ZERO).await?;
+    hive_jobs::store::queue::enqueue(&mut tx, ids, Duration::ZERO).await?;
     let at: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
         .fetch_one(&mut *tx)
         .await?;

@@ -1,10 +1,15 @@
-//! The node and its state machine's states.
+//! The node, its intent and its states: the types every layer above shares, importing nothing
+//! of the crate.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-pub use crate::workflows::{
+mod subscription;
+pub mod workflows;
+
+pub use subscription::StripeStatus;
+pub use workflows::{
     NodeState, NodeStatus, Workflow, PROVISIONING, RESIZE, RESTART, RESUME, STOP, SUSPEND, TEARDOWN,
 };
 
@@ -278,4 +283,24 @@ pub mod tags {
     /// On the instance: the restart request it last carried out, so that a reboot repeated
     /// after a crash is not done twice.
     pub const RESTARTED: &str = "hive:restarted";
+}
+
+/// Ids of resources a step created, written with its state change.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub tunnel_id: Option<String>,
+    pub secret_arn: Option<String>,
+    pub instance_id: Option<String>,
+    pub dns_record_id: Option<String>,
+    /// The instance type and root volume size the instance now has.
+    pub applied_instance_type: Option<String>,
+    pub applied_volume_gb: Option<i32>,
+    /// The restart request the instance has carried out.
+    pub restarts_done: Option<i32>,
+    /// Where the instance runs (`subnet-... (zone)`).
+    pub placement: Option<String>,
+    /// The instance runs as `.0` in place of `.1`, for want of capacity.
+    pub fallback: Option<(String, String)>,
+    /// What the step wants said in the node's log beside its success.
+    pub note: Option<String>,
 }

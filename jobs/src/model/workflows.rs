@@ -4,13 +4,15 @@
 //! A row is `State = "name" => resource::action[, undo UndoState];`: the state a node is in
 //! while that step runs, the name stored in `nodes.state`, and the step's function (in its
 //! resource's file under `steps/`). Adding a step is one function and one row here.
+//!
+//! The table is a macro that hands its rows to another: here they make the states (the step
+//! functions' names are passed over, never resolved, so the model imports nothing above it),
+//! and `steps::run_step` is made from the same rows where the step functions live.
 
-use crate::steps::{self, dns, instance, region, secret, tunnel};
-
-/// Declares the resting states and the workflows. Generates `NodeState` (with `ALL`, `as_str`,
-/// `parse`, `workflow`, `undo`), `Workflow` (with `steps`, `end`, `entered_from`, `status`), one
-/// const array per workflow, and `run_step`, which runs a state's step.
-macro_rules! declare_workflows {
+/// Makes the states and workflows of the table's rows: `NodeState` (with `ALL`, `as_str`,
+/// `parse`, `workflow`, `undo`), `Workflow` (with `steps`, `end`, `entered_from`, `status`)
+/// and one const array per workflow.
+macro_rules! declare_states {
     (
         resting: [ $( $rest:ident = $rest_name:literal => $rest_status:ident ),* $(,)? ]
         $(
@@ -121,16 +123,6 @@ macro_rules! declare_workflows {
             }
         }
 
-        /// Runs the side effect of the node's current step.
-        pub(crate) async fn run_step(
-            ctx: &steps::StepContext<'_>,
-            node: &crate::model::Node,
-        ) -> crate::cloud::CloudResult<steps::Outcome> {
-            match node.state() {
-                $( $( NodeState::$state => $action(ctx, node).await, )+ )+
-                _ => Ok(steps::Outcome::NotYet("not a state with a step")),
-            }
-        }
     };
 }
 
@@ -140,7 +132,10 @@ macro_rules! count {
     ($head:tt $( $tail:tt )*) => { 1usize + count!($( $tail )*) };
 }
 
-declare_workflows! {
+/// The table: hands every row to `$then!` (`declare_states` here, `declare_dispatch` in
+/// `steps`).
+macro_rules! workflow_table {
+    ($then:ident) => { $then! {
     resting: [
         Ready = "ready" => Ready,
         Failed = "failed" => Failed,
@@ -167,7 +162,7 @@ declare_workflows! {
     /// Entered from any state (`NodeState::may_become`); ends `terminated`, or `failed` when it
     /// undoes a failed provisioning.
     workflow Teardown = TEARDOWN, from [], ends Terminated, shown as Terminating {
-        Terminating = "terminating" => steps::begin_teardown;
+        Terminating = "terminating" => teardown::begin;
         DeletingRoute53Record = "deleting_route53_record" => dns::delete_route53;
         DeletingCloudflareRecord = "deleting_cloudflare_record" => dns::delete_cloudflare;
         TerminatingInstance = "terminating_instance" => instance::terminate;
@@ -212,7 +207,11 @@ declare_workflows! {
         WaitingForResizedStart = "waiting_for_resized_start" => instance::wait_running;
         WaitingForResizedTunnel = "waiting_for_resized_tunnel" => tunnel::wait_healthy;
     }
+    } };
 }
+pub(crate) use workflow_table;
+
+workflow_table!(declare_states);
 
 /// What the customer's app sees of a node.
 #[derive(
