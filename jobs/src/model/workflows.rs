@@ -5,15 +5,16 @@
 //! while that step runs, the name stored in `nodes.state`, and the step's function (in its
 //! resource's file under `steps/`). Adding a step is one function and one row here.
 //!
-//! The table is a macro that hands its rows to another: here they make the states (the step
-//! functions' names are passed over, never resolved, so the model imports nothing above it),
-//! and `steps::run_step` is made from the same rows where the step functions live.
+//! The rows make the states here, and a macro, `step_rows!`, that hands each state and its step
+//! function on: `steps::run_step` is made from it where the step functions live (their names
+//! are passed over here, never resolved, so the model imports nothing above it).
 
 /// Makes the states and workflows of the table's rows: `NodeState` (with `ALL`, `as_str`,
-/// `parse`, `workflow`, `undo`), `Workflow` (with `steps`, `end`, `entered_from`, `status`)
-/// and one const array per workflow.
-macro_rules! declare_states {
+/// `parse`, `workflow`, `undo`), `Workflow` (with `steps`, `end`, `entered_from`, `status`),
+/// one const array per workflow, and `step_rows!`. `$d` is a `$`, for the macro it makes.
+macro_rules! declare_workflows {
     (
+        $d:tt
         resting: [ $( $rest:ident = $rest_name:literal => $rest_status:ident ),* $(,)? ]
         $(
             $(#[$wf_meta:meta])*
@@ -123,6 +124,14 @@ macro_rules! declare_states {
             }
         }
 
+
+        /// Hands every `State => step function;` pair to `$then!` (`steps` makes its dispatch).
+        macro_rules! step_rows {
+            ($d then:ident) => {
+                $d then! { $( $( $state => $action; )+ )+ }
+            };
+        }
+        pub(crate) use step_rows;
     };
 }
 
@@ -132,10 +141,7 @@ macro_rules! count {
     ($head:tt $( $tail:tt )*) => { 1usize + count!($( $tail )*) };
 }
 
-/// The table: hands every row to `$then!` (`declare_states` here, `declare_dispatch` in
-/// `steps`).
-macro_rules! workflow_table {
-    ($then:ident) => { $then! {
+declare_workflows! { $
     resting: [
         Ready = "ready" => Ready,
         Failed = "failed" => Failed,
@@ -207,11 +213,7 @@ macro_rules! workflow_table {
         WaitingForResizedStart = "waiting_for_resized_start" => instance::wait_running;
         WaitingForResizedTunnel = "waiting_for_resized_tunnel" => tunnel::wait_healthy;
     }
-    } };
 }
-pub(crate) use workflow_table;
-
-workflow_table!(declare_states);
 
 /// What the customer's app sees of a node.
 #[derive(

@@ -48,29 +48,18 @@ pub trait Progress: Send + Sync {
 /// Makes `run_step` from the workflow table's rows: each state's step function, resolved here
 /// where the step files are.
 macro_rules! declare_dispatch {
-    (
-        resting: [ $( $rest:ident = $rest_name:literal => $rest_status:ident ),* $(,)? ]
-        $(
-            $(#[$wf_meta:meta])*
-            workflow $wf:ident = $steps_const:ident,
-                from [ $( $from:ident ),* ], ends $end:ident, shown as $wf_status:ident {
-                $(
-                    $state:ident = $name:literal => $action:path $( , undo $undo:ident )? ;
-                )+
-            }
-        )+
-    ) => {
+    ( $( $state:ident => $action:path ; )+ ) => {
         /// Runs the side effect of the node's current step.
         pub(crate) async fn run_step(ctx: &StepContext<'_>, node: &Node) -> CloudResult<Outcome> {
             match node.state() {
-                $( $( NodeState::$state => $action(ctx, node).await, )+ )+
+                $( NodeState::$state => $action(ctx, node).await, )+
                 _ => Ok(Outcome::NotYet("not a state with a step")),
             }
         }
     };
 }
 
-crate::model::workflows::workflow_table!(declare_dispatch);
+crate::model::workflows::step_rows!(declare_dispatch);
 
 /// What a step did.
 // One is made per step and moved once; boxing `Created` would only add an allocation.
