@@ -7,7 +7,9 @@ FROM rust:1.95-bookworm AS build
 ARG BIN
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin "${BIN}" && cp "target/release/${BIN}" /app
+# Its own package only (`-p`): the workspace's test crate turns on `hive-jobs/chaos` (fault
+# injection), which a production binary must not have.
+RUN cargo build --release --locked -p "${BIN}" --bin "${BIN}" && cp "target/release/${BIN}" /app
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \

@@ -3,7 +3,11 @@
 //! published at `HIVE_JWKS_URL`. Those keys are cached and fetched again when a token names a
 //! key id (`kid`) the cache does not hold (the provider rotated), at most once per
 //! [`REFETCH_AT_MOST_EVERY`], so that made-up ids cannot make us hammer the provider.
-//! `HIVE_JWT_ISSUER` and `HIVE_JWT_AUDIENCE`, when set, must be the token's `iss` and `aud`.
+//! The set is also fetched again once it is older than its lifetime (`HIVE_JWKS_REFRESH_SECS`,
+//! at most an hour, or the provider's shorter `Cache-Control: max-age`), so that a key the
+//! provider revoked stops being accepted. `exp` and `nbf` are checked with a few seconds'
+//! leeway; `HIVE_JWT_ISSUER` and `HIVE_JWT_AUDIENCE` must be the token's `iss` and `aud`
+//! (required with a key set).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,6 +25,9 @@ use crate::AppState;
 
 /// The least time between two fetches of the key set.
 pub const REFETCH_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+
+/// The clock skew forgiven on `exp` and `nbf`.
+const LEEWAY_SECS: u64 = 5;
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -43,8 +50,19 @@ struct Jwks {
     url: String,
     http: reqwest::Client,
     keys: RwLock<HashMap<String, DecodingKey>>,
-    /// When the set was last fetched; held while fetching, so that one fetch serves all.
-    fetched: Mutex<Option<Instant>>,
+    /// When the set was last fetched, and for how long it is trusted; held while fetching, so
+    /// that one fetch serves all.
+    fetched: Mutex<Fetched>,
+    /// The longest a set is trusted (`HIVE_JWKS_REFRESH_SECS`).
+    refresh: Duration,
+}
+
+#[derive(Default)]
+struct Fetched {
+    /// The last attempt.
+    at: Option<Instant>,
+    /// The last successful fetch, and how long its keys are trusted.
+    fresh_until: Option<Instant>,
 }
 
 /// Why a token was not taken. Never holds the token.
@@ -77,7 +95,8 @@ impl Tokens {
                     .timeout(Duration::from_secs(5))
                     .build()?,
                 keys: RwLock::new(HashMap::new()),
-                fetched: Mutex::new(None),
+                fetched: Mutex::new(Fetched::default()),
+                refresh: config.jwks_refresh,
             }),
         };
         Ok(Self {
@@ -107,7 +126,8 @@ impl Tokens {
         // mismatch), so an RSA public key cannot be used as an HMAC secret.
         let mut validation = Validation::new(header.alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
@@ -134,6 +154,13 @@ impl Tokens {
 
 impl Jwks {
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
+        if self.stale().await {
+            // Past its lifetime: fetch it again before trusting it. If the provider cannot be
+            // reached, the keys held stay in use (and the next token tries again).
+            if let Err(e) = self.refetch().await {
+                tracing::warn!(error = %e, "refreshing the identity provider's keys failed");
+            }
+        }
         if let Some(key) = self.keys.read().await.get(kid) {
             return Ok(key.clone());
         }
@@ -153,22 +180,34 @@ impl Jwks {
             .ok_or(TokenError::Invalid)
     }
 
+    /// Whether the set held is past its lifetime (or was never fetched).
+    async fn stale(&self) -> bool {
+        let fetched = self.fetched.lock().await;
+        fetched
+            .fresh_until
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
     async fn refetch(&self) -> Result<(), FetchError> {
         let mut fetched = self.fetched.lock().await;
-        if fetched.is_some_and(|at| at.elapsed() < REFETCH_AT_MOST_EVERY) {
+        if fetched
+            .at
+            .is_some_and(|at| at.elapsed() < REFETCH_AT_MOST_EVERY)
+        {
             return Err(FetchError::TooSoon);
         }
-        *fetched = Some(Instant::now());
-        let set: JwkSet = self
+        let now = Instant::now();
+        fetched.at = Some(now);
+        let response = self
             .http
             .get(&self.url)
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(FetchError::Http)?
-            .json()
-            .await
             .map_err(FetchError::Http)?;
+        let lifetime =
+            max_age(response.headers()).map_or(self.refresh, |max_age| max_age.min(self.refresh));
+        let set: JwkSet = response.json().await.map_err(FetchError::Http)?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             // Only public keys of the kinds we verify; a symmetric key in the set is ignored.
@@ -186,10 +225,24 @@ impl Jwks {
                 Err(e) => tracing::warn!(kid, error = %e, "a key of the set is unusable"),
             }
         }
-        tracing::info!(keys = keys.len(), "identity provider's keys fetched");
+        tracing::info!(
+            keys = keys.len(),
+            ?lifetime,
+            "identity provider's keys fetched"
+        );
         *self.keys.write().await = keys;
+        fetched.fresh_until = Some(now + lifetime);
         Ok(())
     }
+}
+
+/// `Cache-Control: max-age=N`, if the response says so.
+fn max_age(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::CACHE_CONTROL)?.to_str().ok()?;
+    value.split(',').find_map(|directive| {
+        let seconds = directive.trim().strip_prefix("max-age=")?;
+        seconds.trim().parse().ok().map(Duration::from_secs)
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +272,17 @@ impl FromRequestParts<AppState> for AuthUser {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or(ApiError::Unauthorized("missing bearer token"))?;
-        let user = state.tokens.user_of(token).await?;
+        let user = match state.tokens.user_of(token).await {
+            Ok(user) => user,
+            Err(e) => {
+                // Not a valid token: limited by address, as a caller without one is.
+                if let Some(limits) = &state.limits {
+                    let peer = crate::rate_limit::peer_of(&parts.extensions);
+                    limits.check_address(&parts.headers, peer)?;
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(limits) = &state.limits {
             limits.check_user(&user)?;
         }

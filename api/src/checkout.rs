@@ -48,26 +48,52 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
 }
 
-fn url(name: &str, value: &str) -> Result<(), ApiError> {
-    if value.starts_with("https://") || value.starts_with("http://") {
+/// A URL Stripe sends the customer back to: http(s), and on one of the app's origins
+/// (`HIVE_RETURN_URL_ORIGINS`), so that our checkout cannot send a paying customer to a page
+/// of someone else's choosing.
+fn url(name: &str, value: &str, origins: &[String]) -> Result<(), ApiError> {
+    if !(value.starts_with("https://") || value.starts_with("http://")) {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is not an http(s) URL"
+        )));
+    }
+    let on_origin = |origin: &String| {
+        value.strip_prefix(origin.as_str()).is_some_and(|rest| {
+            rest.is_empty()
+                || rest.starts_with('/')
+                || rest.starts_with('?')
+                || rest.starts_with('#')
+        })
+    };
+    if origins.iter().any(on_origin) {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!(
-            "`{name}` is not an http(s) URL"
+        Err(ApiError::Unprocessable(format!(
+            "`{name}` is not on an origin of the app's (HIVE_RETURN_URL_ORIGINS)"
         )))
     }
 }
 
-/// The request's `Idempotency-Key`, passed on to Stripe.
-fn strategy(headers: &HeaderMap) -> Result<RequestStrategy, ApiError> {
+/// The request's `Idempotency-Key`, made the key of this user's request at Stripe. Stripe
+/// scopes keys per account, and ours is one account for every user: the key sent is derived
+/// from the user, the route and theirs, so two users who pick the same key get two sessions.
+fn strategy(headers: &HeaderMap, user: &str, route: &str) -> Result<RequestStrategy, ApiError> {
+    use sha2::Digest;
     match headers.get("idempotency-key") {
         None => Ok(RequestStrategy::Once),
         Some(value) => {
-            let key = value
+            let theirs = value
                 .to_str()
-                .ok()
-                .and_then(|k| IdempotencyKey::new(k).ok())
-                .ok_or_else(|| ApiError::BadRequest("Idempotency-Key is not a valid key".into()))?;
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key is not a valid key".into()))?;
+            let digest = sha2::Sha256::new()
+                .chain_update(user.as_bytes())
+                .chain_update([0])
+                .chain_update(route.as_bytes())
+                .chain_update([0])
+                .chain_update(theirs.as_bytes())
+                .finalize();
+            let key = IdempotencyKey::new(format!("hive-{}", hex::encode(digest)))
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key is not a valid key".into()))?;
             Ok(RequestStrategy::Idempotent(key))
         }
     }
@@ -141,9 +167,17 @@ pub async fn checkout(
     body: Bytes,
 ) -> Result<Json<CheckoutAnswer>, ApiError> {
     let request: CheckoutRequest = json_body(&body)?;
-    url("success_url", &request.success_url)?;
-    url("cancel_url", &request.cancel_url)?;
     let config = &state.config;
+    url(
+        "success_url",
+        &request.success_url,
+        &config.return_url_origins,
+    )?;
+    url(
+        "cancel_url",
+        &request.cancel_url,
+        &config.return_url_origins,
+    )?;
     let plan = config
         .plans
         .0
@@ -167,7 +201,7 @@ pub async fn checkout(
             "region `{region}` is not served"
         )));
     }
-    let strategy = strategy(&headers)?;
+    let strategy = strategy(&headers, &user, "checkout")?;
     let client = stripe_client(&state)?;
     let metadata: std::collections::HashMap<String, String> = [
         ("user", user.clone()),
@@ -243,8 +277,12 @@ pub async fn portal(
     body: Bytes,
 ) -> Result<Json<PortalAnswer>, ApiError> {
     let request: PortalRequest = json_body(&body)?;
-    url("return_url", &request.return_url)?;
-    let strategy = strategy(&headers)?;
+    url(
+        "return_url",
+        &request.return_url,
+        &state.config.return_url_origins,
+    )?;
+    let strategy = strategy(&headers, &user, "portal")?;
     let client = stripe_client(&state)?;
     let customer = store::user_customer(&mut *state.conn().await?, &user)
         .await?

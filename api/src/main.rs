@@ -43,6 +43,17 @@ async fn run() -> anyhow::Result<()> {
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not ready"))
         .await
         .context("connecting to the database")?;
+    // Events held for want of configuration are applied now that this configuration runs (no
+    // redelivery needed); those it still cannot apply stay held, with why.
+    match hive_jobs::stripe_events::apply_held(&pool, &config).await {
+        Ok(held) if held.applied.is_empty() && held.still_held == 0 => {}
+        Ok(held) => tracing::info!(
+            applied = held.applied.len(),
+            still_held = held.still_held,
+            "held stripe events applied"
+        ),
+        Err(e) => tracing::warn!(error = %e, "applying the held stripe events failed"),
+    }
     // The requests' connections (`HIVE_API_DB_CONNECTIONS`), opened as first needed: sqlx's
     // pool would ping each after every use (hive_jobs::connections).
     let db = hive_jobs::connections::Connections::to_url(

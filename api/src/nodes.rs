@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use hive_jobs::conditions::{self, Condition};
 use hive_jobs::connections::Connections;
 use hive_jobs::model::TeardownReason;
-use hive_jobs::model::{Desired, Node, NodeState, NodeStatus};
+use hive_jobs::model::{public, Desired, EventKind, Node, NodeState, NodeStatus};
 use hive_jobs::{requests, store};
 use serde::{Deserialize, Serialize};
 use sqlx::Connection;
@@ -44,11 +44,17 @@ pub struct NodeView {
     pub hostname: String,
     /// Set once the node is ready to serve.
     pub url: Option<String>,
-    /// Set only when the node failed.
+    /// Set only when the node failed: what failed, in plain words, and a reference the
+    /// operator finds the whole cause by (never a provider's own text).
     pub error: Option<String>,
+    /// The failure's stable code, for the app to branch on (`launch_refused`,
+    /// `image_unavailable`, `instance_refused`, `secret_refused`, `dns_refused`,
+    /// `tunnel_refused`, `busy`, `step_failed`).
+    pub error_code: Option<String>,
     /// What a step is waiting for ("instance is pending"): not an error.
     pub waiting_for: Option<String>,
-    /// The last transient error of the current step, which is being retried.
+    /// The last transient error of the current step, which is being retried (in plain words,
+    /// as `error`).
     pub last_error: Option<String>,
     pub volume_gb: i32,
     /// `InstanceRunning`, `TunnelHealthy`, `DnsRouted`: true, false or unknown, and since when.
@@ -75,12 +81,26 @@ impl NodeView {
     fn build(node: Node, events: Vec<EventView>, moves: &[(DateTime<Utc>, String)]) -> Self {
         let state = node.state();
         let status = node.status();
-        let message = node
+        // The operator's record keeps the providers' words; the app gets ours.
+        let reference = format!(
+            "{}/{}",
+            &node.id.simple().to_string()[..8],
+            node.failed_step.as_deref().unwrap_or(state.as_str())
+        );
+        let error = node
             .error
             .as_deref()
-            .or(node.waiting_for.as_deref())
-            .or(node.last_error.as_deref());
-        let conditions = conditions::conditions(state, message, node.created_at, moves);
+            .map(|raw| public::public_error(raw, &reference));
+        let last_error = node
+            .last_error
+            .as_deref()
+            .map(|raw| public::public_error(raw, &reference).message);
+        let message = error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .or_else(|| node.waiting_for.clone())
+            .or_else(|| last_error.clone());
+        let conditions = conditions::conditions(state, message.as_deref(), node.created_at, moves);
         NodeView {
             url: (state == NodeState::Ready).then(|| node.url()),
             id: node.id,
@@ -93,9 +113,10 @@ impl NodeView {
             instance_id: node.instance_id,
             tunnel_id: node.tunnel_id,
             hostname: node.hostname,
-            error: node.error,
+            error_code: error.as_ref().map(|e| e.code.to_string()),
+            error: error.map(|e| e.message),
             waiting_for: node.waiting_for,
-            last_error: node.last_error,
+            last_error,
             volume_gb: node.volume_gb,
             conditions,
             events,
@@ -107,11 +128,22 @@ impl NodeView {
 
 impl From<hive_jobs::model::NodeEvent> for EventView {
     fn from(e: hive_jobs::model::NodeEvent) -> Self {
+        // A failure's detail is the provider's text: the app gets what failed, in our words.
+        let failure = [EventKind::Failed, EventKind::RetryScheduled]
+            .iter()
+            .any(|k| k.as_str() == e.kind);
+        let message = e.detail.map(|detail| {
+            if failure {
+                public::public_error(&detail, &e.step).message
+            } else {
+                public::scrub(&detail)
+            }
+        });
         EventView {
             at: e.at,
             step: e.step,
             kind: e.kind,
-            message: e.detail,
+            message,
         }
     }
 }
@@ -316,6 +348,7 @@ async fn control(
         Control::Stop => requests::stop(&mut tx, node.id, &by).await?,
         Control::Start => requests::start(&mut tx, node.id, &by).await?,
         Control::Delete => {
+            count_change(state, &mut tx, user).await?;
             requests::terminate(&mut tx, node.id, TeardownReason::Requested, &by).await?
         }
     }
@@ -397,7 +430,28 @@ pub async fn start_node(
     control(&state, &user, &id, Control::Start, request).await
 }
 
-/// Tears the node down (`terminating`, then `terminated`); the plan's room it used is freed.
+/// Counts a node creation or deletion against the user's hourly allowance
+/// (`HIVE_NODE_CHANGES_PER_HOUR`), in the change's transaction: a `429` when it is spent (and
+/// the transaction, dropped, changes nothing).
+async fn count_change(
+    state: &AppState,
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    user: &str,
+) -> Result<(), ApiError> {
+    let Some(per_hour) = state.config.node_changes_per_hour else {
+        return Ok(());
+    };
+    match store::count_node_change(tx, user, per_hour.get()).await? {
+        None => Ok(()),
+        Some(wait) => {
+            tracing::info!(user, ?wait, "node change limit reached");
+            Err(ApiError::TooManyRequests(wait.as_secs().max(1)))
+        }
+    }
+}
+
+/// Tears the node down (`terminating`, then `terminated`); the plan's room it used is freed
+/// once it is gone.
 #[utoipa::path(
     delete,
     path = "/api/v1/nodes/{id}",
@@ -490,6 +544,7 @@ pub async fn create_node(
     let mut conn = state.conn().await?;
     let mut tx = conn.begin().await.map_err(store::StoreError::from)?;
     request_id.tag(&mut tx).await?;
+    count_change(&state, &mut tx, &user).await?;
     let id = requests::add_node(
         &mut tx,
         sub.id,

@@ -1,7 +1,16 @@
-//! Rate limits: `HIVE_RATE_LIMIT` requests per minute per client address (every route but
-//! `/healthz`, the webhook included) and per user (the app's API, checked once the token is).
-//! Over the limit is a `429` with `Retry-After`. Buckets are GCRA cells (governor), so a burst
-//! of the whole minute's allowance is let through and then one request per 1/limit minute.
+//! Rate limits: `HIVE_RATE_LIMIT` requests per minute per user and per client address. Over
+//! the limit is a `429` with `Retry-After`. Buckets are GCRA cells (governor), so a burst of
+//! the whole minute's allowance is let through and then one request per 1/limit minute.
+//!
+//! Who is limited by what:
+//! - a caller with a valid token, per user (checked once the token is): an app whose backend
+//!   calls us for all its users from one address is not capped at one user's allowance;
+//! - a caller whose token is not valid, per address, before it is told 401;
+//! - Stripe's webhook is never limited when correctly signed (a month's renewals at once, or a
+//!   redelivery after an outage, come from Stripe's few addresses, and a 429 would delay a
+//!   paying customer's node by Stripe's next try, up to an hour); one badly signed is limited
+//!   per address once the signature fails, before any database work;
+//! - everything else (`/healthz` excepted), per address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -56,6 +65,21 @@ impl RateLimits {
             .map_err(|not_until| too_many(not_until.wait_time_from(DefaultClock::default().now())))
     }
 
+    /// One request from the client's address: `Err` with the wait when over the limit.
+    pub fn check_address(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), ApiError> {
+        let Some(address) = self.client_address(headers, peer) else {
+            return Ok(());
+        };
+        self.by_address.check_key(&address).map_err(|not_until| {
+            tracing::info!(%address, "rate limited");
+            too_many(not_until.wait_time_from(DefaultClock::default().now()))
+        })
+    }
+
     fn client_address(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
         if let Some(name) = &self.client_ip_header {
             // The proxy appends the address it saw: the last entry is the one it vouches for.
@@ -80,26 +104,31 @@ fn too_many(wait: Duration) -> ApiError {
     ApiError::TooManyRequests(secs.max(1))
 }
 
-/// The per-address limit, for every request but the health check.
+/// The per-address limit, for the requests it applies to at once (see above): not the health
+/// check, not the webhook (limited once its signature fails), not a call to the app's API with
+/// a bearer token (limited per user, or per address once the token fails).
 pub async fn by_address(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(limits) = &state.limits else {
         return next.run(request).await;
     };
-    if request.uri().path() == "/healthz" {
+    let path = request.uri().path();
+    let bearer = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "));
+    if path == "/healthz" || path == "/webhooks/stripe" || (bearer && path.starts_with("/api/")) {
         return next.run(request).await;
     }
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    if let Some(address) = limits.client_address(request.headers(), peer) {
-        if let Err(not_until) = limits.by_address.check_key(&address) {
-            tracing::info!(%address, "rate limited");
-            return too_many(not_until.wait_time_from(DefaultClock::default().now()))
-                .into_response();
-        }
+    if let Err(e) = limits.check_address(request.headers(), peer_of(request.extensions())) {
+        return e.into_response();
     }
     next.run(request).await
+}
+
+/// The connection's peer address, when the server recorded it.
+pub fn peer_of(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
+    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 #[cfg(test)]

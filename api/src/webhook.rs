@@ -2,11 +2,17 @@
 //!
 //! Each event type we act on has one function that reads it into what it means for a
 //! subscription (`meaning` is the table); `billing::apply` merges that into the subscription
-//! and makes its nodes follow, in the same transaction as the event's record.
+//! and makes its nodes follow, in the same transaction as the event's record. A verified event
+//! our configuration cannot apply yet (a plan nobody configured, a region not served) is
+//! recorded all the same, held with why, and answered 200: it is applied by itself once the
+//! configuration allows it (`stripe_events::apply_held`), with no redelivery needed.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
+use axum::Extension;
 use axum::Json;
 use hive_jobs::billing::BillingError;
 use hive_jobs::requests::RequestError;
@@ -28,18 +34,40 @@ use crate::AppState;
     params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the body")),
     request_body(content = serde_json::Value, description = "A Stripe event", content_type = "application/json"),
     responses(
-        (status = 200, description = "Recorded (or a duplicate delivery of one recorded)", body = serde_json::Value),
+        (status = 200, description = "Recorded (or a duplicate delivery of one recorded); `held` says why one that cannot be applied yet waits", body = serde_json::Value),
         (status = 400, description = "No valid signature, or not a Stripe event", body = ErrorBody),
-        (status = 422, description = "An event this api cannot apply (an unknown plan or price)", body = ErrorBody),
     )
 )]
 pub async fn stripe_webhook(
     State(state): State<AppState>,
     request_id: RequestId,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    receive(&state, &request_id, &headers, &body).await
+    let verified = verify(&state, &headers, &body);
+    if let (Err(_), Some(limits)) = (&verified, &state.limits) {
+        // Only a request that is not Stripe's is limited by its address (rate_limit.rs).
+        limits.check_address(&headers, peer.map(|Extension(ConnectInfo(p))| p))?;
+    }
+    verified.map_err(unverified)?;
+    receive(&state, &request_id, &body).await
+}
+
+/// Checks the body's `Stripe-Signature` against every configured secret.
+fn verify(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(), ApiError> {
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("missing Stripe-Signature header".into()))?;
+    stripe_signature::verify(
+        header,
+        body,
+        &state.config.stripe_webhook_secrets,
+        state.config.stripe_tolerance,
+        chrono::Utc::now().timestamp(),
+    )
+    .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 impl From<EventError> for ApiError {
@@ -58,41 +86,31 @@ fn unverified(e: ApiError) -> ApiError {
     e
 }
 
+/// A verified event: recorded, and applied when it means something for a subscription.
 async fn receive(
     state: &AppState,
     request_id: &RequestId,
-    headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let header = headers
-        .get("stripe-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::BadRequest("missing Stripe-Signature header".into()))
-        .map_err(unverified)?;
-    stripe_signature::verify(
-        header,
-        body,
-        &state.config.stripe_webhook_secrets,
-        state.config.stripe_tolerance,
-        chrono::Utc::now().timestamp(),
-    )
-    .map_err(|e| unverified(ApiError::BadRequest(e.to_string())))?;
-
     let event = EventEnvelope::from_body(body).map_err(|e| unverified(e.into()))?;
     // Parsed above, hence text; stored as delivered rather than serialized again.
     let payload = std::str::from_utf8(body)
         .map_err(|_| unverified(ApiError::BadRequest("body is not JSON".into())))?;
-    let meaning = stripe_events::meaning(&event, &state.config).map_err(|e| {
-        hive_jobs::metrics::webhook_event(&event.event_type, "rejected");
-        ApiError::from(e)
-    })?;
-
     let record = StripeEventRecord {
         id: &event.id,
         event_type: &event.event_type,
         api_version: event.api_version.as_deref(),
         livemode: event.livemode,
         payload,
+        held_reason: None,
+    };
+    let meaning = match stripe_events::meaning(&event, &state.config) {
+        Ok(meaning) => meaning,
+        Err(EventError::Unusable(why)) => return hold(state, record, &why).await,
+        Err(e) => {
+            hive_jobs::metrics::webhook_event(&event.event_type, "rejected");
+            return Err(e.into());
+        }
     };
     // Nine in ten events change nothing but their own row: one statement, its own
     // transaction (a retry storm costs one round trip an event, not four).
@@ -113,17 +131,45 @@ async fn receive(
         tx.rollback().await.map_err(store::StoreError::from)?;
         return Ok(duplicate(&event));
     }
-    let applied = stripe_events::apply(&mut tx, &meaning, &event.id, &state.config)
-        .await
-        .map_err(|e| match e {
-            BillingError::Store(e) | BillingError::Request(RequestError::Store(e)) => {
-                ApiError::Internal(e)
-            }
-            other => ApiError::Unprocessable(other.to_string()),
-        })?;
+    let applied = match stripe_events::apply(&mut tx, &meaning, &event.id, &state.config).await {
+        Ok(applied) => applied,
+        Err(BillingError::Store(e) | BillingError::Request(RequestError::Store(e))) => {
+            return Err(ApiError::Internal(e))
+        }
+        // Not for want of the database: for want of configuration.
+        Err(e) => {
+            tx.rollback().await.map_err(store::StoreError::from)?;
+            return hold(state, record, &e.to_string()).await;
+        }
+    };
     tx.commit().await.map_err(store::StoreError::from)?;
     let added = applied.map(|a| a.added).unwrap_or_default();
     Ok(recorded(&event, &added))
+}
+
+/// Records an event that cannot be applied yet, held with why, and answers 200: Stripe has
+/// nothing to redeliver, and the operator sees it (`hivectl stripe-events list --held`,
+/// `doctor`, `hive_stripe_events_held`).
+async fn hold(
+    state: &AppState,
+    mut record: StripeEventRecord<'_>,
+    why: &str,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    record.held_reason = Some(why);
+    if !store::record_stripe_event(&mut *state.conn().await?, &record).await? {
+        hive_jobs::metrics::webhook_event(record.event_type, "duplicate");
+        return Ok(Json(
+            serde_json::json!({ "received": true, "duplicate": true }),
+        ));
+    }
+    hive_jobs::metrics::webhook_event(record.event_type, "held");
+    tracing::warn!(
+        event_id = %record.id,
+        event_type = %record.event_type,
+        reason = %why,
+        "stripe event held: it cannot be applied with this configuration"
+    );
+    Ok(Json(serde_json::json!({ "received": true, "held": why })))
 }
 
 /// The answer to a redelivery of an event recorded before, counted and logged.

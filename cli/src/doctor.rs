@@ -154,6 +154,28 @@ pub async fn run() -> Vec<Check> {
                 .await,
             );
             checks.push(
+                check("stripe events", async {
+                    let held = store::held_stripe_events(pool, 1)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let count = store::held_stripe_event_count(pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match held.first() {
+                        None => Ok("none held".into()),
+                        Some(first) => Err(format!(
+                            "{count} held: the configuration cannot apply them (see hivectl \
+                             stripe-events list --held; fix the configuration and restart the \
+                             api, or reprocess); the oldest: {} ({}): {}",
+                            first.id,
+                            first.event_type,
+                            first.held_reason.as_deref().unwrap_or("no reason recorded")
+                        )),
+                    }
+                })
+                .await,
+            );
+            checks.push(
                 check("clock skew", async {
                     let skew = store::clock_skew(pool).await.map_err(|e| e.to_string())?;
                     let ms = skew.num_milliseconds();
@@ -171,6 +193,8 @@ pub async fn run() -> Vec<Check> {
         }
         None => {
             checks.push(skipped("migrations", "no database"));
+            checks.push(skipped("teardowns", "no database"));
+            checks.push(skipped("stripe events", "no database"));
             checks.push(skipped("clock skew", "no database"));
         }
     }

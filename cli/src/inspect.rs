@@ -205,6 +205,8 @@ pub struct StripeEventJson {
     pub api_version: Option<String>,
     pub livemode: bool,
     pub received_at: DateTime<Utc>,
+    /// Why it cannot be applied yet, while it is held.
+    pub held_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
 }
@@ -217,6 +219,7 @@ impl StripeEventJson {
             api_version: e.api_version,
             livemode: e.livemode,
             received_at: e.received_at,
+            held_reason: e.held_reason,
             payload: with_payload.then_some(e.payload.0),
         }
     }
@@ -226,10 +229,11 @@ pub async fn stripe_events(
     pool: &PgPool,
     style: &Style,
     event_type: Option<&str>,
+    held_only: bool,
     limit: i64,
     json: bool,
 ) -> anyhow::Result<()> {
-    let events: Vec<StripeEventJson> = store::stripe_events(pool, event_type, limit)
+    let events: Vec<StripeEventJson> = store::stripe_events(pool, event_type, held_only, limit)
         .await
         .context("listing Stripe events")?
         .into_iter()
@@ -238,13 +242,14 @@ pub async fn stripe_events(
     if json {
         return crate::print_json(&events);
     }
-    let mut table = style.table(&["event", "type", "received", "live"]);
+    let mut table = style.table(&["event", "type", "received", "live", "held"]);
     for e in &events {
         table.add_row(vec![
             e.id.clone(),
             e.event_type.clone(),
             e.received_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             e.livemode.to_string(),
+            e.held_reason.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     println!("{table}");
@@ -269,6 +274,9 @@ pub async fn stripe_event(pool: &PgPool, id: &str, json: bool) -> anyhow::Result
         view.api_version.as_deref().unwrap_or("-"),
         view.livemode
     );
+    if let Some(reason) = &view.held_reason {
+        println!("held: {reason}");
+    }
     let payload = serde_json::to_string_pretty(&view.payload).context("writing the payload")?;
     println!("{payload}");
     Ok(())

@@ -163,6 +163,10 @@ enum StripeEvents {
         /// Only events of this type (`checkout.session.completed`, ...).
         #[arg(long = "type")]
         event_type: Option<String>,
+        /// Only the events held because they cannot be applied yet (an unknown plan, a region
+        /// not served), with why.
+        #[arg(long)]
+        held: bool,
         #[arg(long, default_value_t = 50)]
         limit: i64,
         #[arg(long)]
@@ -288,13 +292,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::StripeEvents(StripeEvents::List {
             event_type,
+            held,
             limit,
             json,
         }) => {
             if !(1..=1000).contains(&limit) {
                 bail!("--limit must be 1 to 1000");
             }
-            inspect::stripe_events(&pool().await?, &style, event_type.as_deref(), limit, json).await
+            let pool = pool().await?;
+            inspect::stripe_events(&pool, &style, event_type.as_deref(), held, limit, json).await
         }
         Command::StripeEvents(StripeEvents::Show { id, json }) => {
             inspect::stripe_event(&pool().await?, &id, json).await
@@ -736,11 +742,20 @@ async fn reprocess(id: &str, confirm: &Confirm) -> anyhow::Result<()> {
         .context("reading the event")?
         .with_context(|| format!("no Stripe event {id}"))?;
     let event = EventEnvelope::of(&stored.payload.0)?;
-    let meaning = stripe_events::meaning(&event, &config)?;
+    let meaning =
+        stripe_events::meaning(&event, &config).with_context(|| match &stored.held_reason {
+            Some(_) => format!("{id} is still held"),
+            None => format!("{id} cannot be applied"),
+        })?;
+    let held = stored.held_reason.is_some();
     let apply = |commit: bool| {
         let (pool, meaning, config, event_id) = (&pool, &meaning, &config, &event.id);
         async move {
             let mut tx = pool.begin().await.context("starting a transaction")?;
+            // A held event is applied once: taking it off hold is part of the change.
+            if held && !store::take_held_stripe_event(&mut tx, event_id).await? {
+                bail!("{event_id} was applied meanwhile (no longer held)");
+            }
             let applied = stripe_events::apply(&mut tx, meaning, event_id, config).await?;
             if commit {
                 tx.commit().await.context("recording the change")?;
@@ -766,7 +781,7 @@ async fn reprocess(id: &str, confirm: &Confirm) -> anyhow::Result<()> {
             ),
         }
     );
-    if trial.is_none() || confirm.dry_run {
+    if (trial.is_none() && !held) || confirm.dry_run {
         if confirm.dry_run {
             println!("dry run: nothing done");
         }

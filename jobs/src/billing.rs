@@ -45,11 +45,81 @@ pub struct SubscriptionNews {
     /// items are given time 0: they count only until the subscription itself speaks.
     pub at: i64,
     pub binding: Option<Binding>,
+    /// The subscription's own status, from the subscription (or a checkout).
     pub status: Option<StripeStatus>,
+    /// What an invoice says of a payment: never a status by itself (see [`Payment`]).
+    pub payment: Option<Payment>,
     pub items: Option<Items>,
     pub cancel_at: Option<i64>,
     pub current_period_start: Option<i64>,
     pub current_period_end: Option<i64>,
+}
+
+/// What an invoice event says: a payment went through or failed. It changes the status only
+/// where the subscription's own status leaves no doubt of what it means: a paid invoice ends a
+/// lapse (`past_due`, `unpaid`: Stripe makes the subscription `active` again), a failed one
+/// starts one (`active`, `trialing` become `past_due`). It never starts an `incomplete`
+/// subscription (its first payment failing keeps it `incomplete`, which runs nothing) and never
+/// revives a `canceled` or `incomplete_expired` one (a final invoice may be paid days after the
+/// end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payment {
+    Paid,
+    Failed,
+}
+
+impl Payment {
+    /// Its entry in the status history, beside the statuses.
+    fn as_str(self) -> &'static str {
+        match self {
+            Payment::Paid => "invoice.paid",
+            Payment::Failed => "invoice.payment_failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Payment> {
+        [Payment::Paid, Payment::Failed]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+
+    /// The status after this payment, from the status before it.
+    fn after(self, before: StripeStatus) -> StripeStatus {
+        use StripeStatus::*;
+        match (self, before) {
+            (Payment::Paid, PastDue | Unpaid) => Active,
+            (Payment::Failed, Active | Trialing) => PastDue,
+            (_, unchanged) => unchanged,
+        }
+    }
+}
+
+/// A payment's entries sort before a status of the same second: the subscription's own word
+/// then has the last say.
+const PAYMENT_RANK: i32 = -1;
+
+/// The status after each entry of a (sorted) history: statuses as Stripe sent them, payments
+/// read against the status before them, and a final status (`canceled`,
+/// `incomplete_expired`) final whatever comes after it.
+fn statuses_along(history: &[(i64, i32, String)]) -> Vec<(i64, i32, StripeStatus)> {
+    let mut along = Vec::with_capacity(history.len());
+    let mut current: Option<StripeStatus> = None;
+    for (at, rank, entry) in history {
+        if current.is_some_and(StripeStatus::is_final) {
+            along.push((*at, *rank, current.unwrap_or(StripeStatus::Canceled)));
+            continue;
+        }
+        let next = match (StripeStatus::parse(entry), Payment::parse(entry)) {
+            (Some(status), _) => Some(status),
+            (None, Some(payment)) => current.map(|before| payment.after(before)),
+            (None, None) => current,
+        };
+        if let Some(next) = next {
+            along.push((*at, *rank, next));
+        }
+        current = next;
+    }
+    along
 }
 
 /// Merges `news` into the subscription's snapshot: each part only when it is newer than what
@@ -64,20 +134,26 @@ pub fn merge(sub: &mut SubscriptionState, news: &SubscriptionNews) {
             sub.region = binding.region.clone();
         }
     }
-    if let Some(status) = news.status {
-        // Every status snapshot is kept (once), so that how long it has been past due is read
-        // off the history, whatever order the snapshots came in.
-        let entry = (news.at, status.rank(), status.as_str().to_string());
+    // Every status snapshot and payment is kept (once), and the status read off the whole
+    // history in Stripe's time, so that whatever order they came in they end the same.
+    let entry = match (news.status, news.payment) {
+        (Some(status), _) => Some((news.at, status.rank(), status.as_str().to_string())),
+        (None, Some(payment)) => Some((news.at, PAYMENT_RANK, payment.as_str().to_string())),
+        (None, None) => None,
+    };
+    if let Some(entry) = entry {
+        let news_key = (entry.0, entry.1);
         if !sub.status_history.0.contains(&entry) {
             sub.status_history.0.push(entry);
             sub.status_history.0.sort();
         }
-        if let Some((at, rank, latest)) = sub.status_history.0.last().cloned() {
-            let newest_news = (news.at, status.rank()) == (at, rank);
-            sub.stripe_status = Some(latest);
+        let along = statuses_along(&sub.status_history.0);
+        if let Some((at, rank, latest)) = along.last().copied() {
+            sub.stripe_status = Some(latest.as_str().to_string());
             sub.status_at = Some(at);
             sub.status_rank = Some(rank);
-            sub.past_due_since = past_due_since(&sub.status_history.0);
+            sub.past_due_since = past_due_since(&along);
+            let newest_news = news.status.is_some() && news_key == (at, rank);
             if newest_news && (news.cancel_at.is_some() || news.at > 0) {
                 sub.cancel_at = news.cancel_at.and_then(|t| DateTime::from_timestamp(t, 0));
             }
@@ -106,12 +182,11 @@ pub fn merge(sub: &mut SubscriptionState, news: &SubscriptionNews) {
     }
 }
 
-/// When the latest run of `past_due` snapshots began (`None` unless the latest is past due).
-fn past_due_since(history: &[(i64, i32, String)]) -> Option<DateTime<Utc>> {
-    let past_due = StripeStatus::PastDue.as_str();
+/// When the latest run of `past_due` began (`None` unless the latest status is past due).
+fn past_due_since(along: &[(i64, i32, StripeStatus)]) -> Option<DateTime<Utc>> {
     let mut since = None;
-    for (at, _, status) in history.iter().rev() {
-        if status != past_due {
+    for (at, _, status) in along.iter().rev() {
+        if *status != StripeStatus::PastDue {
             break;
         }
         since = Some(*at);
@@ -294,6 +369,7 @@ mod tests {
 
     fn news(at: i64, status: Option<StripeStatus>, plan: Option<(&str, i32)>) -> SubscriptionNews {
         SubscriptionNews {
+            payment: None,
             stripe_subscription_id: "sub_1".into(),
             stripe_customer_id: Some("cus_1".into()),
             at,
@@ -418,6 +494,65 @@ mod tests {
             news(400, None, Some(("team", 1))),
         ]);
         assert_eq!(end.plan.as_deref(), Some("team"));
+    }
+
+    fn invoice(at: i64, payment: Payment) -> SubscriptionNews {
+        let mut n = news(at, None, None);
+        n.payment = Some(payment);
+        n
+    }
+
+    #[test]
+    fn an_invoice_never_revives_an_ended_subscription() {
+        use StripeStatus::*;
+        // The final invoice of a canceled subscription is paid after the end.
+        let end = same_end_in_every_order(&[
+            news(100, Some(Active), Some(("pro", 1))),
+            news(200, Some(Canceled), None),
+            invoice(300, Payment::Paid),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("canceled"));
+        // Nor an expired first payment, whatever arrives later.
+        let end = same_end_in_every_order(&[
+            news(100, Some(Incomplete), Some(("pro", 1))),
+            news(200, Some(IncompleteExpired), None),
+            invoice(300, Payment::Paid),
+            news(400, Some(Active), None),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("incomplete_expired"));
+    }
+
+    #[test]
+    fn an_invoice_changes_what_we_know_of_payment_only() {
+        use StripeStatus::*;
+        // A failed first payment leaves an incomplete subscription incomplete (runs nothing).
+        let end = same_end_in_every_order(&[
+            news(100, Some(Incomplete), Some(("pro", 1))),
+            invoice(101, Payment::Failed),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("incomplete"));
+        assert_eq!(nodes_follow(&end, Duration::ZERO), NodesFollow::Nothing);
+        // Nor does a paid invoice start it: the subscription's own `active` does.
+        let end = same_end_in_every_order(&[
+            news(100, Some(Incomplete), Some(("pro", 1))),
+            invoice(101, Payment::Paid),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("incomplete"));
+        // A renewal that fails starts a lapse, counted from the failure; paying ends it.
+        let end = same_end_in_every_order(&[
+            news(100, Some(Active), Some(("pro", 1))),
+            invoice(200, Payment::Failed),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("past_due"));
+        assert_eq!(end.past_due_since, DateTime::from_timestamp(200, 0));
+        let end = same_end_in_every_order(&[
+            news(100, Some(Active), Some(("pro", 1))),
+            invoice(200, Payment::Failed),
+            news(201, Some(PastDue), None),
+            invoice(300, Payment::Paid),
+        ]);
+        assert_eq!(end.stripe_status.as_deref(), Some("active"));
+        assert_eq!(end.past_due_since, None);
     }
 
     #[test]

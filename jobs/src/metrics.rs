@@ -24,6 +24,7 @@ pub const CLOUD_CALLS: &str = "hive_cloud_calls_total";
 pub const NODES: &str = "hive_nodes";
 pub const OLDEST_DUE_JOB: &str = "hive_queue_oldest_due_job_age_seconds";
 pub const TEARDOWNS_STUCK: &str = "hive_teardowns_stuck";
+pub const STRIPE_EVENTS_HELD: &str = "hive_stripe_events_held";
 pub const RECONCILE_PASSES: &str = "hive_reconcile_passes_total";
 pub const RECONCILE_FINDINGS: &str = "hive_reconcile_findings_total";
 pub const BUDGET_WAIT: &str = "hive_rate_budget_wait_seconds";
@@ -84,6 +85,10 @@ fn describe() {
     describe_gauge!(
         TEARDOWNS_STUCK,
         "Teardowns retrying longer than HIVE_TEARDOWN_STUCK_SECS (they never give up by themselves)"
+    );
+    describe_gauge!(
+        STRIPE_EVENTS_HELD,
+        "Stripe events recorded but held: the configuration cannot apply them yet"
     );
     describe_counter!(RECONCILE_PASSES, "Reconcile passes, by outcome");
     describe_counter!(RECONCILE_FINDINGS, "What reconcile passes fixed, by kind");
@@ -159,6 +164,11 @@ pub fn oldest_due_job(age: Option<Duration>) {
     gauge!(OLDEST_DUE_JOB).set(age.map_or(0.0, |d| d.as_secs_f64()));
 }
 
+/// Stripe events held until the configuration can apply them.
+pub fn stripe_events_held(count: i64) {
+    gauge!(STRIPE_EVENTS_HELD).set(count as f64);
+}
+
 /// Teardowns retrying for longer than the operator's threshold.
 pub fn teardowns_stuck(count: usize) {
     gauge!(TEARDOWNS_STUCK).set(count as f64);
@@ -173,7 +183,7 @@ pub fn http_request(route: &str, method: &str, status: u16, took: Duration) {
         .record(took.as_secs_f64());
 }
 
-/// One Stripe event: `recorded`, `duplicate` or `rejected`.
+/// One Stripe event: `recorded`, `held`, `duplicate` or `rejected`.
 pub fn webhook_event(event_type: &str, outcome: &'static str) {
     counter!(WEBHOOK_EVENTS, "type" => event_type.to_string(), "outcome" => outcome).increment(1);
 }

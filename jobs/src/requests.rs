@@ -355,12 +355,15 @@ pub async fn add_node(
         .await?
         .ok_or(RequestError::SubscriptionNotFound(subscription_id))?;
     let entitled = sub.nodes_entitled.unwrap_or(0).max(0) as usize;
-    if sub.status == "ended" || nodes.len() >= entitled {
+    // A node being torn down still runs (and costs) until it is gone.
+    let leaving = store::leaving_nodes(tx, subscription_id).await?;
+    if sub.status == "ended" || nodes.len() + leaving >= entitled {
         return Err(RequestError::NotAllowed {
             id: subscription_id,
             reason: format!(
-                "the subscription's plan has room for {entitled} node(s), and it has {}",
-                nodes.len()
+                "the subscription's plan has room for {entitled} node(s), and it has {} \
+                 ({leaving} of them being torn down)",
+                nodes.len() + leaving
             ),
         });
     }

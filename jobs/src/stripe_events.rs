@@ -10,9 +10,11 @@ use stripe_shared::{CheckoutSession, CheckoutSessionMode, Invoice, Subscription}
 use stripe_types::Expandable;
 
 use crate::billing::{
-    self, Applied, BillingError, BillingRules, Binding, Items, StripeStatus, SubscriptionNews,
+    self, Applied, BillingError, BillingRules, Binding, Items, Payment, StripeStatus,
+    SubscriptionNews,
 };
 use crate::config::ApiConfig;
+use crate::store;
 
 /// Why an event cannot be applied. Neither holds a secret.
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +110,8 @@ pub fn meaning(event: &EventEnvelope, config: &ApiConfig) -> Result<Meaning, Eve
         "customer.subscription.deleted" => {
             subscription_changed(object, event.created, config, Some(StripeStatus::Canceled))
         }
-        "invoice.paid" => invoice_settled(object, event.created, StripeStatus::Active),
-        "invoice.payment_failed" => invoice_settled(object, event.created, StripeStatus::PastDue),
+        "invoice.paid" => invoice_settled(object, event.created, Payment::Paid),
+        "invoice.payment_failed" => invoice_settled(object, event.created, Payment::Failed),
         _ => Ok(Meaning::Record),
     }
 }
@@ -159,6 +161,7 @@ fn checkout_completed(object: &str, config: &ApiConfig) -> Result<Meaning, Event
             region: Some(region),
         }),
         status: Some(StripeStatus::Active),
+        payment: None,
         items: Some(Items {
             plan,
             quantity: 1,
@@ -239,6 +242,7 @@ fn subscription_changed(
         at,
         binding,
         status: Some(status),
+        payment: None,
         items,
         cancel_at: subscription.cancel_at,
         current_period_start: item.map(|i| i.current_period_start),
@@ -247,7 +251,7 @@ fn subscription_changed(
 }
 
 /// An invoice of a subscription was paid (it runs again) or not (it is past due).
-fn invoice_settled(object: &str, at: i64, status: StripeStatus) -> Result<Meaning, EventError> {
+fn invoice_settled(object: &str, at: i64, payment: Payment) -> Result<Meaning, EventError> {
     let invoice: Invoice = parse(object, "invoice")?;
     // Older API versions name the subscription on the invoice, newer ones under its parent.
     let subscription = invoice
@@ -269,7 +273,8 @@ fn invoice_settled(object: &str, at: i64, status: StripeStatus) -> Result<Meanin
         stripe_customer_id: invoice.customer.as_ref().map(expandable_id),
         at,
         binding: None,
-        status: Some(status),
+        status: None,
+        payment: Some(payment),
         items: None,
         cancel_at: None,
         current_period_start: None,
@@ -298,4 +303,62 @@ pub async fn apply(
             billing::apply(tx, news, event_id, &rules).await.map(Some)
         }
     }
+}
+
+/// What applying the held events did: the ones applied (with what they did), and how many
+/// stay held.
+#[derive(Debug, Default)]
+pub struct HeldApplied {
+    pub applied: Vec<(String, Option<Applied>)>,
+    pub still_held: usize,
+}
+
+/// Applies every held event the configuration now allows, in Stripe's order (the api does at
+/// its start: a held event needs no redelivery). One that still cannot be applied keeps its
+/// hold, with why, now. Several apis starting at once apply each event once.
+pub async fn apply_held(
+    pool: &sqlx::PgPool,
+    config: &ApiConfig,
+) -> Result<HeldApplied, BillingError> {
+    /// Enough for any backlog an operator could leave; the rest waits for the next start.
+    const AT_MOST: i64 = 10_000;
+    let mut done = HeldApplied::default();
+    for stored in store::held_stripe_events(pool, AT_MOST).await? {
+        let meaning =
+            EventEnvelope::of(&stored.payload.0).and_then(|event| meaning(&event, config));
+        let meaning = match meaning {
+            Ok(meaning) => meaning,
+            Err(why) => {
+                store::still_held(pool, &stored.id, &why.to_string()).await?;
+                done.still_held += 1;
+                continue;
+            }
+        };
+        let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
+        if !store::take_held_stripe_event(&mut tx, &stored.id).await? {
+            continue;
+        }
+        match apply(&mut tx, &meaning, &stored.id, config).await {
+            Ok(applied) => {
+                tx.commit().await.map_err(store::StoreError::from)?;
+                done.applied.push((stored.id, applied));
+            }
+            Err(e) if cannot_apply_yet(&e) => {
+                tx.rollback().await.map_err(store::StoreError::from)?;
+                store::still_held(pool, &stored.id, &e.to_string()).await?;
+                done.still_held += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Whether applying failed for want of configuration (the event is held), not for the
+/// database (the caller's failure).
+pub fn cannot_apply_yet(e: &BillingError) -> bool {
+    !matches!(
+        e,
+        BillingError::Store(_) | BillingError::Request(crate::requests::RequestError::Store(_))
+    )
 }

@@ -874,10 +874,17 @@ fn refusal(
             "InsufficientInstanceCapacity",
             "We currently do not have sufficient t4g capacity in the Availability Zone you requested.",
         ),
+        // As EC2 says it: who we are (our account), what on which resource, and an encoded
+        // message for `sts:DecodeAuthorizationMessage`.
         (AwsFaultMode::AccessDenied, Protocol::Ec2Query) => (
             StatusCode::FORBIDDEN,
             "UnauthorizedOperation",
-            "You are not authorized to perform this operation.",
+            "You are not authorized to perform this operation. User: \
+             arn:aws:sts::123456789012:assumed-role/hive-worker/worker is not authorized to \
+             perform: ec2:RunInstances on resource: \
+             arn:aws:ec2:eu-west-1:123456789012:subnet/subnet-0123456789abcdef0 because no \
+             identity-based policy allows the ec2:RunInstances action. Encoded authorization \
+             failure message: gY3Kx0mZ9EXAMPLEEXAMPLE",
         ),
         (AwsFaultMode::AccessDenied, _) => (
             StatusCode::FORBIDDEN,

@@ -216,6 +216,8 @@ impl Stack {
             // worker's window for EC2's eventual consistency, on the tests' faster clock.
             ("HIVE_EC2_CONSISTENCY_SECS", "8".into()),
             ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.into()),
+            // Where the tests' app sends its customers back to after Stripe.
+            ("HIVE_RETURN_URL_ORIGINS", "https://app.example.com".into()),
             ("STRIPE_API_BASE", format!("http://{}/", self.stripe_addr)),
             ("AWS_REGION", REGION.into()),
             (

@@ -1,5 +1,5 @@
-//! The api as it faces the internet: rate limits per address and per user (`429` with
-//! `Retry-After`), body limits (`413` in the JSON error shape, the webhook included), the CORS
+//! The api as it faces the internet: rate limits per user for valid tokens and per address for
+//! the rest, signed Stripe events never limited (`429` with `Retry-After`), body limits (`413` in the JSON error shape, the webhook included), the CORS
 //! allow-list, a request id on every answer and in the log lines of its request, JSON for a
 //! method a route does not have, and tokens of an identity provider (`HIVE_JWKS_URL`: ES256 and
 //! RS256 keys, fetched again when it rotates; issuer and audience checked).
@@ -72,18 +72,30 @@ async fn rate_limits_hold_per_address_and_per_user_and_answer_429_with_retry_aft
     let http = reqwest::Client::new();
     let nodes = stack.api_url("/api/v1/nodes");
 
-    // One address, five users: the address's sixth request is refused, whoever makes it.
-    for i in 0..5 {
+    // One address, many users with valid tokens (an app's backend calling for its users):
+    // limited per user, not by the address they share.
+    for i in 0..12 {
         let token = Stack::jwt(&format!("addr-user-{i}"), 600);
-        let (status, _, body) = get_from(&http, &nodes, Some(&token), "203.0.113.1").await;
-        assert_eq!(status, 200, "request {i} from one address: {body}");
+        for k in 0..3 {
+            let (status, _, body) = get_from(&http, &nodes, Some(&token), "203.0.113.1").await;
+            assert_eq!(
+                status, 200,
+                "request {k} of user {i} from one address: {body}"
+            );
+        }
     }
-    let token = Stack::jwt("addr-user-5", 600);
-    let (status, retry_after, body) = get_from(&http, &nodes, Some(&token), "203.0.113.1").await;
-    assert_limited(status, retry_after, &body, "sixth request of one address");
-    // Another address is not held back by the first one's use.
-    let (status, _, body) = get_from(&http, &nodes, Some(&token), "203.0.113.2").await;
-    assert_eq!(status, 200, "another address: {body}");
+    // Tokens that are not valid are limited by address: five 401s, then 429.
+    for i in 0..5 {
+        let (status, _, body) = get_from(&http, &nodes, Some("not-a-token"), "203.0.113.1").await;
+        assert_json_error(status, &body, 401, &format!("bad token {i}"));
+    }
+    let (status, retry_after, body) =
+        get_from(&http, &nodes, Some("not-a-token"), "203.0.113.1").await;
+    assert_limited(status, retry_after, &body, "sixth bad token of one address");
+    // A valid token from that address still goes through.
+    let token = Stack::jwt("addr-user-0", 600);
+    let (status, _, body) = get_from(&http, &nodes, Some(&token), "203.0.113.1").await;
+    assert_eq!(status, 200, "a valid token from a limited address: {body}");
 
     // One user, six addresses: the user's sixth request is refused.
     let user_token = Stack::jwt("busy-user", 600);
@@ -96,8 +108,8 @@ async fn rate_limits_hold_per_address_and_per_user_and_answer_429_with_retry_aft
         get_from(&http, &nodes, Some(&user_token), "198.51.100.9").await;
     assert_limited(status, retry_after, &body, "sixth request of one user");
 
-    // The webhook is limited per address (it has no user): unsigned posts are refused 400
-    // until the address's allowance is spent, then 429.
+    // The webhook's unsigned posts are limited per address: refused 400 until the address's
+    // allowance is spent, then 429.
     let webhook = stack.api_url("/webhooks/stripe");
     for i in 0..5 {
         let resp = http
@@ -128,12 +140,118 @@ async fn rate_limits_hold_per_address_and_per_user_and_answer_429_with_retry_aft
         &body,
         "sixth webhook post of one address",
     );
+    // A correctly signed event from that same address is Stripe's: never limited.
+    let fixtures = hive_tests::stripe_events::Fixtures::load().unwrap();
+    for i in 0..10 {
+        let event = fixtures
+            .event("customer.created", fixtures.object("customer").unwrap())
+            .unwrap();
+        let body = serde_json::to_vec(&event).unwrap();
+        let resp = http
+            .post(&webhook)
+            .header("x-forwarded-for", "192.0.2.77")
+            .header("content-type", "application/json")
+            .header(
+                "stripe-signature",
+                hive_tests::stripe_events::signature(&body, hive_tests::stack::WEBHOOK_SECRET),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "signed event {i}");
+    }
 
     // The health check is never limited.
     for _ in 0..10 {
         let (status, _, _) = get_from(&http, &stack.api_url("/healthz"), None, "192.0.2.77").await;
         assert_eq!(status, 200);
     }
+}
+
+/// Posts `count` Stripe events from one address, `signed` correctly or not, eight at a time;
+/// the statuses answered.
+async fn post_events_from_one_address(
+    stack: &Stack,
+    count: usize,
+    signed: bool,
+) -> std::collections::BTreeMap<u16, usize> {
+    let http = reqwest::Client::new();
+    let url = stack.api_url("/webhooks/stripe");
+    let fixtures = hive_tests::stripe_events::Fixtures::load().unwrap();
+    let bodies: Vec<Vec<u8>> = (0..count)
+        .map(|_| {
+            let event = fixtures
+                .event("customer.created", fixtures.object("customer").unwrap())
+                .unwrap();
+            serde_json::to_vec(&event).unwrap()
+        })
+        .collect();
+    let secret = if signed {
+        hive_tests::stack::WEBHOOK_SECRET
+    } else {
+        "whsec_not_ours"
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for chunk in bodies.chunks(8) {
+        let sent = chunk.iter().map(|body| {
+            http.post(&url)
+                .header("x-forwarded-for", "192.0.2.200")
+                .header("content-type", "application/json")
+                .header(
+                    "stripe-signature",
+                    hive_tests::stripe_events::signature(body, secret),
+                )
+                .body(body.clone())
+                .send()
+        });
+        for resp in futures::future::join_all(sent).await {
+            *statuses.entry(resp.unwrap().status().as_u16()).or_default() += 1;
+        }
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stripe_and_an_apps_backend_are_not_limited_as_one_stranger() {
+    // The default limit: 600 a minute.
+    let mut stack = Stack::start(options_with(&[
+        ("HIVE_RATE_LIMIT", "600"),
+        ("HIVE_CLIENT_IP_HEADER", "x-forwarded-for"),
+    ]))
+    .await
+    .unwrap();
+    stack.start_api().unwrap();
+
+    // A month's renewals at once from one of Stripe's addresses: every one recorded.
+    let signed = post_events_from_one_address(&stack, 1_000, true).await;
+    assert_eq!(signed.get(&200), Some(&1_000), "{signed:?}");
+    // The same from a stranger who cannot sign: limited, cheaply.
+    let forged = post_events_from_one_address(&stack, 1_000, false).await;
+    assert!(
+        forged.get(&429).is_some_and(|&n| n >= 300),
+        "badly signed posts are limited: {forged:?}"
+    );
+    assert_eq!(forged.get(&200), None, "{forged:?}");
+
+    // An app's backend calling for 100 users from one address, 20 requests each.
+    let http = reqwest::Client::new();
+    let nodes = stack.api_url("/api/v1/nodes");
+    let tokens: Vec<String> = (0..100)
+        .map(|i| Stack::jwt(&format!("backend-user-{i}"), 600))
+        .collect();
+    let mut answered = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..20 {
+        for chunk in tokens.chunks(10) {
+            let sent = chunk
+                .iter()
+                .map(|token| get_from(&http, &nodes, Some(token), "203.0.113.50"));
+            for (status, _, _) in futures::future::join_all(sent).await {
+                *answered.entry(status).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(answered.get(&200), Some(&2_000), "{answered:?}");
 }
 
 /// Sends `body` with no length announced (chunked), as a client may; returns the status line.
@@ -429,6 +547,9 @@ impl ProviderKey {
     }
 }
 
+/// How long the api trusts a fetched key set in the test below.
+const JWKS_REFRESH: Duration = Duration::from_secs(10);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_of_an_identity_provider_are_checked_against_its_rotating_keys() {
     let dir = tempfile::tempdir().unwrap();
@@ -460,6 +581,10 @@ async fn tokens_of_an_identity_provider_are_checked_against_its_rotating_keys() 
         ("HIVE_JWKS_URL", &jwks_url),
         ("HIVE_JWT_ISSUER", "https://idp.example.test/"),
         ("HIVE_JWT_AUDIENCE", "hive"),
+        (
+            "HIVE_JWKS_REFRESH_SECS",
+            &JWKS_REFRESH.as_secs().to_string(),
+        ),
     ]))
     .await
     .unwrap();
@@ -485,11 +610,14 @@ async fn tokens_of_an_identity_provider_are_checked_against_its_rotating_keys() 
     wrong_iss["iss"] = json!("https://evil.example.net/");
     let mut expired = claims("idp-user");
     expired["exp"] = json!(chrono::Utc::now().timestamp() - 3600);
+    let mut not_yet = claims("idp-user");
+    not_yet["nbf"] = json!(chrono::Utc::now().timestamp() + 3600);
     for (what, token) in [
         ("another audience", first.signed(&wrong_aud)),
         ("another issuer", first.signed(&wrong_iss)),
         ("no key id", first.token(&claims("idp-user"), None)),
         ("expired", first.signed(&expired)),
+        ("not valid for another hour", first.signed(&not_yet)),
         // The rotated key's id is not published yet.
         ("an unknown key", rotated.signed(&claims("idp-user"))),
         // An HS256 token needs HIVE_JWT_SECRET's key (the stack sets it); made with a public
@@ -547,5 +675,17 @@ async fn tokens_of_an_identity_provider_are_checked_against_its_rotating_keys() 
     assert_eq!(status, 200, "HS256: {body}");
     let (status, body) = list(hs(&wrong_aud)).await;
     assert_json_error(status, &body, 401, "HS256 of another audience");
+
+    // The provider revokes a key: once the set's lifetime has passed, its tokens are refused,
+    // though no token named an unknown key, while the keys still published are taken.
+    published
+        .lock()
+        .unwrap()
+        .retain(|jwk| jwk["kid"] != json!(first.kid));
+    tokio::time::sleep(JWKS_REFRESH + Duration::from_millis(500)).await;
+    let (status, body) = list(first.signed(&claims("idp-user"))).await;
+    assert_json_error(status, &body, 401, "a revoked key");
+    let (status, body) = list(rsa.signed(&claims("idp-user"))).await;
+    assert_eq!(status, 200, "a key still published: {body}");
     jwks_task.abort();
 }

@@ -166,6 +166,33 @@ async fn a_permanent_refusal_fails_the_node_at_once_and_undoes_it() {
         .await
         .unwrap();
     assert_eq!((app_status, view["status"].as_str()), (200, Some("failed")));
+    // The app is told what failed in plain words, never our account, an ARN or a subnet...
+    assert_eq!(view["error_code"], "launch_refused", "{view}");
+    let told = view.to_string();
+    for internal in [
+        "arn:",
+        "123456789012",
+        "subnet-0123",
+        "Encoded authorization",
+        "gY3Kx0m",
+    ] {
+        assert!(
+            !told.contains(internal),
+            "the app was told {internal}: {view}"
+        );
+    }
+    assert!(
+        view["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("the cloud refused to launch the node (reference ")),
+        "{view}"
+    );
+    // ...while the operator sees the whole cause.
+    let operator = stack.hivectl_ok(&["node", &node, "--json"]).unwrap();
+    assert!(
+        operator.contains("UnauthorizedOperation") && operator.contains("123456789012"),
+        "{operator}"
+    );
 }
 
 /// Counts the nodes in each state.

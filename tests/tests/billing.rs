@@ -1,6 +1,8 @@
 //! The nodes follow the subscription, whatever order Stripe speaks in: every order of a
-//! subscription's events ends the same; lapses suspend, payments resume, plan changes scale and
-//! resize, a past-due grace runs out on its own, and unknown plans change nothing.
+//! subscription's events ends the same; lapses suspend, payments resume, an invoice never
+//! revives an ended subscription nor starts an incomplete one, plan changes scale and resize, a
+//! past-due grace runs out on its own, and an event naming a plan nobody configured is held
+//! until the plan exists, then applied with no redelivery.
 
 use std::time::Duration;
 
@@ -89,6 +91,24 @@ impl Story {
         );
         events
     }
+
+    /// Ended, then its final invoice paid later in Stripe's time: it stays ended.
+    fn ended_then_paid(&self) -> Vec<Value> {
+        let mut events = self.ended();
+        events.push(self.invoice("paid", 5));
+        events
+    }
+
+    /// A subscription of our checkout (its user in its metadata) whose first payment fails:
+    /// `incomplete`, which runs nothing.
+    fn first_payment_failed(&self) -> Vec<Value> {
+        let mut created = self
+            .fixtures
+            .subscription_event("created", &self.sub, "incomplete", "pro", 1, self.t0 + 1)
+            .unwrap();
+        created["data"]["object"]["metadata"] = serde_json::json!({ "user": self.sub.user });
+        vec![created, self.invoice("payment_failed", 2)]
+    }
 }
 
 fn permutations(n: usize) -> Vec<Vec<usize>> {
@@ -172,7 +192,7 @@ async fn every_order_of_every_set_of_events_ends_the_same() {
         Option<&'static str>,
         Vec<(String, bool)>,
     );
-    let sets: [Expected; 4] = [
+    let sets: [Expected; 6] = [
         (
             "paid",
             |s| s.paid("pro"),
@@ -192,6 +212,18 @@ async fn every_order_of_every_set_of_events_ends_the_same() {
             vec![("running".into(), false)],
         ),
         ("ended", Story::ended, Some("canceled"), vec![]),
+        (
+            "ended_then_paid",
+            Story::ended_then_paid,
+            Some("canceled"),
+            vec![],
+        ),
+        (
+            "first_payment_failed",
+            Story::first_payment_failed,
+            Some("incomplete"),
+            vec![],
+        ),
     ];
     let mut runs = 0;
     for (name, events_of, status, nodes) in sets {
@@ -424,12 +456,12 @@ async fn a_past_due_grace_runs_out_and_the_worker_suspends_on_its_own() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_event_for_a_plan_nobody_configured_is_refused_until_the_plan_exists() {
+async fn events_for_a_plan_nobody_configured_are_held_and_applied_once_it_exists() {
     let mut stack = Stack::start(options(&[])).await.expect("stack");
     stack.start_api().unwrap();
     let pool = stack.pool().await.unwrap();
     let story = Story::new("user-new-plan");
-    let event = story
+    let created = story
         .fixtures
         .subscription_event(
             "created",
@@ -440,21 +472,60 @@ async fn an_event_for_a_plan_nobody_configured_is_refused_until_the_plan_exists(
             story.t0 + 1,
         )
         .unwrap();
-    let (status, answer) = stack.post_event(&event).await.unwrap();
-    assert_eq!(status, 422, "{answer}");
-    assert!(answer["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("price_enterprise_test"));
-    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE id = $1")
-        .bind(event["id"].as_str().unwrap())
-        .fetch_one(&pool)
-        .await
+    let checkout = story
+        .fixtures
+        .checkout_of(&story.sub, "big", story.t0)
         .unwrap();
-    assert_eq!(recorded, 0);
 
-    // The operator adds the plan (by its price id) in the configuration file; the redelivery
-    // is accepted and, once the checkout binds the user, a node of the plan is made.
+    // Neither the price nor the plan is configured: both are answered 200 and held, with why.
+    for (event, names) in [(&created, "price_enterprise_test"), (&checkout, "big")] {
+        let (status, answer) = stack.post_event(event).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            answer["held"]
+                .as_str()
+                .is_some_and(|why| why.contains(names)),
+            "held naming {names}: {answer}"
+        );
+    }
+    let listed = stack
+        .hivectl(&["stripe-events", "list", "--held", "--json"])
+        .unwrap();
+    assert_eq!(listed.status.code(), Some(0));
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut held: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    held.sort_unstable();
+    let mut ids = vec![
+        created["id"].as_str().unwrap(),
+        checkout["id"].as_str().unwrap(),
+    ];
+    ids.sort_unstable();
+    assert_eq!(held, ids);
+    let doctor = stack.hivectl(&["doctor"]).unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("stripe events") && l.contains("2 held")),
+        "doctor flags the held events: {report}"
+    );
+    let nodes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM nodes n JOIN subscriptions s ON s.id = n.subscription_id \
+         WHERE s.stripe_subscription_id = $1",
+    )
+    .bind(&story.sub.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(nodes, 0, "nothing is made of a held event");
+
+    // The operator adds the plan (by its price id) in the configuration file and restarts the
+    // api: the held events are applied at its start, with no redelivery from Stripe.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hive.toml");
     std::fs::write(
@@ -470,17 +541,6 @@ async fn an_event_for_a_plan_nobody_configured_is_refused_until_the_plan_exists(
         .extra_env
         .push(("HIVE_CONFIG_FILE".into(), file.display().to_string()));
     stack.start_api().unwrap();
-    let (status, answer) = stack.post_event(&event).await.unwrap();
-    assert_eq!(status, 200, "{answer}");
-    stack
-        .send_event(
-            &story
-                .fixtures
-                .checkout_of(&story.sub, "big", story.t0)
-                .unwrap(),
-        )
-        .await
-        .unwrap();
     let shapes: Vec<(String, i32)> = sqlx::query_as(
         "SELECT n.instance_type, n.volume_gb FROM nodes n JOIN subscriptions s \
          ON s.id = n.subscription_id WHERE s.stripe_subscription_id = $1",
@@ -490,4 +550,13 @@ async fn an_event_for_a_plan_nobody_configured_is_refused_until_the_plan_exists(
     .await
     .unwrap();
     assert_eq!(shapes, vec![("t4g.large".to_string(), 20); 2]);
+    let still: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE held_reason IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(still, 0, "no event is held once applied");
+    // A redelivery now is a duplicate, and changes nothing.
+    let (status, answer) = stack.post_event(&checkout).await.unwrap();
+    assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(true)));
 }

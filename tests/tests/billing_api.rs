@@ -71,7 +71,12 @@ async fn checkout_and_portal_go_through_stripes_client() {
     let received = stack.stripe.received();
     let sent = &received.last().unwrap();
     assert_eq!(sent.path, "/v1/checkout/sessions");
-    assert_eq!(sent.idempotency_key.as_deref(), Some("checkout-key-1"));
+    // The key Stripe sees is derived from the user and theirs (Stripe scopes keys per account).
+    let sent_key = sent.idempotency_key.clone().unwrap_or_default();
+    assert!(
+        sent_key.starts_with("hive-") && !sent_key.contains("checkout-key-1"),
+        "{sent_key}"
+    );
     for (key, value) in [
         ("mode", "subscription"),
         ("line_items[0][price]", PRO_PRICE),
@@ -102,6 +107,32 @@ async fn checkout_and_portal_go_through_stripes_client() {
         .unwrap();
     assert_eq!(status, 200);
     assert_eq!(again["id"], first["id"]);
+    // Another user who picks the same key gets a session of their own.
+    let (status, theirs) = stack
+        .post_as(
+            "/api/v1/billing/checkout",
+            Some(&Stack::jwt("user-same-key", 600)),
+            &[("Idempotency-Key", "checkout-key-1")],
+            &checkout_body(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{theirs}");
+    assert_ne!(
+        theirs["id"], first["id"],
+        "two users, one key: two sessions"
+    );
+    assert_eq!(
+        stack
+            .stripe
+            .received()
+            .last()
+            .unwrap()
+            .form
+            .get("client_reference_id")
+            .map(String::as_str),
+        Some("user-same-key")
+    );
 
     // No customer yet: the portal is a 404.
     let portal = json!({ "return_url": "https://app.example.com/account" });
@@ -200,6 +231,16 @@ async fn bad_billing_requests_get_a_json_error_and_reach_nobody() {
             with(&|b| b["cancel_url"] = json!("javascript:alert(1)")),
             400,
             "not a URL",
+        ),
+        (
+            with(&|b| b["success_url"] = json!("https://evil.example.net/welcome")),
+            422,
+            "a return URL on a foreign origin",
+        ),
+        (
+            with(&|b| b["success_url"] = json!("https://app.example.com.evil.net/")),
+            422,
+            "a foreign origin that starts like ours",
         ),
         (
             with(&|b| b["colour"] = json!("blue")),

@@ -470,6 +470,8 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
     for check in [
         "postgres",
         "migrations",
+        "teardowns",
+        "stripe events",
         "clock skew",
         "aws ec2",
         "cloudflare",

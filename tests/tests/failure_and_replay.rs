@@ -46,12 +46,20 @@ async fn a_kept_failed_node_is_visible_and_replay_resumes_it_without_duplicates(
 
     let failed = wait_for_status(&stack, &node_id, "failed").await;
     assert_eq!(failed["step"], "failed");
+    // The app is told the image is not there; the operator's record names it.
+    assert_eq!(failed["error_code"], "image_unavailable", "{failed}");
     assert!(
-        failed["error"]
-            .as_str()
-            .unwrap()
-            .contains("ami-0000000000000dead"),
+        !failed.to_string().contains("ami-0000000000000dead"),
         "{failed}"
+    );
+    let cause: Option<String> = sqlx::query_scalar("SELECT error FROM nodes WHERE id = $1::uuid")
+        .bind(&node_id)
+        .fetch_one(&stack.pool().await.unwrap())
+        .await
+        .unwrap();
+    assert!(
+        cause.is_some_and(|c| c.contains("ami-0000000000000dead")),
+        "the operator's record keeps the cause"
     );
     assert!(failed["instance_id"].is_null());
     assert!(failed["tunnel_id"].is_string());
@@ -136,10 +144,7 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
 
     // Failed, and once the undo has run, nothing of it is left anywhere.
     let failed = wait_for_status(&stack, &node_id, "failed").await;
-    assert!(failed["error"]
-        .as_str()
-        .unwrap()
-        .contains("ami-0000000000000dead"));
+    assert_eq!(failed["error_code"], "image_unavailable", "{failed}");
     // The app saw `failed` at once; the undo behind it finishes later.
     stack
         .wait_for_state(&node_id, "failed", Duration::from_secs(60))
@@ -163,7 +168,7 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
     assert!(node["error"]
         .as_str()
         .unwrap()
-        .contains("ami-0000000000000dead"));
+        .starts_with("the node's image is not available"));
 
     // After the fix, a replay provisions it from the start.
     stack.workers.clear();

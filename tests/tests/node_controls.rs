@@ -167,6 +167,12 @@ async fn the_app_stops_starts_restarts_deletes_and_recreates_its_node() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
+    // Until it is gone, the node being torn down still counts against the plan.
+    let (status, body) = stack
+        .post_as("/api/v1/nodes", Some(&token), &[], &json!({}))
+        .await
+        .unwrap();
+    assert_conflict(status, &body, "a node while the deleted one is torn down");
     stack
         .wait_for_state(&node, "terminated", Duration::from_secs(60))
         .await
@@ -221,6 +227,81 @@ async fn the_app_stops_starts_restarts_deletes_and_recreates_its_node() {
             .unwrap();
         assert_eq!(status, expected, "{answer}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_over_the_node_change_limit_gets_429_and_nothing_changes() {
+    let mut options = options();
+    options
+        .extra_env
+        .push(("HIVE_NODE_CHANGES_PER_HOUR".into(), "1".into()));
+    let mut stack = Stack::start(options).await.expect("stack");
+    stack.start_api().unwrap();
+    let pool = stack.pool().await.unwrap();
+    let user = "user-change-limit";
+    let token = Stack::jwt(user, 600);
+    let fixtures = Fixtures::load().unwrap();
+    let sub = Subscription::new(user);
+    // The checkout's five nodes are billing's doing, not the user's: they do not count.
+    stack
+        .send_event(&fixtures.checkout_of(&sub, "team", 0).unwrap())
+        .await
+        .unwrap();
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM nodes WHERE user_id = $1 ORDER BY ordinal")
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 5);
+    let delete = |id: &str| {
+        let (url, token) = (stack.api_url(&format!("/api/v1/nodes/{id}")), token.clone());
+        async move {
+            let resp = reqwest::Client::new()
+                .delete(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            (status, retry_after, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, _, body) = delete(&ids[0]).await;
+    assert_eq!(status, 202, "the hour's one change: {body}");
+    let jobs_before = jobs(&pool).await;
+    let (status, retry_after, body) = delete(&ids[1]).await;
+    assert_json_error(status, &body, 429, "a second change within the hour");
+    let secs: u64 = retry_after
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3000..=3600).contains(&secs), "Retry-After {secs}");
+    // Nothing changed: the node runs on, nothing was enqueued, nothing logged.
+    let (desired, asked): (String, i64) = sqlx::query_as(
+        "SELECT desired, (SELECT count(*) FROM node_events WHERE node_id = $1::uuid \
+         AND kind = 'teardown_requested') FROM nodes WHERE id = $1::uuid",
+    )
+    .bind(&ids[1])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((desired.as_str(), asked), ("running", 0));
+    assert_eq!(jobs(&pool).await, jobs_before);
+    // Creating is a change too (and another user is not held back).
+    let (status, body) = stack
+        .post_as("/api/v1/nodes", Some(&token), &[], &json!({}))
+        .await
+        .unwrap();
+    assert_json_error(status, &body, 429, "a creation over the limit");
+    let (status, body) = stack
+        .get_as("/api/v1/nodes", Some(&Stack::jwt("someone-else", 600)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,6 +43,18 @@ async fn bad_settings_stop_the_binaries_with_one_line_and_several_start_at_once(
         &run_with("hive-api", &with("HIVE_API_ADDR", "nowhere")),
         "HIVE_API_ADDR",
     );
+    // An identity provider's key set without the issuer and audience that tell our tokens
+    // from other apps' of the same provider.
+    one_line_naming(
+        &run_with(
+            "hive-api",
+            &with(
+                "HIVE_JWKS_URL",
+                "https://idp.example.com/.well-known/jwks.json",
+            ),
+        ),
+        "HIVE_JWT_ISSUER",
+    );
     one_line_naming(
         &run_with("hive-api", &with("HIVE_PLANS", "team=m5.large:5")),
         "HIVE_PLANS",

@@ -78,7 +78,8 @@ async fn forged_stale_wrong_and_malformed_webhooks_are_400_and_change_nothing() 
         assert_eq!(counts(&pool).await, before, "{what} changed the database");
     }
 
-    // A plan we do not sell: 422 (Stripe will redeliver once the operator fixes the plans).
+    // A plan we do not sell: recorded and held, answered 200 (Stripe's retries end after
+    // three days; the event must not end with them), nothing else changed.
     let unknown_plan = serde_json::to_vec(
         &fixtures
             .subscription_checkout("user-a", "gold", None)
@@ -92,12 +93,21 @@ async fn forged_stale_wrong_and_malformed_webhooks_are_400_and_change_nothing() 
         )
         .await
         .unwrap();
-    assert_json_error(status, &answer, 422, "unknown plan");
-    assert_eq!(
-        counts(&pool).await,
-        before,
-        "an unknown plan changed the database"
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["held"]
+            .as_str()
+            .is_some_and(|why| why.contains("gold")),
+        "held, with why: {answer}"
     );
+    let held = counts(&pool).await;
+    assert_eq!(
+        (held.1, held.2, held.3),
+        (before.1, before.2, before.3),
+        "an unknown plan changed more than its record"
+    );
+    assert_eq!(held.0, before.0 + 1, "the held event is recorded");
+    let before = held;
 
     // The same event, properly signed with the secret being rotated out, is accepted.
     let (status, answer) = stack

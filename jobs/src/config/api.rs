@@ -45,7 +45,13 @@ settings! {
         pub stripe_tolerance: Duration = env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
         /// Requests per minute per user and per client address (`HIVE_RATE_LIMIT`, default 600;
         /// `off`: no limit). The webhook is limited per address only.
-        pub rate_limit: Option<std::num::NonZeroU32> = rate_limit_setting(env)?,
+        pub rate_limit: Option<std::num::NonZeroU32> =
+            limit_setting(env, "HIVE_RATE_LIMIT", 600, "minute")?,
+        /// Nodes a user's own requests may create or delete an hour
+        /// (`HIVE_NODE_CHANGES_PER_HOUR`, default 60; `off`: no limit): each launches or
+        /// tears down real instances, and spends the rate budgets every tenant shares.
+        pub node_changes_per_hour: Option<std::num::NonZeroU32> =
+            limit_setting(env, "HIVE_NODE_CHANGES_PER_HOUR", 60, "hour")?,
         /// The header a trusted proxy in front of the api writes the client's address into
         /// (`HIVE_CLIENT_IP_HEADER`, e.g. `x-forwarded-for`: its last entry counts); unset, the
         /// connection's peer address is the client's.
@@ -55,7 +61,14 @@ settings! {
             .filter(|h| !h.is_empty()),
         /// Origins whose pages may call the api from a browser (`HIVE_CORS_ORIGINS`,
         /// comma-separated `https://app.example.com`); none by default.
-        pub cors_origins: Vec<String> = cors_setting(env)?,
+        pub cors_origins: Vec<String> = origins_setting(env, "HIVE_CORS_ORIGINS")?,
+        /// Origins a checkout's and the portal's return URLs must be on
+        /// (`HIVE_RETURN_URL_ORIGINS`, comma-separated; by default those of
+        /// `HIVE_CORS_ORIGINS`): anything else is a 422.
+        pub return_url_origins: Vec<String> = match env.optional("HIVE_RETURN_URL_ORIGINS") {
+            Some(_) => origins_setting(env, "HIVE_RETURN_URL_ORIGINS")?,
+            None => cors_origins.clone(),
+        },
         /// Stripe's API, for the app's checkout and portal sessions (`STRIPE_SECRET_KEY`; unset:
         /// those two answer 503)...
         pub stripe_secret_key: Option<String> = env.optional("STRIPE_SECRET_KEY"),
@@ -86,18 +99,26 @@ impl std::fmt::Debug for ApiConfig {
 }
 
 /// The bearer tokens the api accepts: HS256 signed with `HIVE_JWT_SECRET`, and/or RS256 or
-/// ES256 signed by an identity provider's keys at `HIVE_JWKS_URL`; `HIVE_JWT_ISSUER` and
-/// `HIVE_JWT_AUDIENCE`, when set, must match the token's `iss` and `aud`.
+/// ES256 signed by an identity provider's keys at `HIVE_JWKS_URL` (https; http only on
+/// loopback). With a key set, `HIVE_JWT_ISSUER` and `HIVE_JWT_AUDIENCE` are required: a
+/// provider shared by several apps signs tokens for all of them, and only `iss` and `aud` tell
+/// ours apart. Without one they are checked when set.
 #[derive(Clone)]
 pub struct TokenConfig {
     pub hs256_secret: Option<String>,
     pub jwks_url: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// How long a fetched key set is trusted before it is fetched again
+    /// (`HIVE_JWKS_REFRESH_SECS`, 3600; less when the provider's `Cache-Control: max-age`
+    /// says so): a key the provider revoked stops being accepted within it.
+    pub jwks_refresh: Duration,
 }
 
 impl TokenConfig {
-    fn from_env<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Self, ConfigError> {
+    pub(super) fn from_env<F: Fn(&str) -> Option<String>>(
+        env: &Env<F>,
+    ) -> Result<Self, ConfigError> {
         let hs256_secret = env.optional("HIVE_JWT_SECRET");
         if hs256_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::Malformed {
@@ -107,45 +128,92 @@ impl TokenConfig {
         }
         let jwks_url = env.optional("HIVE_JWKS_URL");
         if let Some(url) = &jwks_url {
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
+            if !(url.starts_with("https://") || is_loopback_http(url)) {
                 return Err(ConfigError::Malformed {
                     name: "HIVE_JWKS_URL",
-                    reason: "not an http(s) URL".into(),
+                    reason: "not an https URL (http is taken only on loopback)".into(),
                 });
             }
         }
         if hs256_secret.is_none() && jwks_url.is_none() {
             return Err(ConfigError::Missing("HIVE_JWT_SECRET (or HIVE_JWKS_URL)"));
         }
+        let issuer = env.optional("HIVE_JWT_ISSUER");
+        let audience = env.optional("HIVE_JWT_AUDIENCE");
+        if jwks_url.is_some() {
+            if issuer.is_none() {
+                return Err(ConfigError::Missing(
+                    "HIVE_JWT_ISSUER (needed with HIVE_JWKS_URL)",
+                ));
+            }
+            if audience.is_none() {
+                return Err(ConfigError::Missing(
+                    "HIVE_JWT_AUDIENCE (needed with HIVE_JWKS_URL)",
+                ));
+            }
+        }
+        let jwks_refresh = env.secs_or("HIVE_JWKS_REFRESH_SECS", 3600)?;
+        if jwks_refresh.is_zero() || jwks_refresh > Duration::from_secs(3600) {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_JWKS_REFRESH_SECS",
+                reason: "must be between 1 and 3600 (the key set is fetched at least hourly)"
+                    .into(),
+            });
+        }
         Ok(Self {
             hs256_secret,
             jwks_url,
-            issuer: env.optional("HIVE_JWT_ISSUER"),
-            audience: env.optional("HIVE_JWT_AUDIENCE"),
+            issuer,
+            audience,
+            jwks_refresh,
         })
     }
 }
 
-fn rate_limit_setting<F: Fn(&str) -> Option<String>>(
+/// `http://` to this machine (`127.0.0.1`, `[::1]`, `localhost`), where no one can listen in.
+fn is_loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A number of requests per `period` (`off`: no limit).
+fn limit_setting<F: Fn(&str) -> Option<String>>(
     env: &Env<F>,
+    name: &'static str,
+    default: u32,
+    period: &str,
 ) -> Result<Option<std::num::NonZeroU32>, ConfigError> {
-    match env.optional("HIVE_RATE_LIMIT").as_deref().map(str::trim) {
-        None => Ok(std::num::NonZeroU32::new(600)),
+    match env.optional(name).as_deref().map(str::trim) {
+        None => Ok(std::num::NonZeroU32::new(default)),
         Some("off") => Ok(None),
         Some(raw) => {
             raw.parse::<std::num::NonZeroU32>()
                 .map(Some)
                 .map_err(|_| ConfigError::Malformed {
-                    name: "HIVE_RATE_LIMIT",
-                    reason: format!("`{raw}` is not a number of requests per minute (or `off`)"),
+                    name,
+                    reason: format!("`{raw}` is not a number of requests per {period} (or `off`)"),
                 })
         }
     }
 }
 
-fn cors_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Vec<String>, ConfigError> {
+/// A comma-separated list of origins (`scheme://host[:port]`).
+fn origins_setting<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    name: &'static str,
+) -> Result<Vec<String>, ConfigError> {
     let origins: Vec<String> = env
-        .optional("HIVE_CORS_ORIGINS")
+        .optional(name)
         .map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())
@@ -159,7 +227,7 @@ fn cors_setting<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Vec<Strin
             .or_else(|| origin.strip_prefix("http://"));
         if !rest.is_some_and(|host| !host.is_empty() && !host.contains('/')) {
             return Err(ConfigError::Malformed {
-                name: "HIVE_CORS_ORIGINS",
+                name,
                 reason: format!("`{origin}` is not an origin (scheme://host[:port])"),
             });
         }

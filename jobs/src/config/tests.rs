@@ -275,3 +275,67 @@ fn rates_parse_and_nonsense_is_refused() {
         assert!(bad.parse::<Rate>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_key_set_needs_https_an_issuer_and_an_audience() {
+    let base = [("HIVE_JWT_SECRET", "0123456789abcdef0123")];
+    let tokens = |extra: &[(&str, &str)]| {
+        let pairs: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+        TokenConfig::from_env(&env(&pairs))
+    };
+    let named = |r: Result<TokenConfig, ConfigError>, name: &str| match r {
+        Err(e) => assert!(e.to_string().contains(name), "{e} should name {name}"),
+        Ok(_) => panic!("{name} should be refused"),
+    };
+    let url = (
+        "HIVE_JWKS_URL",
+        "https://idp.example.com/.well-known/jwks.json",
+    );
+    let iss = ("HIVE_JWT_ISSUER", "https://idp.example.com/");
+    let aud = ("HIVE_JWT_AUDIENCE", "hive");
+    named(tokens(&[url]), "HIVE_JWT_ISSUER");
+    named(tokens(&[url, iss]), "HIVE_JWT_AUDIENCE");
+    named(tokens(&[url, aud]), "HIVE_JWT_ISSUER");
+    assert!(tokens(&[url, iss, aud]).is_ok());
+    // Plain http only to this machine.
+    for bad in [
+        "http://idp.example.com/jwks.json",
+        "http://127.0.0.1.example.com/jwks.json",
+        "ftp://127.0.0.1/jwks.json",
+    ] {
+        named(tokens(&[("HIVE_JWKS_URL", bad), iss, aud]), "HIVE_JWKS_URL");
+    }
+    for good in [
+        "http://127.0.0.1:4000/jwks.json",
+        "http://[::1]:4000/jwks.json",
+        "http://localhost/jwks.json",
+    ] {
+        assert!(
+            tokens(&[("HIVE_JWKS_URL", good), iss, aud]).is_ok(),
+            "{good}"
+        );
+    }
+    // Issuer and audience stay optional for the shared secret alone.
+    assert!(tokens(&[]).is_ok());
+    named(
+        tokens(&[url, iss, aud, ("HIVE_JWKS_REFRESH_SECS", "7200")]),
+        "HIVE_JWKS_REFRESH_SECS",
+    );
+}
+
+#[test]
+fn chaos_is_refused_unless_built_for_the_tests() {
+    let set = env(&[("HIVE_CHAOS", "crash_after:launching_instance")]);
+    match super::worker::chaos_setting(&set, false) {
+        Err(e) => assert!(e.to_string().contains("HIVE_CHAOS"), "{e}"),
+        Ok(chaos) => panic!("a production build took HIVE_CHAOS: {chaos:?}"),
+    }
+    assert_eq!(
+        super::worker::chaos_setting(&set, true).unwrap(),
+        Some(Chaos::CrashAfter("launching_instance".into()))
+    );
+    assert_eq!(
+        super::worker::chaos_setting(&env(&[]), false).unwrap(),
+        None
+    );
+}

@@ -127,14 +127,9 @@ settings! {
         /// How long after a launch EC2's reads may still not show the instance
         /// (`HIVE_EC2_CONSISTENCY_SECS`, 300): until then "not found" means "not yet".
         pub ec2_consistency: Duration = env.secs_or("HIVE_EC2_CONSISTENCY_SECS", 300)?,
-        /// Test-only fault injection (`HIVE_CHAOS`); never set in production.
-        pub chaos: Option<Chaos> = match env.optional("HIVE_CHAOS") {
-            None => None,
-            Some(raw) => Some(raw.parse().map_err(|reason| ConfigError::Malformed {
-                name: "HIVE_CHAOS",
-                reason,
-            })?),
-        },
+        /// Test-only fault injection (`HIVE_CHAOS`): refused unless the binary was built for
+        /// the tests (feature `chaos`), as one of it aborts the process.
+        pub chaos: Option<Chaos> = chaos_setting(env, cfg!(feature = "chaos"))?,
     }
 }
 
@@ -181,6 +176,28 @@ impl RateBudgets {
             secrets: one("HIVE_RATE_BUDGET_SECRETS", "50/1s")?,
         })
     }
+}
+
+/// `HIVE_CHAOS`, where `built_for_tests` allows it.
+pub(super) fn chaos_setting<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    built_for_tests: bool,
+) -> Result<Option<Chaos>, ConfigError> {
+    let Some(raw) = env.optional("HIVE_CHAOS") else {
+        return Ok(None);
+    };
+    if !built_for_tests {
+        return Err(ConfigError::Malformed {
+            name: "HIVE_CHAOS",
+            reason: "fault injection is only in builds for the tests (feature `chaos`)".into(),
+        });
+    }
+    raw.parse()
+        .map(Some)
+        .map_err(|reason| ConfigError::Malformed {
+            name: "HIVE_CHAOS",
+            reason,
+        })
 }
 
 /// The reconciler's default: every ten minutes, on the minute.

@@ -42,6 +42,14 @@ impl StripeStatus {
         StripeStatus::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
+    /// Stripe never moves a subscription on from these: whatever arrives after is history.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            StripeStatus::Canceled | StripeStatus::IncompleteExpired
+        )
+    }
+
     /// Breaks a tie between two snapshots of the same second, the same way in every order:
     /// the one further along a subscription's life wins (an end over a lapse, a lapse over a
     /// payment). Stripe's times are whole seconds, so ties are real.

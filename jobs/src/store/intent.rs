@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::model::{Desired, EventKind, NodeState, StripeStatus, TeardownReason};
 
-use super::{insert_event, queue, StoreResult};
+use super::{insert_event, queue, teardown_states, StoreResult};
 
 /// What the nodes of one subscription share.
 pub struct NodeSpec<'a> {
@@ -306,4 +306,56 @@ pub async fn resume_failed(
     .await?;
     queue::enqueue(tx, &[node_id], Duration::ZERO).await?;
     Ok(generation)
+}
+
+/// Counts one node creation or deletion that `user_id` asked for, in the caller's transaction,
+/// if their allowance of `per_hour` has room: `None` when counted, else how long until the
+/// oldest change counted leaves the hour. One user's changes are counted one at a time.
+pub async fn count_node_change(
+    tx: &mut Transaction<'_, Postgres>,
+    user_id: &str,
+    per_hour: u32,
+) -> StoreResult<Option<Duration>> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('node-changes:' || $1, 0))")
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "DELETE FROM node_change_requests WHERE user_id = $1 AND at < now() - interval '1 hour'",
+    )
+    .bind(user_id)
+    .execute(&mut **tx)
+    .await?;
+    let (count, oldest_age): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), EXTRACT(EPOCH FROM now() - min(at))::float8 FROM node_change_requests \
+         WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    if count >= i64::from(per_hour) {
+        let wait = 3600.0 - oldest_age.unwrap_or(0.0);
+        return Ok(Some(Duration::from_secs_f64(wait.clamp(1.0, 3600.0))));
+    }
+    sqlx::query("INSERT INTO node_change_requests (user_id) VALUES ($1)")
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(None)
+}
+
+/// How many of the subscription's nodes are being torn down (not gone yet): they count
+/// against its plan until they are, as their instances still run.
+pub async fn leaving_nodes(
+    tx: &mut Transaction<'_, Postgres>,
+    subscription_id: Uuid,
+) -> StoreResult<usize> {
+    let leaving: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM nodes WHERE subscription_id = $1 AND state = ANY($2)",
+    )
+    .bind(subscription_id)
+    .bind(teardown_states())
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(usize::try_from(leaving).unwrap_or(0))
 }

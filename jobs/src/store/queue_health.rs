@@ -190,5 +190,6 @@ async fn publish_gauges(pool: &PgPool, teardown_stuck_after: Duration) -> StoreR
     crate::metrics::nodes_by_status(&by_status);
     crate::metrics::oldest_due_job(oldest_due_job_age(pool).await?);
     crate::metrics::teardowns_stuck(stuck_teardowns(pool, teardown_stuck_after).await?.len());
+    crate::metrics::stripe_events_held(super::held_stripe_event_count(pool).await?);
     Ok(())
 }
