@@ -141,7 +141,7 @@ pub async fn usage(
     if from >= to {
         return Err(ApiError::BadRequest("`from` must be before `to`".into()));
     }
-    let moves = store::user_transitions(&mut *state.conn().await?, &user, to).await?;
+    let moves = store::user_transitions(&mut *state.conn().await?, &user, from, to).await?;
     let used = usage::ready_time(&moves, from, to);
     let hours = |d: TimeDelta| d.num_milliseconds() as f64 / 3_600_000.0;
     let total = used.values().fold(TimeDelta::zero(), |a, b| a + *b);

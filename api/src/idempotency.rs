@@ -1,7 +1,9 @@
 //! `Idempotency-Key` on every `POST` and `DELETE` of the app's API: the same key with the same
 //! request (method, path, body) within 24 hours gets the first answer again, without running
 //! anything; the same key with another request is a `422`; while the first is still running, a
-//! `409`. Keys are per user. Answers of 5xx are not kept, so a retry runs again.
+//! `409`, until its claim lapses (`HIVE_IDEMPOTENCY_LEASE_SECS`): a request whose client went
+//! away or whose api crashed does not hold its key for a day. Keys are per user. Answers of 5xx
+//! are not kept, so a retry runs again.
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{FromRequestParts, Request, State};
@@ -62,7 +64,11 @@ async fn keyed_request(
     hash.update([0]);
     hash.update(&body);
     let fingerprint = hex::encode(hash.finalize());
-    match store::claim_idempotency_key(&mut *state.conn().await?, &user, key, &fingerprint).await? {
+    let lease = state.config.idempotency_lease;
+    let claim =
+        store::claim_idempotency_key(&mut *state.conn().await?, &user, key, &fingerprint, lease)
+            .await?;
+    match claim {
         IdempotencyClaim::Mismatch => Err(ApiError::Unprocessable(
             "this Idempotency-Key was used with another request".into(),
         )),
@@ -77,20 +83,21 @@ async fn keyed_request(
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
             Ok(response)
         }
-        IdempotencyClaim::New => {
+        IdempotencyClaim::New { claimed_at } => {
             let response = next.run(Request::from_parts(parts, Body::from(body))).await;
             let (parts, body) = response.into_parts();
             let body = match to_bytes(body, usize::MAX).await {
                 Ok(body) => body,
                 Err(e) => {
-                    store::finish_idempotency_key(&mut *state.conn().await?, &user, key, None)
-                        .await?;
+                    let mut conn = state.conn().await?;
+                    store::finish_idempotency_key(&mut *conn, &user, key, claimed_at, None).await?;
                     tracing::error!(error = %e, "reading an answer failed");
                     return Err(ApiError::Upstream("the answer could not be read".into()));
                 }
             };
             let kept = (parts.status.as_u16() < 500).then(|| (parts.status.as_u16(), &body[..]));
-            store::finish_idempotency_key(&mut *state.conn().await?, &user, key, kept).await?;
+            store::finish_idempotency_key(&mut *state.conn().await?, &user, key, claimed_at, kept)
+                .await?;
             Ok(Response::from_parts(parts, Body::from(body)))
         }
     }

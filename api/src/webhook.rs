@@ -103,7 +103,11 @@ async fn receive(
         livemode: event.livemode,
         payload,
         held_reason: None,
+        refused_reason: None,
     };
+    if let Some(why) = stripe_events::refused(&event, &state.config) {
+        return refuse(state, record, &why).await;
+    }
     let meaning = match stripe_events::meaning(&event, &state.config) {
         Ok(meaning) => meaning,
         Err(EventError::Unusable(why)) => return hold(state, record, &why).await,
@@ -170,6 +174,32 @@ async fn hold(
         "stripe event held: it cannot be applied with this configuration"
     );
     Ok(Json(serde_json::json!({ "received": true, "held": why })))
+}
+
+/// Records an event of the other mode than ours, never to be applied, and answers 200 (a
+/// redelivery would change nothing).
+async fn refuse(
+    state: &AppState,
+    mut record: StripeEventRecord<'_>,
+    why: &str,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    record.refused_reason = Some(why);
+    if !store::record_stripe_event(&mut *state.conn().await?, &record).await? {
+        hive_jobs::metrics::webhook_event(record.event_type, "duplicate");
+        return Ok(Json(
+            serde_json::json!({ "received": true, "duplicate": true }),
+        ));
+    }
+    hive_jobs::metrics::webhook_event(record.event_type, "refused");
+    tracing::warn!(
+        event_id = %record.id,
+        event_type = %record.event_type,
+        reason = %why,
+        "stripe event refused: another mode than this api's"
+    );
+    Ok(Json(
+        serde_json::json!({ "received": true, "refused": why }),
+    ))
 }
 
 /// The answer to a redelivery of an event recorded before, counted and logged.

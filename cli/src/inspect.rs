@@ -207,6 +207,8 @@ pub struct StripeEventJson {
     pub received_at: DateTime<Utc>,
     /// Why it cannot be applied yet, while it is held.
     pub held_reason: Option<String>,
+    /// Why it is never applied (another mode than the api's), when it is refused.
+    pub refused_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<serde_json::Value>,
 }
@@ -220,6 +222,7 @@ impl StripeEventJson {
             livemode: e.livemode,
             received_at: e.received_at,
             held_reason: e.held_reason,
+            refused_reason: e.refused_reason,
             payload: with_payload.then_some(e.payload.0),
         }
     }
@@ -249,7 +252,10 @@ pub async fn stripe_events(
             e.event_type.clone(),
             e.received_at.format("%Y-%m-%d %H:%M:%S").to_string(),
             e.livemode.to_string(),
-            e.held_reason.clone().unwrap_or_else(|| "-".into()),
+            e.held_reason
+                .clone()
+                .or_else(|| e.refused_reason.as_ref().map(|r| format!("refused: {r}")))
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     println!("{table}");
@@ -276,6 +282,9 @@ pub async fn stripe_event(pool: &PgPool, id: &str, json: bool) -> anyhow::Result
     );
     if let Some(reason) = &view.held_reason {
         println!("held: {reason}");
+    }
+    if let Some(reason) = &view.refused_reason {
+        println!("refused, never applied: {reason}");
     }
     let payload = serde_json::to_string_pretty(&view.payload).context("writing the payload")?;
     println!("{payload}");

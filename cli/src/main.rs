@@ -742,6 +742,9 @@ async fn reprocess(id: &str, confirm: &Confirm) -> anyhow::Result<()> {
         .context("reading the event")?
         .with_context(|| format!("no Stripe event {id}"))?;
     let event = EventEnvelope::of(&stored.payload.0)?;
+    if let Some(why) = stripe_events::refused(&event, &config) {
+        bail!("{id} is refused, never applied: {why}");
+    }
     let meaning =
         stripe_events::meaning(&event, &config).with_context(|| match &stored.held_reason {
             Some(_) => format!("{id} is still held"),

@@ -98,6 +98,20 @@ pub enum Meaning {
     Subscription(Box<SubscriptionNews>),
 }
 
+/// Why an event of the other mode than our account's is refused, if it is: a test event signed
+/// with a shared secret must not provision real nodes (nor a live one touch a test setup).
+pub fn refused(event: &EventEnvelope, config: &ApiConfig) -> Option<String> {
+    let ours = config.stripe_livemode?;
+    (event.livemode != ours).then(|| {
+        let mode = |live: bool| if live { "live" } else { "test" };
+        format!(
+            "a {} event, and this api takes {} events",
+            mode(event.livemode),
+            mode(ours)
+        )
+    })
+}
+
 /// The table from event type to what it means: one function per type. Everything a 4xx could
 /// come from is checked here, before anything is written.
 pub fn meaning(event: &EventEnvelope, config: &ApiConfig) -> Result<Meaning, EventError> {
@@ -325,7 +339,10 @@ pub async fn apply_held(
     let mut done = HeldApplied::default();
     for stored in store::held_stripe_events(pool, AT_MOST).await? {
         let meaning =
-            EventEnvelope::of(&stored.payload.0).and_then(|event| meaning(&event, config));
+            EventEnvelope::of(&stored.payload.0).and_then(|event| match refused(&event, config) {
+                Some(why) => Err(EventError::Unusable(why)),
+                None => meaning(&event, config),
+            });
         let meaning = match meaning {
             Ok(meaning) => meaning,
             Err(why) => {

@@ -34,6 +34,8 @@ struct StripeState {
     received: Vec<Received>,
     /// The next request fails with this status and message, once.
     fail_next: Option<(StatusCode, String)>,
+    /// The next checkout is answered only after this long, once (Stripe being slow).
+    delay_next: Option<std::time::Duration>,
 }
 
 #[derive(Clone)]
@@ -79,6 +81,11 @@ impl StripeStandIn {
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             message.to_string(),
         ));
+    }
+
+    /// The next checkout session is answered only after `delay`, once.
+    pub fn delay_next(&self, delay: std::time::Duration) {
+        self.lock().delay_next = Some(delay);
     }
 
     /// Every request received, oldest first.
@@ -203,6 +210,10 @@ async fn create_checkout_session(
     headers: HeaderMap,
     Form(form): Form<Vec<(String, String)>>,
 ) -> Response {
+    let delay = standin.lock().delay_next.take();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     standin.handle("/v1/checkout/sessions", &headers, form, |standin, form| {
         let invalid = |m: String| {
             (

@@ -406,3 +406,69 @@ async fn billing_shows_the_subscription_and_usage_counts_only_ready_time() {
     assert_eq!(status, 200);
     assert_eq!(other["subscriptions"], json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_whose_request_was_cut_off_is_usable_again_after_its_lease() {
+    let (mut stack, _dir) = stack_with_prices(&[("HIVE_IDEMPOTENCY_LEASE_SECS", "3")]).await;
+    let token = Stack::jwt("user-cut-off", 600);
+    let key = [("Idempotency-Key", "cut-off-1")];
+    // Stripe is slow, the client gives up, and the api dies while the request waits.
+    stack.stripe.delay_next(std::time::Duration::from_secs(30));
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let cut = impatient
+        .post(stack.api_url("/api/v1/billing/checkout"))
+        .bearer_auth(&token)
+        .header(key[0].0, key[0].1)
+        .json(&checkout_body())
+        .send()
+        .await;
+    assert!(cut.is_err(), "the request should have been cut off");
+    stack.apis.clear();
+    stack.start_api().unwrap();
+    // Within the lease the key is still held by the request that died...
+    let (status, body) = stack
+        .post_as(
+            "/api/v1/billing/checkout",
+            Some(&token),
+            &key,
+            &checkout_body(),
+        )
+        .await
+        .unwrap();
+    assert_json_error(status, &body, 409, "the key within its lease");
+    // ...and after it, the key is the user's again.
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    let (status, body) = stack
+        .post_as(
+            "/api/v1/billing/checkout",
+            Some(&token),
+            &key,
+            &checkout_body(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("cs_test_")),
+        "{body}"
+    );
+    let (status, again) = stack
+        .post_as(
+            "/api/v1/billing/checkout",
+            Some(&token),
+            &key,
+            &checkout_body(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &again["id"]),
+        (200, &body["id"]),
+        "its answer is kept"
+    );
+}

@@ -350,3 +350,60 @@ async fn the_first_request_after_a_postgres_restart_is_answered() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_of_the_other_mode_is_recorded_refused_and_changes_nothing() {
+    // The stack's key is a test key: a live event, though signed with our secret, is refused.
+    let stack = api_only().await;
+    let pool = stack.pool().await.unwrap();
+    let fixtures = Fixtures::load().unwrap();
+    let mut event = fixtures
+        .subscription_checkout("user-live", "pro", None)
+        .unwrap();
+    event["livemode"] = json!(true);
+    let before = counts(&pool).await;
+    let (status, answer) = stack.post_event(&event).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["refused"]
+            .as_str()
+            .is_some_and(|why| why.contains("live event")),
+        "{answer}"
+    );
+    let after = counts(&pool).await;
+    assert_eq!(
+        (after.0, after.1, after.2, after.3),
+        (before.0 + 1, before.1, before.2, before.3),
+        "recorded, and nothing else"
+    );
+    let refused: Option<String> =
+        sqlx::query_scalar("SELECT refused_reason FROM stripe_events WHERE id = $1")
+            .bind(event["id"].as_str().unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(refused.is_some(), "recorded as refused");
+    // Reprocessing it is refused too.
+    let out = stack
+        .hivectl(&[
+            "stripe-events",
+            "reprocess",
+            event["id"].as_str().unwrap(),
+            "--yes",
+        ])
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(counts(&pool).await, after);
+    // The same event in our mode provisions.
+    let mut ours = fixtures
+        .subscription_checkout("user-live", "pro", None)
+        .unwrap();
+    ours["livemode"] = json!(false);
+    let (status, answer) = stack.post_event(&ours).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "{answer}"
+    );
+}

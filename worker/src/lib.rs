@@ -102,6 +102,7 @@ where
         pool.clone(),
         config.stall_after,
         config.job_retention,
+        config.retention,
     ));
 
     // Shutdown is a flag every run of the apalis workers watches.
@@ -233,8 +234,16 @@ async fn run_queue(
 /// Every so often, gives a new job to nodes whose job was lost (see `requeue_stalled`): the
 /// queue is not the source of truth, the node rows are. And deletes jobs finished longer than
 /// `retention` ago, a batch a tick.
-async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration, retention: Duration) {
+async fn sweep_stalled_nodes(
+    pool: sqlx::PgPool,
+    stall_after: Duration,
+    retention: Duration,
+    rows_kept_for: Duration,
+) {
     const PRUNED_PER_TICK: i64 = 10_000;
+    // Small batches of old rows each tick: a backlog drains over ticks, never in one long
+    // statement holding locks.
+    const EXPIRED_PER_TICK: i64 = 1_000;
     let mut every = tokio::time::interval((stall_after / 2).max(Duration::from_millis(200)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -243,6 +252,11 @@ async fn sweep_stalled_nodes(pool: sqlx::PgPool, stall_after: Duration, retentio
             Ok(0) => {}
             Ok(deleted) => tracing::debug!(deleted, "finished jobs pruned"),
             Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+        }
+        match hive_jobs::store::prune_expired(&pool, rows_kept_for, EXPIRED_PER_TICK).await {
+            Ok(pruned) if pruned.total() == 0 => {}
+            Ok(pruned) => tracing::info!(?pruned, "rows past their retention pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning rows past their retention failed"),
         }
         match hive_jobs::store::requeue_stalled(&pool, stall_after).await {
             Ok(ids) if !ids.is_empty() => {

@@ -72,11 +72,21 @@ settings! {
         /// Stripe's API, for the app's checkout and portal sessions (`STRIPE_SECRET_KEY`; unset:
         /// those two answer 503)...
         pub stripe_secret_key: Option<String> = env.optional("STRIPE_SECRET_KEY"),
+        /// Whether our Stripe account's events are live (`HIVE_STRIPE_MODE`, `live` or `test`;
+        /// else read off `STRIPE_SECRET_KEY`'s prefix; unknown when neither is set). An event
+        /// of the other mode is refused: a test event signed with a shared secret must not
+        /// provision real nodes.
+        pub stripe_livemode: Option<bool> = stripe_mode(env, stripe_secret_key.as_deref())?,
         /// ...at `STRIPE_API_BASE` (default Stripe's own).
         pub stripe_api_base: String =
             http_base(env, "STRIPE_API_BASE", STRIPE_PRODUCTION_API)?,
         /// The plans (the file's `[plans.<name>]`, else `HIVE_PLANS`, else the defaults).
         pub plans: Plans = file.plans(env)?,
+        /// How long a request holds its `Idempotency-Key` while it runs
+        /// (`HIVE_IDEMPOTENCY_LEASE_SECS`, 120; longer than any request takes, Stripe's calls
+        /// included): one that never finished (its client went away, the api crashed) frees
+        /// the key after it.
+        pub idempotency_lease: Duration = env.secs_or("HIVE_IDEMPOTENCY_LEASE_SECS", 120)?,
         /// How long a past-due subscription's nodes keep running before they are suspended
         /// (`HIVE_PAST_DUE_GRACE_SECS`, default 3 days).
         pub past_due_grace: Duration = env.secs_or("HIVE_PAST_DUE_GRACE_SECS", 3 * 24 * 3600)?,
@@ -204,6 +214,41 @@ fn limit_setting<F: Fn(&str) -> Option<String>>(
                     reason: format!("`{raw}` is not a number of requests per {period} (or `off`)"),
                 })
         }
+    }
+}
+
+/// `HIVE_STRIPE_MODE`, or the mode of the secret key (`sk_live_`/`rk_live_`, `sk_test_`/
+/// `rk_test_`); the two must agree when both are set.
+pub(super) fn stripe_mode<F: Fn(&str) -> Option<String>>(
+    env: &Env<F>,
+    secret_key: Option<&str>,
+) -> Result<Option<bool>, ConfigError> {
+    let of_key = secret_key.and_then(|key| {
+        if key.starts_with("sk_live_") || key.starts_with("rk_live_") {
+            Some(true)
+        } else if key.starts_with("sk_test_") || key.starts_with("rk_test_") {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    let set = match env.optional("HIVE_STRIPE_MODE").as_deref().map(str::trim) {
+        None => None,
+        Some("live") => Some(true),
+        Some("test") => Some(false),
+        Some(other) => {
+            return Err(ConfigError::Malformed {
+                name: "HIVE_STRIPE_MODE",
+                reason: format!("`{other}` is not `live` or `test`"),
+            })
+        }
+    };
+    match (set, of_key) {
+        (Some(set), Some(key)) if set != key => Err(ConfigError::Malformed {
+            name: "HIVE_STRIPE_MODE",
+            reason: "says another mode than STRIPE_SECRET_KEY's".into(),
+        }),
+        (set, key) => Ok(set.or(key)),
     }
 }
 

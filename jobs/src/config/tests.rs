@@ -339,3 +339,30 @@ fn chaos_is_refused_unless_built_for_the_tests() {
         None
     );
 }
+
+#[test]
+fn the_stripe_mode_is_set_or_read_off_the_key_and_both_must_agree() {
+    let mode = |pairs: &[(&str, &str)]| {
+        let key = pairs
+            .iter()
+            .find(|(k, _)| *k == "STRIPE_SECRET_KEY")
+            .map(|(_, v)| *v);
+        super::api::stripe_mode(&env(pairs), key)
+    };
+    assert_eq!(mode(&[]).unwrap(), None);
+    assert_eq!(
+        mode(&[("STRIPE_SECRET_KEY", "sk_live_x")]).unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        mode(&[("STRIPE_SECRET_KEY", "rk_test_x")]).unwrap(),
+        Some(false)
+    );
+    assert_eq!(mode(&[("HIVE_STRIPE_MODE", "live")]).unwrap(), Some(true));
+    assert!(mode(&[
+        ("HIVE_STRIPE_MODE", "live"),
+        ("STRIPE_SECRET_KEY", "sk_test_x")
+    ])
+    .is_err());
+    assert!(mode(&[("HIVE_STRIPE_MODE", "prod")]).is_err());
+}

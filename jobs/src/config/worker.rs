@@ -113,6 +113,11 @@ settings! {
         /// A node due this long ago that nobody works on has lost its job; the worker's sweep
         /// enqueues a new one (`HIVE_STALL_AFTER_MS`, default 30 s).
         pub stall_after: Duration = env.millis_or("HIVE_STALL_AFTER_MS", 30_000)?,
+        /// How long node logs, Stripe events' payloads and reconcile runs are kept
+        /// (`HIVE_RETENTION_DAYS`, 90); the worker prunes older rows in small batches.
+        pub retention: Duration = env
+            .positive_or("HIVE_RETENTION_DAYS", 90u32)
+            .map(|days| Duration::from_secs(u64::from(days) * 24 * 3600))?,
         /// How long a finished job stays in the queue's table before the sweep deletes it
         /// (`HIVE_JOB_RETENTION_SECS`, default an hour): a waiting node leaves a job per look.
         pub job_retention: Duration = env.secs_or("HIVE_JOB_RETENTION_SECS", 3_600)?,

@@ -14,6 +14,7 @@ pub mod queue;
 mod queue_health;
 mod rate_budgets;
 mod reconcile_runs;
+mod retention;
 mod stripe_events;
 mod subscriptions;
 
@@ -24,6 +25,7 @@ pub use nodes::*;
 pub use queue_health::*;
 pub use rate_budgets::*;
 pub use reconcile_runs::*;
+pub use retention::*;
 pub use stripe_events::*;
 pub use subscriptions::*;
 

@@ -16,6 +16,8 @@ pub struct StripeEventRecord<'a> {
     pub payload: &'a str,
     /// Why it cannot be applied yet, when it cannot: it is kept, held.
     pub held_reason: Option<&'a str>,
+    /// Why it is never to be applied (another mode than ours), when it is not.
+    pub refused_reason: Option<&'a str>,
 }
 
 /// Records an event by its id, in the caller's transaction or, for an event that changes
@@ -27,8 +29,8 @@ pub async fn record_stripe_event(
 ) -> StoreResult<bool> {
     let inserted = sqlx::query(
         "INSERT INTO stripe_events (id, event_type, api_version, livemode, payload, held_reason, \
-         held_since) VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, \
-         CASE WHEN $6::text IS NULL THEN NULL ELSE now() END) ON CONFLICT (id) DO NOTHING",
+         held_since, refused_reason) VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, \
+         CASE WHEN $6::text IS NULL THEN NULL ELSE now() END, $7) ON CONFLICT (id) DO NOTHING",
     )
     .bind(event.id)
     .bind(event.event_type)
@@ -36,6 +38,7 @@ pub async fn record_stripe_event(
     .bind(event.livemode)
     .bind(event.payload)
     .bind(event.held_reason)
+    .bind(event.refused_reason)
     .execute(db)
     .await?
     .rows_affected();
@@ -53,10 +56,12 @@ pub struct StoredStripeEvent {
     pub payload: sqlx::types::Json<serde_json::Value>,
     /// Why it is held, while it is.
     pub held_reason: Option<String>,
+    /// Why it is never applied, when it is refused.
+    pub refused_reason: Option<String>,
 }
 
 const STORED_COLUMNS: &str =
-    "id, event_type, api_version, livemode, received_at, payload, held_reason";
+    "id, event_type, api_version, livemode, received_at, payload, held_reason, refused_reason";
 
 /// The latest recorded Stripe events (of one type, when given; only the held ones, when
 /// asked), newest first.

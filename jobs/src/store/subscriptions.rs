@@ -181,18 +181,28 @@ pub async fn user_subscriptions(
     subscriptions(db, Some(user_id)).await
 }
 
-/// Every move of the user's nodes up to `until`, as (node, when, `from -> to`), in order.
+/// The moves of the user's nodes that tell what they were in `[from, until]`: each node's last
+/// move before `from` (the state it began the period in) and its moves within, as (node, when,
+/// `from -> to`), in order. Read by period through `node_events_transitions`, never a
+/// user's whole history.
 pub async fn user_transitions(
     db: impl sqlx::PgExecutor<'_>,
     user_id: &str,
+    from: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> StoreResult<Vec<(Uuid, DateTime<Utc>, String)>> {
     Ok(sqlx::query_as(
-        "SELECT e.node_id, e.at, e.detail FROM node_events e JOIN nodes n ON n.id = e.node_id \
-         WHERE n.user_id = $1 AND e.kind = $2 AND e.at <= $3 ORDER BY e.node_id, e.id",
+        "SELECT e.node_id, e.at, e.detail FROM nodes n CROSS JOIN LATERAL ( \
+             (SELECT id, node_id, at, detail FROM node_events \
+              WHERE node_id = n.id AND kind = $2 AND at < $3 ORDER BY at DESC, id DESC LIMIT 1) \
+             UNION ALL \
+             (SELECT id, node_id, at, detail FROM node_events \
+              WHERE node_id = n.id AND kind = $2 AND at >= $3 AND at <= $4)) e \
+         WHERE n.user_id = $1 ORDER BY e.node_id, e.at, e.id",
     )
     .bind(user_id)
     .bind(EventKind::Transition.as_str())
+    .bind(from)
     .bind(until)
     .fetch_all(db)
     .await?)
