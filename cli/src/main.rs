@@ -519,8 +519,9 @@ async fn replay(
         return Ok(());
     }
     let mut failures = 0;
+    let by = operator();
     for id in &targets {
-        match replay_failed_node(&pool, *id).await {
+        match replay_failed_node(&pool, *id, &by).await {
             Ok(replayed) => println!(
                 "node {} resumes at {} (generation {})",
                 replayed.node_id, replayed.step, replayed.generation

@@ -268,6 +268,7 @@ pub async fn apply(
     }
     let mut sub =
         store::lock_subscription(tx, &news.stripe_subscription_id, stripe_event_id).await?;
+    let known = sub.clone();
     merge(&mut sub, news);
     if sub.user_id.is_some() && sub.region.is_none() {
         sub.region = Some(rules.default_region.to_string());
@@ -276,6 +277,12 @@ pub async fn apply(
         subscription_id: sub.id,
         ..Applied::default()
     };
+    // News no newer than what the subscription holds (an event applied again by an operator,
+    // an old checkout) changes nothing: its nodes are not made to follow it again, so what
+    // was done to them since (an operator's suspend) stands.
+    if sub == known {
+        return Ok(applied);
+    }
     let by = format!("billing ({})", news.stripe_subscription_id);
     match (
         nodes_follow(&sub, rules.past_due_grace),

@@ -34,8 +34,13 @@ pub struct Replayed {
 
 /// Resumes a failed node from the step where it stopped (from the start when its failed
 /// provisioning was undone), with a new generation (so idempotency
-/// tokens of the failed attempt are not reused), and enqueues its job, in one transaction.
-pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed, OperatorError> {
+/// tokens of the failed attempt are not reused), and enqueues its job, in one transaction. The
+/// node's log says who asked (`by`: `operator <name>`).
+pub async fn replay_failed_node(
+    pool: &PgPool,
+    node_id: Uuid,
+    by: &str,
+) -> Result<Replayed, OperatorError> {
     let mut tx = pool.begin().await?;
     let facts = store::lock_for_replay(&mut tx, node_id)
         .await?
@@ -70,15 +75,9 @@ pub async fn replay_failed_node(pool: &PgPool, node_id: Uuid) -> Result<Replayed
     };
     // Resuming an undo keeps the provisioning's error (the node stays `failed` to the app).
     let resumes_undo = undone && !restart;
-    let generation = store::resume_failed(
-        &mut tx,
-        node_id,
-        step,
-        restart,
-        resumes_undo,
-        "operator replay",
-    )
-    .await?;
+    let detail = format!("replay from {step}, asked by {by}");
+    let generation =
+        store::resume_failed(&mut tx, node_id, step, restart, resumes_undo, &detail).await?;
     tx.commit().await?;
     Ok(Replayed {
         node_id,

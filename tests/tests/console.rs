@@ -23,11 +23,14 @@ fn json_of(out: &std::process::Output, what: &str) -> Value {
     })
 }
 
+/// Every node's id, user, and state with what it is asked to be (`ready/running`).
 async fn states(pool: &PgPool) -> Vec<(String, String, String)> {
-    sqlx::query_as("SELECT id::text, user_id, state FROM nodes ORDER BY created_at, id")
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT id::text, user_id, state || '/' || desired FROM nodes ORDER BY created_at, id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -425,23 +428,26 @@ async fn the_console_reads_filters_replays_in_bulk_and_cancels() {
     );
 
     // reprocess applies a recorded event again, safely: an event already applied changes
-    // nothing, and an old checkout does not bring back a node the operator cancelled since.
-    let event_of = |user: &'static str| {
+    // nothing, and an old checkout neither brings back a node the operator cancelled since nor
+    // resumes the one the operator suspended (u-ready's second).
+    let events_of = |user: &'static str| {
         let pool = pool.clone();
         async move {
             sqlx::query_scalar::<_, String>(
                 "SELECT id FROM stripe_events \
-                 WHERE payload->'data'->'object'->>'client_reference_id' = $1",
+                 WHERE payload->'data'->'object'->>'client_reference_id' = $1 ORDER BY id",
             )
             .bind(user)
-            .fetch_one(&pool)
+            .fetch_all(&pool)
             .await
             .unwrap()
         }
     };
     let before = states(&pool).await;
-    for user in ["u-ready", "u-stuck"] {
-        let event = event_of(user).await;
+    let mut events = events_of("u-ready").await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    events.extend(events_of("u-stuck").await);
+    for event in events {
         let dry = stack
             .hivectl_ok(&["stripe-events", "reprocess", &event, "--dry-run"])
             .unwrap();

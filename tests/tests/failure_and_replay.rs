@@ -90,22 +90,38 @@ async fn a_kept_failed_node_is_visible_and_replay_resumes_it_without_duplicates(
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("not a node id"), "{stderr}");
+    stack
+        .options_mut()
+        .extra_env
+        .push(("HIVE_OPERATOR".into(), "alice".into()));
     let out = stack.hivectl(&["replay", &node_id]).unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The node's log says who replayed it.
+    let replays: Vec<String> = sqlx::query_scalar(
+        "SELECT detail FROM node_events WHERE node_id = $1::uuid AND kind = 'replayed'",
+    )
+    .bind(&node_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        replays,
+        vec!["replay from launching_instance, asked by operator alice".to_string()]
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("node {node_id} resumes at launching_instance (generation 1)")
     );
     assert!(matches!(
-        replay_failed_node(&pool, id).await,
+        replay_failed_node(&pool, id, "operator test").await,
         Err(OperatorError::NotFailed { .. })
     ));
     assert!(matches!(
-        replay_failed_node(&pool, uuid::Uuid::new_v4()).await,
+        replay_failed_node(&pool, uuid::Uuid::new_v4(), "operator test").await,
         Err(OperatorError::NotFound(_))
     ));
 
@@ -174,9 +190,13 @@ async fn by_default_a_failed_provisioning_is_undone_then_replay_starts_over() {
     stack.workers.clear();
     stack.start_worker().unwrap();
     let pool = stack.pool().await.unwrap();
-    let replayed = replay_failed_node(&pool, uuid::Uuid::parse_str(&node_id).unwrap())
-        .await
-        .unwrap();
+    let replayed = replay_failed_node(
+        &pool,
+        uuid::Uuid::parse_str(&node_id).unwrap(),
+        "operator test",
+    )
+    .await
+    .unwrap();
     assert_eq!(replayed.step.as_str(), "pending");
     let ready = wait_for_status(&stack, &node_id, "ready").await;
     assert!(ready["instance_id"].is_string());

@@ -11,7 +11,7 @@ use crate::model::{Desired, EventKind, NodeState, TeardownReason};
 use super::{insert_event, lock_counted_nodes, queue, tear_down, CountedNode, StoreResult};
 
 /// A subscription as billing keeps it: whose it is, and the latest Stripe snapshot applied.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct SubscriptionState {
     pub id: Uuid,
     pub stripe_subscription_id: String,
