@@ -138,10 +138,13 @@ pub async fn usage(
             .find_map(|(sub, _)| sub.current_period_start)
             .unwrap_or(to - TimeDelta::days(30)),
     };
-    if from >= to {
-        return Err(ApiError::BadRequest("`from` must be before `to`".into()));
-    }
-    let moves = store::user_transitions(&mut *state.conn().await?, &user, from, to).await?;
+    // A window that ends before it begins holds no time.
+    let to = to.max(from);
+    let moves = if from == to {
+        Vec::new()
+    } else {
+        store::user_transitions(&mut *state.conn().await?, &user, from, to).await?
+    };
     let used = usage::ready_time(&moves, from, to);
     let hours = |d: TimeDelta| d.num_milliseconds() as f64 / 3_600_000.0;
     let total = used.values().fold(TimeDelta::zero(), |a, b| a + *b);

@@ -130,9 +130,24 @@ pub struct CheckoutRequest {
     pub region: Option<String>,
     /// How many of the plan (1 to 100, default 1).
     #[schema(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub quantity: Option<u32>,
     pub success_url: String,
     pub cancel_url: String,
+}
+
+/// A JSON number that is a whole number, as JSON Schema's `integer` has it: `12` and `12.0`
+/// alike (`12.5` and negative numbers are refused).
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let Some(n) = Option::<f64>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if n.fract() != 0.0 || !(0.0..=f64::from(u32::MAX)).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "`{n}` is not a whole number"
+        )));
+    }
+    Ok(Some(n as u32))
 }
 
 /// The Checkout Session to send the user to.

@@ -85,24 +85,46 @@ const REQUEST_ID: &str = request_id::HEADER;
 
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID);
+    // `Idempotency-Key` on the methods a route has (a method it does not have is a 405,
+    // whatever its key: a method router's own layer does not wrap its 405).
+    let keyed = middleware::from_fn_with_state(state.clone(), idempotency::layer);
     let routes = Router::new()
         .route("/webhooks/stripe", post(webhook::stripe_webhook))
         .route(
             "/api/v1/nodes",
-            get(nodes::list_nodes).post(nodes::create_node),
+            get(nodes::list_nodes)
+                .post(nodes::create_node)
+                .route_layer(keyed.clone()),
         )
         .route(
             "/api/v1/nodes/{id}",
-            get(nodes::get_node).delete(nodes::delete_node),
+            get(nodes::get_node)
+                .delete(nodes::delete_node)
+                .route_layer(keyed.clone()),
         )
         .route("/api/v1/nodes/{id}/wait", get(wait::wait_for_status))
-        .route("/api/v1/nodes/{id}/restart", post(nodes::restart_node))
-        .route("/api/v1/nodes/{id}/stop", post(nodes::stop_node))
-        .route("/api/v1/nodes/{id}/start", post(nodes::start_node))
+        .route(
+            "/api/v1/nodes/{id}/restart",
+            post(nodes::restart_node).route_layer(keyed.clone()),
+        )
+        .route(
+            "/api/v1/nodes/{id}/stop",
+            post(nodes::stop_node).route_layer(keyed.clone()),
+        )
+        .route(
+            "/api/v1/nodes/{id}/start",
+            post(nodes::start_node).route_layer(keyed.clone()),
+        )
         .route("/api/v1/billing", get(billing::billing))
         .route("/api/v1/usage", get(billing::usage))
-        .route("/api/v1/billing/checkout", post(checkout::checkout))
-        .route("/api/v1/billing/portal", post(checkout::portal))
+        .route(
+            "/api/v1/billing/checkout",
+            post(checkout::checkout).route_layer(keyed.clone()),
+        )
+        .route(
+            "/api/v1/billing/portal",
+            post(checkout::portal).route_layer(keyed),
+        )
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::document))
         .merge(Scalar::with_url(
@@ -113,10 +135,6 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed });
     // Outermost last: the id is set first, so the trace span and every log line carry it.
     routes
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            idempotency::layer,
-        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             rate_limit::by_address,

@@ -505,7 +505,8 @@ pub async fn create_node(
     request_id: RequestId,
     body: Bytes,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    let request: CreateNode = if body.is_empty() {
+    // No body and a JSON `null` both mean "the defaults" (the contract's body is optional).
+    let request: CreateNode = if body.is_empty() || body.trim_ascii() == b"null" {
         CreateNode {
             subscription_id: None,
             region: None,

@@ -136,16 +136,59 @@ fn add_common(operation: &mut Operation, app: bool, rate_limited: &Response) {
 }
 
 /// `GET /openapi.json`: the document, with the plans and regions this api serves as the only
-/// values of the fields that name one (they come from its settings, not from the code).
+/// values of the fields that name one, and its return URL origins as the pattern of the URLs
+/// (they come from its settings, not from the code).
 pub async fn document(State(state): State<AppState>) -> Json<Value> {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
-    let mut plans: Vec<&String> = state.config.plans.0.keys().collect();
+    // Only the plans a checkout can buy: those with a Stripe price.
+    let mut plans: Vec<&String> = state
+        .config
+        .plans
+        .0
+        .iter()
+        .filter(|(_, plan)| !plan.prices.is_empty())
+        .map(|(name, _)| name)
+        .collect();
     plans.sort();
     let regions = &state.config.regions;
     allow_only(&mut doc, "CheckoutRequest", "plan", &plans, false);
     allow_only(&mut doc, "CheckoutRequest", "region", regions, true);
     allow_only(&mut doc, "CreateNode", "region", regions, true);
+    let on_origins = origins_pattern(&state.config.return_url_origins);
+    for (schema, field) in [
+        ("CheckoutRequest", "success_url"),
+        ("CheckoutRequest", "cancel_url"),
+        ("PortalRequest", "return_url"),
+    ] {
+        let pointer = format!("/components/schemas/{schema}/properties/{field}");
+        if let Some(Value::Object(property)) = doc.pointer_mut(&pointer) {
+            property.insert("pattern".into(), Value::String(on_origins.clone()));
+        }
+    }
     Json(doc)
+}
+
+/// A URL on one of `origins` (`HIVE_RETURN_URL_ORIGINS`), as a pattern of the contract.
+fn origins_pattern(origins: &[String]) -> String {
+    if origins.is_empty() {
+        // None configured: no URL is taken.
+        return "^(?!)$".into();
+    }
+    let escaped: Vec<String> = origins
+        .iter()
+        .map(|o| {
+            o.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_string()
+                    } else {
+                        format!("\\{c}")
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    format!("^(?:{})(?:[/?#].*)?$", escaped.join("|"))
 }
 
 fn allow_only<S: serde::Serialize>(

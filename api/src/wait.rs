@@ -125,10 +125,10 @@ fn reachable(node: &Node, wanted: NodeStatus) -> bool {
     tag = "nodes",
     params(("id" = Uuid, Path, description = "The node's id"), WaitQuery),
     responses(
-        (status = 200, description = "The node has the status", body = NodeView),
+        (status = 200, description = "The node, once it has the status or when the timeout \
+            passed first: its `status` says which (a long poll that ends is not an error)", body = NodeView),
         (status = 400, description = "A missing or unknown `status`, a malformed `timeout`", body = ErrorBody),
         (status = 404, description = "No node of this user has this id", body = ErrorBody),
-        (status = 408, description = "The timeout passed first; the node as it is", body = NodeView),
         (status = 409, description = "The node cannot reach the status unless someone acts \
             (it failed, it is gone, its user stopped it)", body = ErrorBody),
     )
@@ -187,15 +187,11 @@ pub async fn wait_for_status(
         .await;
         match woke {
             Ok(true) => continue,
-            // The deadline passed (or the api is stopping): the node as it is now.
+            // The deadline passed (or the api is stopping): the node as it is now; its status
+            // tells the app whether it got there.
             Ok(false) | Err(_) => {
                 let view = read_view(&state.db, &user, id).await?;
-                let code = if view.status == wanted {
-                    StatusCode::OK
-                } else {
-                    StatusCode::REQUEST_TIMEOUT
-                };
-                return Ok((code, Json(view)));
+                return Ok((StatusCode::OK, Json(view)));
             }
         }
     }

@@ -413,6 +413,10 @@ impl Stack {
             .as_str()
             .context("checkout without a subscription")?
             .to_string();
+        // Stripe made the customer with the checkout: its portal knows them.
+        if let Some(customer) = event["data"]["object"]["customer"].as_str() {
+            self.stripe.add_customer(customer);
+        }
         let answer = self.send_event(&event).await?;
         let nodes = answer["nodes"]
             .as_array()

@@ -39,7 +39,22 @@ fn tool(name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_keeps_its_published_contract_under_schemathesis() {
-    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    // The team plan has a Stripe price, so that checkouts can be bought.
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("hive.toml");
+    std::fs::write(
+        &file,
+        "[plans.pro]\ninstance_type = \"t4g.small\"\nnodes = 1\n\n\
+         [plans.team]\ninstance_type = \"t4g.medium\"\nnodes = 5\nvolume_gb = 50\n\
+         prices = [\"price_team_test\"]\n",
+    )
+    .unwrap();
+    let mut options = StackOptions::default();
+    options
+        .extra_env
+        .push(("HIVE_CONFIG_FILE".into(), file.display().to_string()));
+    let mut stack = Stack::start(options).await.unwrap();
+    stack.stripe.add_price("price_team_test");
     stack.start_api().unwrap();
     stack.start_worker().unwrap();
     // A user with ready nodes, so that reads answer real nodes too.
@@ -82,15 +97,23 @@ async fn the_api_keeps_its_published_contract_under_schemathesis() {
         "{page}"
     );
 
+    // The token as the document's bearer scheme, so that schemathesis also tries requests
+    // without it (they must be 401).
+    let settings = dir.path().join("schemathesis.toml");
+    std::fs::write(
+        &settings,
+        format!("[auth.openapi.bearer]\nbearer = \"{token}\"\n"),
+    )
+    .unwrap();
     let run = Command::new(tool("schemathesis"))
+        .arg("--config-file")
+        .arg(&settings)
         .args(["run", &stack.api_url("/openapi.json")])
-        .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--exclude-path", "/webhooks/stripe"])
-        .args([
-            "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,\
-             response_headers_conformance,response_schema_conformance",
-        ])
+        // Every check but one: `use_after_free` wants a deleted resource to read 404 at once,
+        // while a node's deletion is asynchronous by design (`202`): the app reads it
+        // `terminating`, then `terminated`, as Kubernetes shows an object with finalizers.
+        .args(["--checks", "all", "--exclude-checks", "use_after_free"])
         .args(["--max-examples", "30"])
         .args(["--request-timeout", "20"])
         // One worker: schemathesis 4.32 has failed with an internal KeyError with two.

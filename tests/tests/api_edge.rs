@@ -330,8 +330,38 @@ async fn bodies_over_the_limit_are_413_in_the_json_shape_and_change_nothing() {
         .await
         .unwrap();
     let status = resp.status().as_u16();
+    let allow = resp
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_string());
     let body: Value = resp.json().await.unwrap();
     assert_json_error(status, &body, 405, "PUT on the node list");
+    assert_eq!(
+        allow.as_deref(),
+        Some("GET,HEAD,POST"),
+        "the methods it has"
+    );
+    // Whatever its Idempotency-Key: the key is looked at only for a request a route takes.
+    let first = http
+        .post(stack.api_url(&format!("/api/v1/nodes/{}/restart", uuid::Uuid::new_v4())))
+        .bearer_auth(&token)
+        .header("idempotency-key", "key-of-another-request")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 404);
+    let resp = http
+        .delete(stack.api_url(&format!("/api/v1/nodes/{}/start", uuid::Uuid::new_v4())))
+        .bearer_auth(&token)
+        .header("idempotency-key", "key-of-another-request")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(
+        resp.headers().get("allow").map(|v| v.to_str().unwrap()),
+        Some("POST")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
