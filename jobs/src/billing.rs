@@ -122,6 +122,37 @@ fn statuses_along(history: &[(i64, i32, String)]) -> Vec<(i64, i32, StripeStatus
     along
 }
 
+/// How far back, in Stripe's time, the status history is kept entry by entry; older entries are
+/// folded into the status they left (`compact_history`), so that a subscription's history does
+/// not grow for ever. Stripe's retries end after three days: no news older than this still
+/// arrives to be ordered among them.
+pub const HISTORY_KEPT_SECS: i64 = 35 * 24 * 3600;
+
+/// Folds the entries of a (sorted) history before `before` into one: the status they left,
+/// dated from when that status began (a lapse's start, which its grace counts from, is kept).
+/// What the history says of the status, then and after, is unchanged.
+pub fn compact_history(history: &mut Vec<(i64, i32, String)>, before: i64) {
+    let old = history.partition_point(|(at, ..)| *at < before);
+    if old < 2 {
+        return;
+    }
+    let along = statuses_along(&history[..old]);
+    let Some(&(_, _, left)) = along.last() else {
+        return;
+    };
+    let since = along
+        .iter()
+        .rev()
+        .take_while(|(_, _, status)| *status == left)
+        .last()
+        .map(|(at, ..)| *at);
+    let Some(since) = since else {
+        return;
+    };
+    history.drain(..old);
+    history.insert(0, (since, left.rank(), left.as_str().to_string()));
+}
+
 /// Merges `news` into the subscription's snapshot: each part only when it is newer than what
 /// the row holds. Pure, so that every delivery order can be checked to end the same.
 pub fn merge(sub: &mut SubscriptionState, news: &SubscriptionNews) {
@@ -270,6 +301,10 @@ pub async fn apply(
         store::lock_subscription(tx, &news.stripe_subscription_id, stripe_event_id).await?;
     let known = sub.clone();
     merge(&mut sub, news);
+    compact_history(
+        &mut sub.status_history.0,
+        Utc::now().timestamp() - HISTORY_KEPT_SECS,
+    );
     if sub.user_id.is_some() && sub.region.is_none() {
         sub.region = Some(rules.default_region.to_string());
     }
@@ -560,6 +595,53 @@ mod tests {
         ]);
         assert_eq!(end.stripe_status.as_deref(), Some("active"));
         assert_eq!(end.past_due_since, None);
+    }
+
+    #[test]
+    fn an_old_history_folds_into_the_status_it_left_and_says_the_same() {
+        use StripeStatus::*;
+        let mut sub = blank();
+        for n in [
+            news(100, Some(Active), Some(("pro", 1))),
+            invoice(200, Payment::Failed),
+            news(300, Some(PastDue), None),
+            news(400, Some(PastDue), None),
+            news(10_000, Some(PastDue), None),
+        ] {
+            merge(&mut sub, &n);
+        }
+        let mut folded = sub.clone();
+        compact_history(&mut folded.status_history.0, 5_000);
+        assert_eq!(
+            folded.status_history.0,
+            vec![
+                (200, PastDue.rank(), "past_due".to_string()),
+                (10_000, PastDue.rank(), "past_due".to_string()),
+            ]
+        );
+        // Whatever comes next reads the same off both.
+        for next in [
+            invoice(20_000, Payment::Paid),
+            news(20_000, Some(Unpaid), None),
+            news(20_000, Some(Canceled), None),
+        ] {
+            let (mut full, mut short) = (sub.clone(), folded.clone());
+            merge(&mut full, &next);
+            merge(&mut short, &next);
+            assert_eq!(full.stripe_status, short.stripe_status, "{next:?}");
+            assert_eq!(full.past_due_since, short.past_due_since, "{next:?}");
+        }
+        let mut short = folded.clone();
+        merge(&mut short, &news(20_000, Some(PastDue), None));
+        assert_eq!(
+            short.past_due_since,
+            DateTime::from_timestamp(200, 0),
+            "the lapse's start"
+        );
+        // Nothing to fold: nothing changes.
+        let mut young = sub.status_history.0.clone();
+        compact_history(&mut young, 50);
+        assert_eq!(young, sub.status_history.0);
     }
 
     #[test]

@@ -560,3 +560,46 @@ async fn events_for_a_plan_nobody_configured_are_held_and_applied_once_it_exists
     let (status, answer) = stack.post_event(&checkout).await.unwrap();
     assert_eq!((status, answer["duplicate"].as_bool()), (200, Some(true)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_lived_subscriptions_status_history_stays_short() {
+    let mut stack = Stack::start(options(&[])).await.expect("stack");
+    stack.start_api().unwrap();
+    let pool = stack.pool().await.unwrap();
+    // A subscription of a hundred days ago: paid, lapsed, paid again, month after month.
+    let day = 24 * 3600;
+    let mut story = Story::new("user-long-lived");
+    story.t0 = chrono::Utc::now().timestamp() - 100 * day;
+    let mut events = story.paid("pro");
+    for month in 0..3 {
+        let t = 4 + month * 30 * day;
+        events.push(story.invoice("payment_failed", t));
+        events.push(story.updated("past_due", "pro", 1, t + 1));
+        events.push(story.invoice("paid", t + 2));
+        events.push(story.updated("active", "pro", 1, t + 3));
+    }
+    for event in &events {
+        stack.send_event(event).await.unwrap();
+    }
+    // Today's news: the history keeps the status its past left, and today.
+    stack
+        .send_event(&story.updated("active", "pro", 1, 100 * day))
+        .await
+        .unwrap();
+    let (status, history): (Option<String>, serde_json::Value) = sqlx::query_as(
+        "SELECT stripe_status, status_history FROM subscriptions \
+         WHERE stripe_subscription_id = $1",
+    )
+    .bind(&story.sub.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(status.as_deref(), Some("active"));
+    let entries = history.as_array().unwrap();
+    assert!(
+        entries.len() <= 4,
+        "{} entries for {} events: {history}",
+        entries.len(),
+        events.len() + 1
+    );
+}
