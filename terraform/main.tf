@@ -96,6 +96,7 @@ module "services" {
   database_endpoint     = module.database.endpoint
   database_sg_id        = module.database.security_group_id
   node_domain           = var.node_domain
+  app_origins           = var.app_origins
   regions               = local.regions
   node_instance_profile = module.node.instance_profile_name
   node_role_arn         = module.node.role_arn

@@ -20,6 +20,12 @@ variable "node_domain" {
   type        = string
 }
 
+variable "app_origins" {
+  description = "Origins of the customer's app (https://app.example.com): where checkout and portal may send a customer back to (HIVE_RETURN_URL_ORIGINS)."
+  type        = list(string)
+  default     = []
+}
+
 variable "node_ami_id" {
   description = "arm64 Debian 12 image the nodes of the stack's own region boot (unless `regions` names that region)."
   type        = string

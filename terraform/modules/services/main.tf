@@ -101,6 +101,8 @@ resource "aws_ecs_task_definition" "api" {
         # The load balancer appends the address it saw to X-Forwarded-For (xff "append" below),
         # and the api takes that header's last entry, so a client's own entries do not count.
         { name = "HIVE_CLIENT_IP_HEADER", value = "x-forwarded-for" },
+        # Where Stripe may send a paying customer back to (else checkouts are refused).
+        { name = "HIVE_RETURN_URL_ORIGINS", value = join(",", var.app_origins) },
       ])
       secrets = concat(local.db_password, [
         { name = "STRIPE_WEBHOOK_SECRET", valueFrom = var.app_secret_arns.stripe_webhook_secret },

@@ -87,6 +87,11 @@ variable "node_domain" {
   type        = string
 }
 
+variable "app_origins" {
+  description = "Origins checkout and portal return URLs must be on (HIVE_RETURN_URL_ORIGINS)."
+  type        = list(string)
+}
+
 variable "regions" {
   description = "Regions the worker launches nodes in: name => its node subnets (one per zone, tried in order), node security group and image."
   type = map(object({
