@@ -14,8 +14,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::Extension;
 use axum::Json;
-use hive_jobs::billing::BillingError;
-use hive_jobs::requests::RequestError;
 use hive_jobs::store::{self, StripeEventRecord};
 use hive_jobs::stripe_events::{self, EventEnvelope, EventError, Meaning};
 use sqlx::Connection;
@@ -106,11 +104,13 @@ async fn receive(
         refused_reason: None,
     };
     if let Some(why) = stripe_events::refused(&event, &state.config) {
-        return refuse(state, record, &why).await;
+        return record_unapplied(state, record, Unapplied::Refused, &why).await;
     }
     let meaning = match stripe_events::meaning(&event, &state.config) {
         Ok(meaning) => meaning,
-        Err(EventError::Unusable(why)) => return hold(state, record, &why).await,
+        Err(EventError::Unusable(why)) => {
+            return record_unapplied(state, record, Unapplied::Held, &why).await
+        }
         Err(e) => {
             hive_jobs::metrics::webhook_event(&event.event_type, "rejected");
             return Err(e.into());
@@ -137,69 +137,68 @@ async fn receive(
     }
     let applied = match stripe_events::apply(&mut tx, &meaning, &event.id, &state.config).await {
         Ok(applied) => applied,
-        Err(BillingError::Store(e) | BillingError::Request(RequestError::Store(e))) => {
-            return Err(ApiError::Internal(e))
-        }
-        // Not for want of the database: for want of configuration.
-        Err(e) => {
-            tx.rollback().await.map_err(store::StoreError::from)?;
-            return hold(state, record, &e.to_string()).await;
-        }
+        Err(e) => match e.into_store() {
+            Ok(database) => return Err(ApiError::Internal(database)),
+            // Not for want of the database: for want of configuration.
+            Err(not_yet) => {
+                tx.rollback().await.map_err(store::StoreError::from)?;
+                return record_unapplied(state, record, Unapplied::Held, &not_yet.to_string())
+                    .await;
+            }
+        },
     };
     tx.commit().await.map_err(store::StoreError::from)?;
     let added = applied.map(|a| a.added).unwrap_or_default();
     Ok(recorded(&event, &added))
 }
 
-/// Records an event that cannot be applied yet, held with why, and answers 200: Stripe has
-/// nothing to redeliver, and the operator sees it (`hivectl stripe-events list --held`,
-/// `doctor`, `hive_stripe_events_held`).
-async fn hold(
-    state: &AppState,
-    mut record: StripeEventRecord<'_>,
-    why: &str,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    record.held_reason = Some(why);
-    if !store::record_stripe_event(&mut *state.conn().await?, &record).await? {
-        hive_jobs::metrics::webhook_event(record.event_type, "duplicate");
-        return Ok(Json(
-            serde_json::json!({ "received": true, "duplicate": true }),
-        ));
-    }
-    hive_jobs::metrics::webhook_event(record.event_type, "held");
-    tracing::warn!(
-        event_id = %record.id,
-        event_type = %record.event_type,
-        reason = %why,
-        "stripe event held: it cannot be applied with this configuration"
-    );
-    Ok(Json(serde_json::json!({ "received": true, "held": why })))
+/// Why a verified event is recorded without being applied.
+#[derive(Debug, Clone, Copy)]
+enum Unapplied {
+    /// The configuration cannot apply it yet: kept until it can (`hivectl stripe-events list
+    /// --held`, `doctor`, `hive_stripe_events_held`), applied at the api's start.
+    Held,
+    /// Of another mode than this api's: never applied.
+    Refused,
 }
 
-/// Records an event of the other mode than ours, never to be applied, and answers 200 (a
-/// redelivery would change nothing).
-async fn refuse(
+impl Unapplied {
+    fn as_str(self) -> &'static str {
+        match self {
+            Unapplied::Held => "held",
+            Unapplied::Refused => "refused",
+        }
+    }
+}
+
+/// Records an event that is not applied, with why, and answers 200 with why: Stripe has
+/// nothing to redeliver.
+async fn record_unapplied(
     state: &AppState,
     mut record: StripeEventRecord<'_>,
+    unapplied: Unapplied,
     why: &str,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    record.refused_reason = Some(why);
+    match unapplied {
+        Unapplied::Held => record.held_reason = Some(why),
+        Unapplied::Refused => record.refused_reason = Some(why),
+    }
     if !store::record_stripe_event(&mut *state.conn().await?, &record).await? {
         hive_jobs::metrics::webhook_event(record.event_type, "duplicate");
         return Ok(Json(
             serde_json::json!({ "received": true, "duplicate": true }),
         ));
     }
-    hive_jobs::metrics::webhook_event(record.event_type, "refused");
+    let outcome = unapplied.as_str();
+    hive_jobs::metrics::webhook_event(record.event_type, outcome);
     tracing::warn!(
         event_id = %record.id,
         event_type = %record.event_type,
         reason = %why,
-        "stripe event refused: another mode than this api's"
+        outcome,
+        "stripe event recorded, not applied"
     );
-    Ok(Json(
-        serde_json::json!({ "received": true, "refused": why }),
-    ))
+    Ok(Json(serde_json::json!({ "received": true, outcome: why })))
 }
 
 /// The answer to a redelivery of an event recorded before, counted and logged.

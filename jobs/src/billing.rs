@@ -105,11 +105,8 @@ fn statuses_along(history: &[(i64, i32, String)]) -> Vec<(i64, i32, StripeStatus
     let mut along = Vec::with_capacity(history.len());
     let mut current: Option<StripeStatus> = None;
     for (at, rank, entry) in history {
-        if current.is_some_and(StripeStatus::is_final) {
-            along.push((*at, *rank, current.unwrap_or(StripeStatus::Canceled)));
-            continue;
-        }
         let next = match (StripeStatus::parse(entry), Payment::parse(entry)) {
+            _ if current.is_some_and(StripeStatus::is_final) => current,
             (Some(status), _) => Some(status),
             (None, Some(payment)) => current.map(|before| payment.after(before)),
             (None, None) => current,
@@ -233,6 +230,17 @@ pub enum BillingError {
     Request(#[from] RequestError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl BillingError {
+    /// The database's failure, if that is what this is; else the failure itself, which is
+    /// for want of configuration (the event is held until the configuration allows it).
+    pub fn into_store(self) -> Result<StoreError, BillingError> {
+        match self {
+            BillingError::Store(e) | BillingError::Request(RequestError::Store(e)) => Ok(e),
+            other => Err(other),
+        }
+    }
 }
 
 /// What the nodes are to do, from the subscription's status.

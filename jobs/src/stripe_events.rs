@@ -360,22 +360,16 @@ pub async fn apply_held(
                 tx.commit().await.map_err(store::StoreError::from)?;
                 done.applied.push((stored.id, applied));
             }
-            Err(e) if cannot_apply_yet(&e) => {
+            Err(e) => {
+                let why = match e.into_store() {
+                    Ok(database) => return Err(BillingError::Store(database)),
+                    Err(not_yet) => not_yet.to_string(),
+                };
                 tx.rollback().await.map_err(store::StoreError::from)?;
-                store::still_held(pool, &stored.id, &e.to_string()).await?;
+                store::still_held(pool, &stored.id, &why).await?;
                 done.still_held += 1;
             }
-            Err(e) => return Err(e),
         }
     }
     Ok(done)
-}
-
-/// Whether applying failed for want of configuration (the event is held), not for the
-/// database (the caller's failure).
-pub fn cannot_apply_yet(e: &BillingError) -> bool {
-    !matches!(
-        e,
-        BillingError::Store(_) | BillingError::Request(crate::requests::RequestError::Store(_))
-    )
 }
