@@ -49,20 +49,27 @@ pub struct Tokens {
 struct Jwks {
     url: String,
     http: reqwest::Client,
-    keys: RwLock<HashMap<String, DecodingKey>>,
-    /// When the set was last fetched, and for how long it is trusted; held while fetching, so
-    /// that one fetch serves all.
-    fetched: Mutex<Fetched>,
+    /// The keys held, read by every token without waiting for a fetch under way.
+    keys: RwLock<KeySet>,
+    /// When the set was last fetched (tried); held while fetching, so that one fetch serves
+    /// all.
+    fetched: Mutex<Option<Instant>>,
     /// The longest a set is trusted (`HIVE_JWKS_REFRESH_SECS`).
     refresh: Duration,
 }
 
+/// The provider's keys by id, and until when they are trusted.
 #[derive(Default)]
-struct Fetched {
-    /// The last attempt.
-    at: Option<Instant>,
-    /// The last successful fetch, and how long its keys are trusted.
+struct KeySet {
+    keys: HashMap<String, DecodingKey>,
+    /// `None` until the first fetch.
     fresh_until: Option<Instant>,
+}
+
+impl KeySet {
+    fn stale(&self) -> bool {
+        self.fresh_until.is_none_or(|until| Instant::now() >= until)
+    }
 }
 
 /// Why a token was not taken. Never holds the token.
@@ -94,8 +101,8 @@ impl Tokens {
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(5))
                     .build()?,
-                keys: RwLock::new(HashMap::new()),
-                fetched: Mutex::new(Fetched::default()),
+                keys: RwLock::new(KeySet::default()),
+                fetched: Mutex::new(None),
                 refresh: config.jwks_refresh,
             }),
         };
@@ -154,14 +161,14 @@ impl Tokens {
 
 impl Jwks {
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
-        if self.stale().await {
+        if self.keys.read().await.stale() {
             // Past its lifetime: fetch it again before trusting it. If the provider cannot be
             // reached, the keys held stay in use (and the next token tries again).
             if let Err(e) = self.refetch().await {
                 tracing::warn!(error = %e, "refreshing the identity provider's keys failed");
             }
         }
-        if let Some(key) = self.keys.read().await.get(kid) {
+        if let Some(key) = self.keys.read().await.keys.get(kid) {
             return Ok(key.clone());
         }
         // An unknown id: the provider may have rotated. Fetch again, unless that was just done.
@@ -175,29 +182,19 @@ impl Jwks {
         self.keys
             .read()
             .await
+            .keys
             .get(kid)
             .cloned()
             .ok_or(TokenError::Invalid)
     }
 
-    /// Whether the set held is past its lifetime (or was never fetched).
-    async fn stale(&self) -> bool {
-        let fetched = self.fetched.lock().await;
-        fetched
-            .fresh_until
-            .is_none_or(|until| Instant::now() >= until)
-    }
-
     async fn refetch(&self) -> Result<(), FetchError> {
         let mut fetched = self.fetched.lock().await;
-        if fetched
-            .at
-            .is_some_and(|at| at.elapsed() < REFETCH_AT_MOST_EVERY)
-        {
+        if fetched.is_some_and(|at| at.elapsed() < REFETCH_AT_MOST_EVERY) {
             return Err(FetchError::TooSoon);
         }
         let now = Instant::now();
-        fetched.at = Some(now);
+        *fetched = Some(now);
         let response = self
             .http
             .get(&self.url)
@@ -230,8 +227,10 @@ impl Jwks {
             ?lifetime,
             "identity provider's keys fetched"
         );
-        *self.keys.write().await = keys;
-        fetched.fresh_until = Some(now + lifetime);
+        *self.keys.write().await = KeySet {
+            keys,
+            fresh_until: Some(now + lifetime),
+        };
         Ok(())
     }
 }
