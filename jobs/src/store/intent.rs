@@ -308,6 +308,9 @@ pub async fn resume_failed(
     Ok(generation)
 }
 
+/// The window `HIVE_NODE_CHANGES_PER_HOUR` counts in.
+pub(super) const NODE_CHANGE_WINDOW: Duration = Duration::from_secs(3600);
+
 /// Counts one node creation or deletion that `user_id` asked for, in the caller's transaction,
 /// if their allowance of `per_hour` has room: `None` when counted, else how long until the
 /// oldest change counted leaves the hour. One user's changes are counted one at a time.
@@ -320,12 +323,11 @@ pub async fn count_node_change(
         .bind(user_id)
         .execute(&mut **tx)
         .await?;
-    sqlx::query(
-        "DELETE FROM node_change_requests WHERE user_id = $1 AND at < now() - interval '1 hour'",
-    )
-    .bind(user_id)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query("DELETE FROM node_change_requests WHERE user_id = $1 AND at < now() - $2")
+        .bind(user_id)
+        .bind(NODE_CHANGE_WINDOW)
+        .execute(&mut **tx)
+        .await?;
     let (count, oldest_age): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), EXTRACT(EPOCH FROM now() - min(at))::float8 FROM node_change_requests \
          WHERE user_id = $1",
@@ -334,8 +336,9 @@ pub async fn count_node_change(
     .fetch_one(&mut **tx)
     .await?;
     if count >= i64::from(per_hour) {
-        let wait = 3600.0 - oldest_age.unwrap_or(0.0);
-        return Ok(Some(Duration::from_secs_f64(wait.clamp(1.0, 3600.0))));
+        let window = NODE_CHANGE_WINDOW.as_secs_f64();
+        let wait = window - oldest_age.unwrap_or(0.0);
+        return Ok(Some(Duration::from_secs_f64(wait.clamp(1.0, window))));
     }
     sqlx::query("INSERT INTO node_change_requests (user_id) VALUES ($1)")
         .bind(user_id)

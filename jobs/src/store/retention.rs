@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 
 use super::idempotency::IDEMPOTENCY_WINDOW;
-use super::StoreResult;
+use super::intent::NODE_CHANGE_WINDOW;
+use super::{StoreError, StoreResult};
 
 /// What one prune removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -37,73 +38,71 @@ impl Pruned {
 /// changes older than their own windows). A node's last move before the cutoff is kept: usage
 /// reads the state a node was in when a period began from it.
 pub async fn prune_expired(pool: &PgPool, retention: Duration, batch: i64) -> StoreResult<Pruned> {
-    let node_events = sqlx::query(
-        "DELETE FROM node_events WHERE id IN ( \
-             SELECT e.id FROM node_events e WHERE e.at < now() - $1 \
-             AND NOT (e.kind = 'transition' AND e.id = ( \
-                 SELECT max(k.id) FROM node_events k \
-                 WHERE k.node_id = e.node_id AND k.kind = 'transition' AND k.at < now() - $1)) \
-             LIMIT $2)",
-    )
-    .bind(retention)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
     // An event a subscription names stays, as the row it refers to.
     const NAMED: &str = "EXISTS (SELECT 1 FROM subscriptions s WHERE s.stripe_event_id = e.id)";
-    let stripe_events = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM stripe_events WHERE id IN ( \
-             SELECT e.id FROM stripe_events e WHERE e.received_at < now() - $1 \
-             AND e.held_reason IS NULL AND NOT {NAMED} LIMIT $2)"
-    )))
-    .bind(retention)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let stripe_payloads_emptied = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE stripe_events SET payload = '{{}}'::jsonb WHERE id IN ( \
-             SELECT e.id FROM stripe_events e WHERE e.received_at < now() - $1 \
-             AND e.held_reason IS NULL AND e.payload <> '{{}}'::jsonb AND {NAMED} LIMIT $2)"
-    )))
-    .bind(retention)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let reconcile_runs = sqlx::query(
-        "DELETE FROM reconcile_runs WHERE id IN ( \
-             SELECT id FROM reconcile_runs WHERE started_at < now() - $1 LIMIT $2)",
-    )
-    .bind(retention)
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let idempotency_keys = sqlx::query(
-        "DELETE FROM idempotency_keys WHERE (user_id, key) IN ( \
-             SELECT user_id, key FROM idempotency_keys WHERE created_at < now() - $1 LIMIT $2)",
-    )
-    .bind(IDEMPOTENCY_WINDOW.min(retention))
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    let node_change_requests = sqlx::query(
-        "DELETE FROM node_change_requests WHERE ctid IN ( \
-             SELECT ctid FROM node_change_requests WHERE at < now() - interval '1 hour' LIMIT $1)",
-    )
-    .bind(batch)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let prune = |sql: String, older_than: Duration| async move {
+        Ok::<u64, StoreError>(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(older_than)
+                .bind(batch)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+        )
+    };
     Ok(Pruned {
-        node_events,
-        stripe_events,
-        stripe_payloads_emptied,
-        reconcile_runs,
-        idempotency_keys,
-        node_change_requests,
+        node_events: prune(
+            "DELETE FROM node_events WHERE id IN ( \
+                 SELECT e.id FROM node_events e WHERE e.at < now() - $1 \
+                 AND NOT (e.kind = 'transition' AND e.id = ( \
+                     SELECT max(k.id) FROM node_events k \
+                     WHERE k.node_id = e.node_id AND k.kind = 'transition' \
+                     AND k.at < now() - $1)) \
+                 LIMIT $2)"
+                .into(),
+            retention,
+        )
+        .await?,
+        stripe_events: prune(
+            format!(
+                "DELETE FROM stripe_events WHERE id IN ( \
+                     SELECT e.id FROM stripe_events e WHERE e.received_at < now() - $1 \
+                     AND e.held_reason IS NULL AND NOT {NAMED} LIMIT $2)"
+            ),
+            retention,
+        )
+        .await?,
+        stripe_payloads_emptied: prune(
+            format!(
+                "UPDATE stripe_events SET payload = '{{}}'::jsonb WHERE id IN ( \
+                     SELECT e.id FROM stripe_events e WHERE e.received_at < now() - $1 \
+                     AND e.held_reason IS NULL AND e.payload <> '{{}}'::jsonb AND {NAMED} \
+                     LIMIT $2)"
+            ),
+            retention,
+        )
+        .await?,
+        reconcile_runs: prune(
+            "DELETE FROM reconcile_runs WHERE id IN ( \
+                 SELECT id FROM reconcile_runs WHERE started_at < now() - $1 LIMIT $2)"
+                .into(),
+            retention,
+        )
+        .await?,
+        idempotency_keys: prune(
+            "DELETE FROM idempotency_keys WHERE (user_id, key) IN ( \
+                 SELECT user_id, key FROM idempotency_keys WHERE created_at < now() - $1 \
+                 LIMIT $2)"
+                .into(),
+            IDEMPOTENCY_WINDOW.min(retention),
+        )
+        .await?,
+        node_change_requests: prune(
+            "DELETE FROM node_change_requests WHERE ctid IN ( \
+                 SELECT ctid FROM node_change_requests WHERE at < now() - $1 LIMIT $2)"
+                .into(),
+            NODE_CHANGE_WINDOW,
+        )
+        .await?,
     })
 }
