@@ -17,7 +17,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -117,7 +117,11 @@ pub async fn by_address(State(state): State<AppState>, request: Request, next: N
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("Bearer "));
-    if path == "/healthz" || path == "/webhooks/stripe" || (bearer && path.starts_with("/api/")) {
+    // A token is checked (and its caller limited) only by a route of the app's API: a path no
+    // route takes is limited by address, token or not.
+    let routed = request.extensions().get::<MatchedPath>().is_some();
+    let checked_by_token = bearer && routed && path.starts_with("/api/");
+    if path == "/healthz" || path == "/webhooks/stripe" || checked_by_token {
         return next.run(request).await;
     }
     if let Err(e) = limits.check_address(request.headers(), peer_of(request.extensions())) {

@@ -92,6 +92,20 @@ async fn rate_limits_hold_per_address_and_per_user_and_answer_429_with_retry_aft
     let (status, retry_after, body) =
         get_from(&http, &nodes, Some("not-a-token"), "203.0.113.1").await;
     assert_limited(status, retry_after, &body, "sixth bad token of one address");
+    // A path no route takes is limited by address, whatever token it carries.
+    let nowhere = stack.api_url("/api/v1/nowhere");
+    for i in 0..5 {
+        let (status, _, body) = get_from(&http, &nowhere, Some("not-a-token"), "203.0.113.9").await;
+        assert_json_error(status, &body, 404, &format!("unrouted {i}"));
+    }
+    let (status, retry_after, body) =
+        get_from(&http, &nowhere, Some("not-a-token"), "203.0.113.9").await;
+    assert_limited(
+        status,
+        retry_after,
+        &body,
+        "sixth unrouted request of one address",
+    );
     // A valid token from that address still goes through.
     let token = Stack::jwt("addr-user-0", 600);
     let (status, _, body) = get_from(&http, &nodes, Some(&token), "203.0.113.1").await;

@@ -43,8 +43,9 @@ settings! {
             env.parsed_or("HIVE_API_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
         /// How old a webhook's signature may be (`STRIPE_WEBHOOK_TOLERANCE_SECS`, 300).
         pub stripe_tolerance: Duration = env.secs_or("STRIPE_WEBHOOK_TOLERANCE_SECS", 300)?,
-        /// Requests per minute per user and per client address (`HIVE_RATE_LIMIT`, default 600;
-        /// `off`: no limit). The webhook is limited per address only.
+        /// Requests per minute (`HIVE_RATE_LIMIT`, default 600; `off`: no limit): per user for
+        /// valid tokens, per address for the rest, never for signed Stripe events
+        /// (`rate_limit.rs`).
         pub rate_limit: Option<std::num::NonZeroU32> =
             limit_setting(env, "HIVE_RATE_LIMIT", 600, "minute")?,
         /// Nodes a user's own requests may create or delete an hour
